@@ -1,0 +1,8 @@
+"""natsl: token-level hybrid attention (NAtS-L, arXiv 2602.03681) on flash-linear-attention and flash-attn."""
+
+from natsl.layers.routing import Routing
+from natsl.reference import natsl_attention_reference
+
+__version__ = "0.1.0.dev0"
+
+__all__ = ["Routing", "natsl_attention_reference", "__version__"]

@@ -1,0 +1,1 @@
+"""natsl layers: routing contract, linear and softmax branches, the NAtS-L layer."""

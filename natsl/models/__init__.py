@@ -1,0 +1,1 @@
+"""natsl models (HF-compatible configs and causal LMs)."""
