@@ -11,21 +11,8 @@ from __future__ import annotations
 
 import torch
 
-from natsl.layers.routing import SOFTMAX, Routing
-from natsl.utils import check_choice, check_natsl_inputs
-
-
-def routing_gates(routing: torch.Tensor, router_grad: str = "selected") -> tuple[torch.Tensor, torch.Tensor]:
-    """The relaxed gates `(m_A, m_L)`, each `[B, N, Hr]` float64, equal in value to the hard one-hot routing.
-
-    With `router_grad="selected"` only the selected branch's gate carries the routing's gradient (spec §1.7).
-    """
-    check_choice("router_grad", router_grad, ("selected", "both"))
-    w = routing.double()
-    if router_grad == "both":
-        return w[..., 0], w[..., 1]
-    is_soft = (routing.detach().argmax(-1) == SOFTMAX).double()
-    return w[..., 0] * is_soft, w[..., 1] * (1 - is_soft)
+from natsl.layers.routing import Routing, routing_gates
+from natsl.utils import check_natsl_inputs
 
 
 def _heads(gate_tok: torch.Tensor, H: int) -> torch.Tensor:

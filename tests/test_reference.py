@@ -9,14 +9,13 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 from rederivation import rederive
 
+from natsl.kernels.index import num_blocks
+from natsl.layers.routing import Routing, routing_gates
 from natsl.reference import (
     linear_branch_reference,
     natsl_attention_reference,
-    routing_gates,
     softmax_branch_reference,
 )
-from natsl.kernels.index import num_blocks
-from natsl.layers.routing import Routing
 
 BACKENDS = ["gdn", "deltanet", "gla", "mamba2", "linear_attn"]
 

@@ -14,11 +14,24 @@ from typing import Literal
 import torch
 
 from natsl.kernels.index import BlockLayout, SoftmaxBlocks, block_layout, num_blocks, softmax_blocks, token_destination
-from natsl.utils import check_cu_seqlens
+from natsl.utils import ROUTER_GRADS, check_choice, check_cu_seqlens
 
 Diagonal = Literal["both", "softmax", "linear"]
 DIAGONALS = ("both", "softmax", "linear")
 SOFTMAX, LINEAR = 0, 1
+
+
+def routing_gates(routing: torch.Tensor, router_grad: str = "selected") -> tuple[torch.Tensor, torch.Tensor]:
+    """The relaxed gates `(m_A, m_L)`, each `[B, N, Hr]` float64, equal in value to the hard one-hot routing.
+
+    With `router_grad="selected"` only the selected branch's gate carries the routing's gradient (spec §1.7).
+    """
+    check_choice("router_grad", router_grad, ROUTER_GRADS)
+    w = routing.double()
+    if router_grad == "both":
+        return w[..., 0], w[..., 1]
+    is_soft = (routing.detach().argmax(-1) == SOFTMAX).double()
+    return w[..., 0] * is_soft, w[..., 1] * (1 - is_soft)
 
 
 @dataclass(frozen=True)
@@ -116,6 +129,10 @@ class Routing:
         """`[B, T, Hr]` index of every token in the packed softmax token layout (`-1` if linear)."""
         blocks = self.softmax_blocks(T) if blocks is None else blocks
         return token_destination(self.token_mask(T), blocks.cu_tokens)
+
+    def gates(self, router_grad: str = "selected") -> tuple[torch.Tensor, torch.Tensor]:
+        """`(m_A, m_L)`, each `[B, N, Hr]` float64: see `routing_gates`."""
+        return routing_gates(self.weights, router_grad)
 
     def softmax_fraction(self) -> torch.Tensor:
         """`[Hr]` fraction of blocks routed to softmax, per router head (over batch and blocks)."""
