@@ -1,8 +1,9 @@
 """natsl: token-level hybrid attention (NAtS-L, arXiv 2602.03681) on flash-linear-attention and flash-attn."""
 
+from natsl.layers.natsl_attention import NAtSLAttention, NAtSLLayerStats
 from natsl.layers.routing import Routing
 from natsl.reference import natsl_attention_reference
 
 __version__ = "0.1.0.dev0"
 
-__all__ = ["Routing", "natsl_attention_reference", "__version__"]
+__all__ = ["NAtSLAttention", "NAtSLLayerStats", "Routing", "natsl_attention_reference", "__version__"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from natsl.kernels.index import num_blocks
 from natsl.layers.linear.branch import linear_branch
 from natsl.layers.routing import Routing
 from natsl.layers.softmax import softmax_branch
@@ -38,9 +39,9 @@ def natsl_attention(q_s: torch.Tensor, k_s: torch.Tensor, v_s: torch.Tensor, q_l
     T = q_s.shape[1]
     if validate:
         route.validate(T)
-    elif cu_seqlens is None and route.N != -(-T // block_size):
+    elif cu_seqlens is None and num_blocks(T, block_size) != route.N:
         raise ValueError(f"routing has {route.N} blocks, but T={T} with block_size={block_size} needs "
-                         f"{-(-T // block_size)}")
+                         f"{num_blocks(T, block_size)}")
     o_s = softmax_branch(q_s, k_s, v_s, route, backend=softmax_backend, scale=scale_softmax, router_grad=router_grad)
     o_l, final_state = linear_branch(q_l, k_l, v_l, route, backend=linear_backend, g=g, beta=beta, impl=linear_impl,
                                      scale=scale_linear, decay_through_softmax=decay_through_softmax,

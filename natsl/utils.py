@@ -17,6 +17,11 @@ _NEEDS = {
 }
 
 
+def upcast(x: torch.Tensor) -> torch.Tensor:
+    """`x` in at least float32 (half and bfloat16 go to float32; float32/float64 stay)."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
 def check_choice(name: str, value, choices) -> None:
     if value not in choices:
         raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")

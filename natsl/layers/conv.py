@@ -1,0 +1,66 @@
+"""Causal depthwise short convolution with SiLU (spec §1.1), packed-sequence aware.
+
+Parameters have the layout of `fla.modules.ShortConvolution` (an `nn.Conv1d` with `groups=channels`), so weights
+copy between the two. On CUDA with fla installed the forward calls fla's `causal_conv1d`; elsewhere a pure-PyTorch
+path (a sum over the kernel's shifts, masked at sequence starts).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def _fla_causal_conv1d():
+    try:
+        from fla.modules.causal_conv1d.ops import causal_conv1d
+    except ImportError:
+        return None
+    return causal_conv1d
+
+
+def causal_conv1d_torch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                        cu_seqlens: torch.Tensor | None = None, token_seq_start: torch.Tensor | None = None,
+                        activation: bool = True) -> torch.Tensor:
+    """`y_t = act(Σ_j w[:, W-1-j] · x_{t-j} + b)` over taps that stay inside `t`'s sequence.
+
+    Args:
+        x (torch.Tensor): `[B, T, D]`.
+        weight (torch.Tensor): `[D, W]` (fla's `conv.weight.squeeze(1)`).
+        bias (torch.Tensor, Optional): `[D]`.
+        cu_seqlens (torch.LongTensor, Optional): `[N_seq + 1]` packed offsets (`B == 1`).
+        token_seq_start (torch.LongTensor, Optional): `[T]` first token of each token's sequence, if already known.
+        activation (bool): apply SiLU. Default: `True`.
+    """
+    B, T, D = x.shape
+    W = weight.shape[-1]
+    t = torch.arange(T, device=x.device)
+    if cu_seqlens is not None and token_seq_start is None:
+        cu = cu_seqlens.to(device=x.device, dtype=torch.long)
+        token_seq_start = cu[torch.searchsorted(cu[1:], t, right=True)]
+    y = x * weight[:, W - 1]
+    for j in range(1, min(W, T)):
+        shifted = F.pad(x[:, : T - j], (0, 0, j, 0))
+        if token_seq_start is not None:
+            shifted = shifted * (t - j >= token_seq_start).to(x.dtype)[None, :, None]
+        y = y + shifted * weight[:, W - 1 - j]
+    if bias is not None:
+        y = y + bias
+    return F.silu(y) if activation else y
+
+
+class ShortConv(nn.Conv1d):
+    """Depthwise causal convolution + SiLU over `[B, T, D]` (kernel `conv_size`, no bias by default)."""
+
+    def __init__(self, hidden_size: int, conv_size: int = 4, bias: bool = False):
+        super().__init__(hidden_size, hidden_size, conv_size, groups=hidden_size, padding=conv_size - 1, bias=bias)
+
+    def forward(self, x: torch.Tensor, cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
+        weight = self.weight.squeeze(1)
+        if x.is_cuda:
+            fla_conv = _fla_causal_conv1d()
+            if fla_conv is not None:
+                y, _ = fla_conv(x=x, weight=weight, bias=self.bias, activation="silu", cu_seqlens=cu_seqlens)
+                return y
+        return causal_conv1d_torch(x, weight, self.bias, cu_seqlens)

@@ -1,0 +1,251 @@
+"""NAtSLAttention: the NAtS-L layer (spec §1.1, §1.2, §1.6) over the op `natsl.natsl_attention`.
+
+proj → short conv + SiLU → route blocks → softmax ∥ linear (one op) → weighted two-norm merge ⊙ SiLU gate → o_proj.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from natsl.kernels.index import block_layout
+from natsl.layers.conv import ShortConv
+from natsl.layers.router import BlockRouter
+from natsl.utils import LINEAR_BACKENDS, check_choice, upcast
+
+LinearBackend = Literal["gdn", "deltanet", "gla", "mamba2", "linear_attn"]
+GLA_GATE_LOW_RANK = 16
+GLA_GATE_NORMALIZER = 16
+
+
+class RMSNorm(nn.Module):
+    """`x / sqrt(mean(x²) + eps) · γ` over the last dim, computed in at least float32."""
+
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = upcast(x)
+        return xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight.to(xf.dtype)
+
+
+def rotary(x: torch.Tensor, pos: torch.Tensor, theta: float) -> torch.Tensor:
+    """Rotate-half RoPE of `x [B, T, H, D]` at integer positions `pos [T]`."""
+    D = x.shape[-1]
+    inv = theta ** (-torch.arange(0, D // 2, device=x.device, dtype=torch.float32) * 2 / D)
+    ang = pos.float()[:, None] * inv[None]  # [T, D/2]
+    cos, sin = ang.cos()[None, :, None], ang.sin()[None, :, None]
+    x1, x2 = x.float().chunk(2, -1)
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1).to(x.dtype)
+
+
+@dataclass
+class NAtSLLayerStats:
+    """What a NAtS-L layer call reports (no activations are stored on the module).
+
+    Attributes:
+        softmax_fraction (torch.Tensor): `[H_R]` fraction of blocks routed to softmax (detached).
+        router_aux_loss (torch.Tensor or None): scalar router-budget regulariser (`None` when the budget is off).
+    """
+
+    softmax_fraction: torch.Tensor
+    router_aux_loss: torch.Tensor | None = None
+
+
+class NAtSLAttention(nn.Module):
+    """The NAtS-L token-level hybrid attention layer. Defaults: the paper's 340M layer.
+
+    Args:
+        hidden_size (int): model width `D`. Default: `1024`.
+        num_heads (int): linear heads `H_L`. Default: `6`.
+        head_dim (int): linear key dim `d_k`. Default: `128`.
+        expand_v (float): `d_v / d_k`. Default: `2`.
+        num_softmax_heads (int): softmax heads `H_A` (a view of the same q/k/v channels). Default: `12`.
+        num_router_heads (int): router heads `H_R` (divides `H_L` and `H_A`). Default: `6`.
+        block_size (int): routing block size `C`. Default: `64`.
+        linear_backend (str): `"gdn"`, `"deltanet"`, `"gla"`, `"mamba2"` or `"linear_attn"`. Default: `"gdn"`.
+        softmax_backend (str): `"auto"`, `"sdpa"`, `"flex"` or `"flash"`. Default: `"auto"`.
+        linear_impl (str): `"auto"`, `"fla"` or `"torch"`. Default: `"auto"`.
+        decay_through_softmax (bool): softmax blocks decay the carried linear state. Default: `True`.
+        router_sample (str): `"argmax"` or `"gumbel"`. Default: `"argmax"`.
+        router_temperature (float): straight-through softmax temperature. Default: `1.0`.
+        router_grad (str): `"selected"` or `"both"` (spec §1.7). Default: `"selected"`.
+        router_budget (float, Optional): target softmax fraction of the optional regulariser; `None` = off (paper).
+        router_budget_weight (float): weight of that regulariser. Default: `1.0`.
+        use_rope (bool): RoPE on the softmax branch's q/k. Default: `False` (paper).
+        rope_theta (float): RoPE base. Default: `10000.0`.
+        conv_size (int): short convolution width. Default: `4`.
+        norm_eps (float): epsilon of every RMSNorm. Default: `1e-5`.
+        layer_idx (int, Optional): index of the layer in its model (for caches).
+    """
+
+    def __init__(self, hidden_size: int = 1024, num_heads: int = 6, head_dim: int = 128, expand_v: float = 2,
+                 num_softmax_heads: int = 12, num_router_heads: int = 6, block_size: int = 64,
+                 linear_backend: LinearBackend = "gdn", softmax_backend: str = "auto", linear_impl: str = "auto",
+                 decay_through_softmax: bool = True, router_sample: Literal["argmax", "gumbel"] = "argmax",
+                 router_temperature: float = 1.0, router_grad: Literal["selected", "both"] = "selected",
+                 router_budget: float | None = None, router_budget_weight: float = 1.0, use_rope: bool = False,
+                 rope_theta: float = 10000.0, conv_size: int = 4, norm_eps: float = 1e-5,
+                 layer_idx: int | None = None):
+        super().__init__()
+        check_choice("linear_backend", linear_backend, LINEAR_BACKENDS)
+        check_choice("softmax_backend", softmax_backend, ("auto", "sdpa", "flex", "flash"))
+        check_choice("linear_impl", linear_impl, ("auto", "fla", "torch"))
+        check_choice("router_grad", router_grad, ("selected", "both"))
+        for name, val in (("hidden_size", hidden_size), ("num_heads", num_heads), ("head_dim", head_dim),
+                          ("num_softmax_heads", num_softmax_heads), ("num_router_heads", num_router_heads),
+                          ("block_size", block_size), ("conv_size", conv_size)):
+            if not isinstance(val, int) or val < 1:
+                raise ValueError(f"{name} must be a positive int, got {val!r}")
+        value_dim = num_heads * head_dim * expand_v
+        if not float(value_dim).is_integer() or not float(head_dim * expand_v).is_integer():
+            raise ValueError(f"expand_v={expand_v} must make head_dim * expand_v an integer (head_dim={head_dim})")
+        self.key_dim, self.value_dim = num_heads * head_dim, int(value_dim)
+        if num_heads % num_router_heads or num_softmax_heads % num_router_heads:
+            raise ValueError(f"num_heads={num_heads} and num_softmax_heads={num_softmax_heads} must both be "
+                             f"multiples of num_router_heads={num_router_heads}")
+        if self.key_dim % num_softmax_heads or self.value_dim % num_softmax_heads:
+            raise ValueError(f"the softmax heads split the same channels: num_heads*head_dim={self.key_dim} and "
+                             f"value dim={self.value_dim} must be divisible by num_softmax_heads={num_softmax_heads}")
+        if router_budget is not None and not 0 <= router_budget <= 1:
+            raise ValueError(f"router_budget must be None or in [0, 1], got {router_budget}")
+        self.softmax_head_dim = self.key_dim // num_softmax_heads
+        self.softmax_value_dim = self.value_dim // num_softmax_heads
+        if use_rope and self.softmax_head_dim % 2:
+            raise ValueError(f"use_rope needs an even softmax head dim, got {self.softmax_head_dim}")
+
+        self.hidden_size, self.num_heads, self.head_dim = hidden_size, num_heads, head_dim
+        self.head_v_dim = int(head_dim * expand_v)
+        self.num_softmax_heads, self.num_router_heads, self.block_size = num_softmax_heads, num_router_heads, block_size
+        self.linear_backend, self.softmax_backend, self.linear_impl = linear_backend, softmax_backend, linear_impl
+        self.decay_through_softmax, self.router_grad = decay_through_softmax, router_grad
+        self.router_budget, self.router_budget_weight = router_budget, router_budget_weight
+        self.use_rope, self.rope_theta, self.norm_eps, self.layer_idx = use_rope, rope_theta, norm_eps, layer_idx
+
+        self.q_proj = nn.Linear(hidden_size, self.key_dim, bias=False)
+        self.k_proj = nn.Linear(hidden_size, self.key_dim, bias=False)
+        self.v_proj = nn.Linear(hidden_size, self.value_dim, bias=False)
+        self.q_conv1d = ShortConv(self.key_dim, conv_size)
+        self.k_conv1d = ShortConv(self.key_dim, conv_size)
+        self.v_conv1d = ShortConv(self.value_dim, conv_size)
+        self.q_norm = RMSNorm(self.softmax_head_dim, norm_eps)
+        self.k_norm = RMSNorm(self.softmax_head_dim, norm_eps)
+        self.router = BlockRouter(hidden_size, num_router_heads, block_size, router_sample, router_temperature)
+        self.w_proj = nn.Linear(self.key_dim, 2 * num_softmax_heads, bias=False)
+        self.o_norm_linear = RMSNorm(self.softmax_value_dim, norm_eps)
+        self.o_norm_softmax = RMSNorm(self.softmax_value_dim, norm_eps)
+        self.g_proj = nn.Linear(hidden_size, self.value_dim, bias=False)
+        self.o_proj = nn.Linear(self.value_dim, hidden_size, bias=False)
+
+        # backend gates, parameterised as fla's layer of that backend
+        if linear_backend in ("gdn", "deltanet"):
+            self.b_proj = nn.Linear(hidden_size, num_heads, bias=False)
+        if linear_backend in ("gdn", "mamba2"):
+            self.a_proj = nn.Linear(hidden_size, num_heads, bias=False)
+            self.A_log = nn.Parameter(torch.log(torch.empty(num_heads).uniform_(1, 16)))
+            dt = torch.exp(torch.rand(num_heads) * (math.log(0.1) - math.log(0.001)) + math.log(0.001)).clamp(min=1e-4)
+            self.dt_bias = nn.Parameter(dt + torch.log(-torch.expm1(-dt)))
+            self.A_log._no_weight_decay = True
+            self.dt_bias._no_weight_decay = True
+        if linear_backend == "mamba2":
+            self.D = nn.Parameter(torch.ones(num_heads))
+            self.D._no_weight_decay = True
+        if linear_backend == "gla":
+            self.gk_proj = nn.Sequential(nn.Linear(hidden_size, GLA_GATE_LOW_RANK, bias=False),
+                                         nn.Linear(GLA_GATE_LOW_RANK, self.key_dim, bias=True))
+
+    def extra_repr(self) -> str:
+        return (f"linear_backend={self.linear_backend}, H_L={self.num_heads}, d_k={self.head_dim}, "
+                f"d_v={self.head_v_dim}, H_A={self.num_softmax_heads}, H_R={self.num_router_heads}, "
+                f"block_size={self.block_size}, softmax_backend={self.softmax_backend}")
+
+    def _linear_gates(self, x: torch.Tensor, B: int, T: int):
+        """`(g, beta, dt)` for the backend (spec §1.4 table), each `None` where unused."""
+        g = beta = dt = None
+        if self.linear_backend in ("gdn", "deltanet"):
+            beta = upcast(self.b_proj(x)).sigmoid()
+        if self.linear_backend in ("gdn", "mamba2"):
+            dt = F.softplus(upcast(self.a_proj(x)) + self.dt_bias)
+            g = -upcast(self.A_log).exp() * dt
+        if self.linear_backend == "gla":
+            g = F.logsigmoid(upcast(self.gk_proj(x))).view(B, T, self.num_heads, self.head_dim) / GLA_GATE_NORMALIZER
+        return g, beta, (dt if self.linear_backend == "mamba2" else None)
+
+    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                past_key_values=None, use_cache: bool = False, **kwargs):
+        """Args:
+            hidden_states (torch.Tensor): `[B, T, D]`.
+            attention_mask (torch.Tensor, Optional): `[B, T]` padding mask; only all-ones is supported (pack
+                variable-length batches with `cu_seqlens` instead).
+            past_key_values, use_cache: inference cache (not supported yet: raises if used).
+            cu_seqlens (torch.LongTensor, Optional, keyword): `[N_seq + 1]` packed offsets (`B == 1`).
+
+        Returns:
+            `(o [B, T, D], stats: NAtSLLayerStats, past_key_values)`.
+        """
+        from natsl.ops import natsl_attention
+
+        cu_seqlens = kwargs.pop("cu_seqlens", None)
+        if kwargs:
+            raise TypeError(f"NAtSLAttention.forward got unexpected keyword arguments {sorted(kwargs)}; "
+                            "only cu_seqlens is accepted")
+        if use_cache or past_key_values is not None:
+            raise NotImplementedError("NAtSLAttention has no inference cache yet; call it with use_cache=False and "
+                                      "past_key_values=None")
+        if hidden_states.dim() != 3 or hidden_states.shape[-1] != self.hidden_size:
+            raise ValueError(f"hidden_states must have shape [B, T, {self.hidden_size}], "
+                             f"got {tuple(hidden_states.shape)}")
+        if attention_mask is not None and not bool(attention_mask.bool().all()):
+            raise ValueError("NAtSLAttention does not support padded batches (attention_mask with zeros); pack the "
+                             "sequences and pass cu_seqlens instead")
+        x = hidden_states
+        B, T, _ = x.shape
+        H_L, H_A = self.num_heads, self.num_softmax_heads
+        layout = block_layout(T, self.block_size, cu_seqlens, device=x.device)
+
+        q = self.q_conv1d(self.q_proj(x), cu_seqlens)
+        k = self.k_conv1d(self.k_proj(x), cu_seqlens)
+        v = self.v_conv1d(self.v_proj(x), cu_seqlens)
+        weights, probs = self.router(x, cu_seqlens, layout)
+
+        q_l = F.normalize(upcast(q.view(B, T, H_L, self.head_dim)), dim=-1).to(x.dtype)
+        k_l = F.normalize(upcast(k.view(B, T, H_L, self.head_dim)), dim=-1).to(x.dtype)
+        v_l = v.view(B, T, H_L, self.head_v_dim)
+        q_s = self.q_norm(q.view(B, T, H_A, self.softmax_head_dim)).to(x.dtype)
+        k_s = self.k_norm(k.view(B, T, H_A, self.softmax_head_dim)).to(x.dtype)
+        v_s = v.view(B, T, H_A, self.softmax_value_dim)
+        if self.use_rope:
+            pos = torch.arange(T, device=x.device)
+            if cu_seqlens is not None:
+                pos = pos - cu_seqlens.to(pos.device)[layout.token_seq]
+            q_s, k_s = rotary(q_s, pos, self.rope_theta), rotary(k_s, pos, self.rope_theta)
+
+        g, beta, dt = self._linear_gates(x, B, T)
+        v_in = v_l if dt is None else (upcast(v_l) * dt[..., None]).to(x.dtype)
+        o_s, o_l, _ = natsl_attention(
+            q_s, k_s, v_s, q_l, k_l, v_in, weights.to(x.dtype), linear_backend=self.linear_backend, g=g, beta=beta,
+            block_size=self.block_size, decay_through_softmax=self.decay_through_softmax,
+            router_grad=self.router_grad, cu_seqlens=cu_seqlens, softmax_backend=self.softmax_backend,
+            linear_impl=self.linear_impl)
+        if dt is not None:  # Mamba2's D skip connection
+            o_l = o_l + self.D[:, None].to(o_l.dtype) * v_l
+
+        omega = torch.softmax(upcast(self.w_proj(q)).view(B, T, H_A, 2), dim=-1)  # index 0 = softmax, 1 = linear
+        y = (omega[..., 0:1] * self.o_norm_softmax(o_s)
+             + omega[..., 1:2] * self.o_norm_linear(o_l.reshape(B, T, H_A, self.softmax_value_dim)))
+        y = y * F.silu(upcast(self.g_proj(x))).view(B, T, H_A, self.softmax_value_dim)
+        o = self.o_proj(y.reshape(B, T, self.value_dim).to(x.dtype))
+
+        is_soft = weights.detach()[..., 0]
+        aux = None
+        if self.router_budget is not None:
+            aux = self.router_budget_weight * (probs[..., 0].mean() - self.router_budget) ** 2
+        stats = NAtSLLayerStats(softmax_fraction=is_soft.float().mean(dim=(0, 1)), router_aux_loss=aux)
+        return o, stats, past_key_values
