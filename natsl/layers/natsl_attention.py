@@ -5,7 +5,6 @@ proj → short conv + SiLU → route blocks → softmax ∥ linear (one op) → 
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -15,12 +14,11 @@ import torch.nn.functional as F
 
 from natsl.kernels.index import block_layout
 from natsl.layers.conv import ShortConv
+from natsl.layers.gates import LinearGates
 from natsl.layers.router import BlockRouter
 from natsl.utils import LINEAR_BACKENDS, check_choice, upcast
 
 LinearBackend = Literal["gdn", "deltanet", "gla", "mamba2", "linear_attn"]
-GLA_GATE_LOW_RANK = 16
-GLA_GATE_NORMALIZER = 16
 
 
 class RMSNorm(nn.Module):
@@ -144,39 +142,12 @@ class NAtSLAttention(nn.Module):
         self.g_proj = nn.Linear(hidden_size, self.value_dim, bias=False)
         self.o_proj = nn.Linear(self.value_dim, hidden_size, bias=False)
 
-        # backend gates, parameterised as fla's layer of that backend
-        if linear_backend in ("gdn", "deltanet"):
-            self.b_proj = nn.Linear(hidden_size, num_heads, bias=False)
-        if linear_backend in ("gdn", "mamba2"):
-            self.a_proj = nn.Linear(hidden_size, num_heads, bias=False)
-            self.A_log = nn.Parameter(torch.log(torch.empty(num_heads).uniform_(1, 16)))
-            dt = torch.exp(torch.rand(num_heads) * (math.log(0.1) - math.log(0.001)) + math.log(0.001)).clamp(min=1e-4)
-            self.dt_bias = nn.Parameter(dt + torch.log(-torch.expm1(-dt)))
-            self.A_log._no_weight_decay = True
-            self.dt_bias._no_weight_decay = True
-        if linear_backend == "mamba2":
-            self.D = nn.Parameter(torch.ones(num_heads))
-            self.D._no_weight_decay = True
-        if linear_backend == "gla":
-            self.gk_proj = nn.Sequential(nn.Linear(hidden_size, GLA_GATE_LOW_RANK, bias=False),
-                                         nn.Linear(GLA_GATE_LOW_RANK, self.key_dim, bias=True))
+        self.gates = LinearGates(hidden_size, num_heads, head_dim, linear_backend)
 
     def extra_repr(self) -> str:
         return (f"linear_backend={self.linear_backend}, H_L={self.num_heads}, d_k={self.head_dim}, "
                 f"d_v={self.head_v_dim}, H_A={self.num_softmax_heads}, H_R={self.num_router_heads}, "
                 f"block_size={self.block_size}, softmax_backend={self.softmax_backend}")
-
-    def _linear_gates(self, x: torch.Tensor, B: int, T: int):
-        """`(g, beta, dt)` for the backend (spec §1.4 table), each `None` where unused."""
-        g = beta = dt = None
-        if self.linear_backend in ("gdn", "deltanet"):
-            beta = upcast(self.b_proj(x)).sigmoid()
-        if self.linear_backend in ("gdn", "mamba2"):
-            dt = F.softplus(upcast(self.a_proj(x)) + self.dt_bias)
-            g = -upcast(self.A_log).exp() * dt
-        if self.linear_backend == "gla":
-            g = F.logsigmoid(upcast(self.gk_proj(x))).view(B, T, self.num_heads, self.head_dim) / GLA_GATE_NORMALIZER
-        return g, beta, (dt if self.linear_backend == "mamba2" else None)
 
     def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 past_key_values=None, use_cache: bool = False, **kwargs):
@@ -227,15 +198,14 @@ class NAtSLAttention(nn.Module):
                 pos = pos - cu_seqlens.to(pos.device)[layout.token_seq]
             q_s, k_s = rotary(q_s, pos, self.rope_theta), rotary(k_s, pos, self.rope_theta)
 
-        g, beta, dt = self._linear_gates(x, B, T)
-        v_in = v_l if dt is None else (upcast(v_l) * dt[..., None]).to(x.dtype)
+        g, beta, dt = self.gates(x)
+        v_in = self.gates.value_input(v_l, dt)
         o_s, o_l, _ = natsl_attention(
             q_s, k_s, v_s, q_l, k_l, v_in, weights.to(x.dtype), linear_backend=self.linear_backend, g=g, beta=beta,
             block_size=self.block_size, decay_through_softmax=self.decay_through_softmax,
             router_grad=self.router_grad, cu_seqlens=cu_seqlens, softmax_backend=self.softmax_backend,
             linear_impl=self.linear_impl)
-        if dt is not None:  # Mamba2's D skip connection
-            o_l = o_l + self.D[:, None].to(o_l.dtype) * v_l
+        o_l = self.gates.skip(o_l, v_l)
 
         omega = torch.softmax(upcast(self.w_proj(q)).view(B, T, H_A, 2), dim=-1)  # index 0 = softmax, 1 = linear
         y = (omega[..., 0:1] * self.o_norm_softmax(o_s)

@@ -64,19 +64,19 @@ def recompose(layer, x, cu_seqlens=None):
     g = beta = None
     be = layer.linear_backend
     if be in ("gdn", "deltanet"):
-        beta = torch.sigmoid(layer.b_proj(x))
+        beta = torch.sigmoid(layer.gates.b_proj(x))
     if be in ("gdn", "mamba2"):
-        dt = F.softplus(layer.a_proj(x) + layer.dt_bias)
-        g = -torch.exp(layer.A_log) * dt
+        dt = F.softplus(layer.gates.a_proj(x) + layer.gates.dt_bias)
+        g = -torch.exp(layer.gates.A_log) * dt
     if be == "gla":
-        g = F.logsigmoid(layer.gk_proj(x)).view(B, T, HL, dk) / 16
+        g = F.logsigmoid(layer.gates.gk_proj(x)).view(B, T, HL, dk) / 16
     v_in = v_l * dt[..., None] if be == "mamba2" else v_l
     o_s, o_l, _ = natsl_attention_reference(q_s, k_s, v.view(B, T, HA, -1), q_l, k_l, v_in, routing,
                                             linear_backend=be, g=g, beta=beta, block_size=C,
                                             decay_through_softmax=layer.decay_through_softmax,
                                             router_grad=layer.router_grad, cu_seqlens=cu_seqlens)
     if be == "mamba2":
-        o_l = o_l + layer.D[:, None] * v_l
+        o_l = o_l + layer.gates.D[:, None] * v_l
     w = (q @ layer.w_proj.weight.T).view(B, T, HA, 2).softmax(-1)
     y = w[..., :1] * rms(o_s, layer.o_norm_softmax.weight) + w[..., 1:] * rms(o_l.reshape(B, T, HA, -1),
                                                                                layer.o_norm_linear.weight)
