@@ -2,8 +2,10 @@
 
 from natsl.layers.natsl_attention import NAtSLAttention, NAtSLLayerStats
 from natsl.layers.routing import Routing
+from natsl.models import NAtSLConfig, NAtSLForCausalLM, NAtSLModel
 from natsl.reference import natsl_attention_reference
 
 __version__ = "0.1.0.dev0"
 
-__all__ = ["NAtSLAttention", "NAtSLLayerStats", "Routing", "natsl_attention_reference", "__version__"]
+__all__ = ["NAtSLAttention", "NAtSLConfig", "NAtSLForCausalLM", "NAtSLLayerStats", "NAtSLModel", "Routing",
+           "natsl_attention_reference", "__version__"]

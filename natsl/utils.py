@@ -102,3 +102,20 @@ def check_natsl_inputs(q_s, k_s, v_s, q_l, k_l, v_l, routing, *, linear_backend,
             raise ValueError(f"initial_state must have shape {list(want)} ([B or N_seq, H_L, d_k, d_v]), "
                              f"got {tuple(initial_state.shape)}")
     return H_A, H_L, H_R
+
+
+def check_mixer_forward(name: str, x: torch.Tensor, hidden_size: int, attention_mask, use_cache, past_key_values,
+                        kwargs: dict):
+    """Validate a mixer layer's HF-style call; returns the `cu_seqlens` keyword (the only one accepted)."""
+    cu_seqlens = kwargs.pop("cu_seqlens", None)
+    if kwargs:
+        raise TypeError(f"{name}.forward got unexpected keyword arguments {sorted(kwargs)}; only cu_seqlens is "
+                        "accepted")
+    if use_cache or past_key_values is not None:
+        raise NotImplementedError(f"{name} has no inference cache yet; call it with use_cache=False and past_key_values=None")
+    if x.dim() != 3 or x.shape[-1] != hidden_size:
+        raise ValueError(f"hidden_states must have shape [B, T, {hidden_size}], got {tuple(x.shape)}")
+    if attention_mask is not None and not bool(attention_mask.bool().all()):
+        raise ValueError(f"{name} does not support padded batches (attention_mask with zeros); pack the sequences "
+                         "and pass cu_seqlens instead")
+    return cu_seqlens

@@ -173,3 +173,57 @@ def token_source_rows(token_mask: torch.Tensor) -> torch.Tensor:
     B, T, Hr = token_mask.shape
     b, r, t = token_mask.permute(0, 2, 1).nonzero(as_tuple=True)
     return (b * T + t) * Hr + r
+
+
+@dataclass(frozen=True)
+class TokenRoutes:
+    """Everything needed to move the tokens of softmax blocks, built with one host sync (`token_routes`).
+
+    Attributes:
+        blocks (SoftmaxBlocks): the packed softmax-block layout.
+        token_mask (torch.BoolTensor): `[B, T, Hr]` whether token t of batch b is softmax for router head r.
+        dest (torch.LongTensor): `[B, T, Hr]` packed destination of every token, `-1` if not selected
+            (`token_destination`).
+        src (torch.LongTensor): `[S]` source rows in the `[B*T*Hr]` row space (`token_source_rows`);
+            `dest.view(-1)[src] == arange(S)`.
+        num_tokens (int): `S`, the packed token count.
+    """
+
+    blocks: SoftmaxBlocks
+    token_mask: torch.Tensor
+    dest: torch.Tensor
+    src: torch.Tensor
+    num_tokens: int
+
+
+def _compact(flags: torch.Tensor, size: int) -> torch.Tensor:
+    """Positions of the `size` true entries of the 1-D `flags`, in order, without a host sync."""
+    pos = torch.where(flags, torch.cumsum(flags.long(), 0) - 1, size)
+    out = torch.empty(size + 1, dtype=torch.long, device=flags.device)
+    return out.scatter_(0, pos, torch.arange(flags.numel(), device=flags.device))[:size]
+
+
+def token_routes(is_softmax: torch.Tensor, layout: BlockLayout) -> TokenRoutes:
+    """`softmax_blocks`, `token_destination` and `token_source_rows` together, with exactly one host sync
+    (the block and token counts, fetched together).
+
+    Args:
+        is_softmax (torch.BoolTensor): `[B, N, Hr]` block types.
+        layout (BlockLayout): the block layout the types refer to.
+    """
+    B, N, Hr = is_softmax.shape
+    device = is_softmax.device
+    sel = is_softmax.permute(0, 2, 1)  # [B, Hr, N]
+    lens = layout.block_len.to(device)
+    counts = sel.sum(-1)
+    cu_blocks = _exclusive_cu(counts)
+    cu_tokens = _exclusive_cu((sel.long() * lens).sum(-1))
+    num_blocks_sel, S = torch.stack([cu_blocks[-1], cu_tokens[-1]]).tolist()
+    flat = _compact(sel.reshape(-1), num_blocks_sel)  # row-major over [B, Hr, N]: sorted by (b, r, n)
+    b, r, n = flat // (Hr * N), (flat // N) % Hr, flat % N
+    blocks = SoftmaxBlocks(b, r, n, counts, cu_blocks, cu_tokens, _exclusive_cu(lens[n]))
+    token_mask = is_softmax[:, layout.token_block.to(device)]
+    dest = token_destination(token_mask, cu_tokens)
+    src = _compact(token_mask.permute(0, 2, 1).reshape(-1), S)  # flat over [B, Hr, T]
+    src_b, src_r, src_t = src // (Hr * layout.T), (src // layout.T) % Hr, src % layout.T
+    return TokenRoutes(blocks, token_mask, dest, (src_b * layout.T + src_t) * Hr + src_r, S)

@@ -16,7 +16,7 @@ from natsl.kernels.index import block_layout
 from natsl.layers.conv import ShortConv
 from natsl.layers.gates import LinearGates
 from natsl.layers.router import BlockRouter
-from natsl.utils import LINEAR_BACKENDS, check_choice, upcast
+from natsl.utils import LINEAR_BACKENDS, check_choice, check_mixer_forward, upcast
 
 LinearBackend = Literal["gdn", "deltanet", "gla", "mamba2", "linear_attn"]
 
@@ -163,19 +163,8 @@ class NAtSLAttention(nn.Module):
         """
         from natsl.ops import natsl_attention
 
-        cu_seqlens = kwargs.pop("cu_seqlens", None)
-        if kwargs:
-            raise TypeError(f"NAtSLAttention.forward got unexpected keyword arguments {sorted(kwargs)}; "
-                            "only cu_seqlens is accepted")
-        if use_cache or past_key_values is not None:
-            raise NotImplementedError("NAtSLAttention has no inference cache yet; call it with use_cache=False and "
-                                      "past_key_values=None")
-        if hidden_states.dim() != 3 or hidden_states.shape[-1] != self.hidden_size:
-            raise ValueError(f"hidden_states must have shape [B, T, {self.hidden_size}], "
-                             f"got {tuple(hidden_states.shape)}")
-        if attention_mask is not None and not bool(attention_mask.bool().all()):
-            raise ValueError("NAtSLAttention does not support padded batches (attention_mask with zeros); pack the "
-                             "sequences and pass cu_seqlens instead")
+        cu_seqlens = check_mixer_forward("NAtSLAttention", hidden_states, self.hidden_size, attention_mask, use_cache,
+                                         past_key_values, kwargs)
         x = hidden_states
         B, T, _ = x.shape
         H_L, H_A = self.num_heads, self.num_softmax_heads

@@ -1,1 +1,12 @@
-"""natsl models (HF-compatible configs and causal LMs)."""
+"""natsl models (spec §4), registered with the transformers Auto classes on import."""
+
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+from natsl.models.configuration_natsl import NAtSLConfig
+from natsl.models.modeling_natsl import NAtSLForCausalLM, NAtSLModel
+
+AutoConfig.register(NAtSLConfig.model_type, NAtSLConfig, exist_ok=True)
+AutoModel.register(NAtSLConfig, NAtSLModel, exist_ok=True)
+AutoModelForCausalLM.register(NAtSLConfig, NAtSLForCausalLM, exist_ok=True)
+
+__all__ = ["NAtSLConfig", "NAtSLForCausalLM", "NAtSLModel"]

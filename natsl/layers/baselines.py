@@ -1,0 +1,133 @@
+"""The two non-hybrid mixers natsl models mix with NAtS-L layers (spec §4).
+
+`LinearAttention`: a plain linear-attention layer of any backend, structured like fla's `GatedDeltaNet` layer
+(q/k/v projections, short convolutions + SiLU, L2-normalised q/k, the backend's gates, per-head gated RMSNorm,
+output projection), computed with the same linear ops natsl's linear branch uses (fla on CUDA, PyTorch on CPU).
+`SoftmaxAttention`: causal multi-head softmax attention with RoPE (SDPA), packed-sequence aware.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from natsl.kernels.index import block_layout
+from natsl.layers.conv import ShortConv
+from natsl.layers.gates import LinearGates
+from natsl.layers.natsl_attention import RMSNorm, rotary
+from natsl.utils import LINEAR_BACKENDS, check_choice, check_mixer_forward, upcast
+
+
+def linear_op(backend: str, impl: str, device: torch.device):
+    """The plain (unrouted) recurrence of `backend`: fla's op (`impl="fla"`, or `"auto"` on CUDA) or natsl's
+    PyTorch op. All share `fn(q, k, v, g, beta, *, scale, initial_state, output_final_state, cu_seqlens)`."""
+    check_choice("linear_impl", impl, ("auto", "fla", "torch"))
+    if impl == "fla" or (impl == "auto" and device.type == "cuda"):
+        from natsl.layers.linear.fla_ops import FLA_LINEAR_OPS
+
+        return FLA_LINEAR_OPS[backend]
+    from natsl.layers.linear import TORCH_LINEAR_OPS
+
+    return TORCH_LINEAR_OPS[backend]
+
+
+class LinearAttention(nn.Module):
+    """A plain linear-attention layer (no routing) of backend `linear_backend`.
+
+    Args:
+        hidden_size (int): model width `D`. Default: `1024`.
+        num_heads (int): heads `H`. Default: `6`.
+        head_dim (int): key dim `K`. Default: `128`.
+        expand_v (float): `V / K`. Default: `2`.
+        linear_backend (str): `gdn`, `deltanet`, `gla`, `mamba2`, `linear_attn`. Default: `"gdn"`.
+        linear_impl (str): `"auto"`, `"fla"` or `"torch"`. Default: `"auto"`.
+        conv_size (int): short convolution width. Default: `4`.
+        norm_eps (float): RMSNorm epsilon. Default: `1e-5`.
+        layer_idx (int, Optional): index in the model.
+    """
+
+    def __init__(self, hidden_size: int = 1024, num_heads: int = 6, head_dim: int = 128, expand_v: float = 2,
+                 linear_backend: str = "gdn", linear_impl: str = "auto", conv_size: int = 4, norm_eps: float = 1e-5,
+                 layer_idx: int | None = None):
+        super().__init__()
+        check_choice("linear_backend", linear_backend, LINEAR_BACKENDS)
+        check_choice("linear_impl", linear_impl, ("auto", "fla", "torch"))
+        if not float(head_dim * expand_v).is_integer():
+            raise ValueError(f"expand_v={expand_v} must make head_dim * expand_v an integer (head_dim={head_dim})")
+        self.hidden_size, self.num_heads, self.head_dim = hidden_size, num_heads, head_dim
+        self.head_v_dim = int(head_dim * expand_v)
+        self.linear_backend, self.linear_impl, self.layer_idx = linear_backend, linear_impl, layer_idx
+        key_dim, value_dim = num_heads * head_dim, num_heads * self.head_v_dim
+        self.q_proj = nn.Linear(hidden_size, key_dim, bias=False)
+        self.k_proj = nn.Linear(hidden_size, key_dim, bias=False)
+        self.v_proj = nn.Linear(hidden_size, value_dim, bias=False)
+        self.q_conv1d = ShortConv(key_dim, conv_size)
+        self.k_conv1d = ShortConv(key_dim, conv_size)
+        self.v_conv1d = ShortConv(value_dim, conv_size)
+        self.gates = LinearGates(hidden_size, num_heads, head_dim, linear_backend)
+        self.g_proj = nn.Linear(hidden_size, value_dim, bias=False)
+        self.o_norm = RMSNorm(self.head_v_dim, norm_eps)
+        self.o_proj = nn.Linear(value_dim, hidden_size, bias=False)
+
+    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                past_key_values=None, use_cache: bool = False, **kwargs):
+        """`hidden_states [B, T, D]` (packed: `cu_seqlens=` keyword) → `(o [B, T, D], None, past_key_values)`."""
+        x = hidden_states
+        cu_seqlens = check_mixer_forward("LinearAttention", x, self.hidden_size, attention_mask, use_cache,
+                                    past_key_values, kwargs)
+        B, T, _ = x.shape
+        H, K, V = self.num_heads, self.head_dim, self.head_v_dim
+        q = F.normalize(upcast(self.q_conv1d(self.q_proj(x), cu_seqlens).view(B, T, H, K)), dim=-1).to(x.dtype)
+        k = F.normalize(upcast(self.k_conv1d(self.k_proj(x), cu_seqlens).view(B, T, H, K)), dim=-1).to(x.dtype)
+        v = self.v_conv1d(self.v_proj(x), cu_seqlens).view(B, T, H, V)
+        g, beta, dt = self.gates(x)
+        op = linear_op(self.linear_backend, self.linear_impl, x.device)
+        o, _ = op(q, k, self.gates.value_input(v, dt), g, beta, scale=K ** -0.5, cu_seqlens=cu_seqlens)
+        o = self.gates.skip(o, v)
+        y = self.o_norm(o) * F.silu(upcast(self.g_proj(x))).view(B, T, H, V)
+        return self.o_proj(y.reshape(B, T, H * V).to(x.dtype)), None, past_key_values
+
+
+class SoftmaxAttention(nn.Module):
+    """Causal multi-head softmax attention with RoPE (`F.scaled_dot_product_attention`).
+
+    Args:
+        hidden_size (int): model width `D`. Default: `1024`.
+        num_heads (int): heads; head dim `D / num_heads`. Default: `16`.
+        rope_theta (float): RoPE base. Default: `10000.0`.
+        layer_idx (int, Optional): index in the model.
+    """
+
+    def __init__(self, hidden_size: int = 1024, num_heads: int = 16, rope_theta: float = 10000.0,
+                 layer_idx: int | None = None):
+        super().__init__()
+        if hidden_size % num_heads or (hidden_size // num_heads) % 2:
+            raise ValueError(f"hidden_size={hidden_size} must split into num_heads={num_heads} heads of even dim")
+        self.hidden_size, self.num_heads, self.head_dim = hidden_size, num_heads, hidden_size // num_heads
+        self.rope_theta, self.layer_idx = rope_theta, layer_idx
+        self.q_proj = nn.Linear(hidden_size, hidden_size, bias=False)
+        self.k_proj = nn.Linear(hidden_size, hidden_size, bias=False)
+        self.v_proj = nn.Linear(hidden_size, hidden_size, bias=False)
+        self.o_proj = nn.Linear(hidden_size, hidden_size, bias=False)
+
+    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                past_key_values=None, use_cache: bool = False, **kwargs):
+        """`hidden_states [B, T, D]` (packed: `cu_seqlens=` keyword) → `(o [B, T, D], None, past_key_values)`."""
+        x = hidden_states
+        cu_seqlens = check_mixer_forward("SoftmaxAttention", x, self.hidden_size, attention_mask, use_cache,
+                                    past_key_values, kwargs)
+        B, T, _ = x.shape
+        q, k, v = (p(x).view(B, T, self.num_heads, self.head_dim) for p in (self.q_proj, self.k_proj, self.v_proj))
+        pos = torch.arange(T, device=x.device)
+        if cu_seqlens is None:
+            mask, causal = None, True
+        else:
+            lay = block_layout(T, T, cu_seqlens, device=x.device)
+            pos = pos - cu_seqlens.to(pos.device)[lay.token_seq]
+            same = lay.token_seq[:, None] == lay.token_seq[None, :]
+            mask, causal = same & torch.ones(T, T, dtype=torch.bool, device=x.device).tril(), False
+        q, k = rotary(q, pos, self.rope_theta), rotary(k, pos, self.rope_theta)
+        o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
+                                           is_causal=causal)
+        return self.o_proj(o.transpose(1, 2).reshape(B, T, self.hidden_size)), None, past_key_values

@@ -1,0 +1,208 @@
+"""NAtSLModel and NAtSLForCausalLM (spec §4): pre-norm blocks mixing natsl, plain linear and softmax layers."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from transformers import GenerationMixin, PreTrainedModel
+from transformers.utils import ModelOutput
+
+from natsl.layers.baselines import LinearAttention, SoftmaxAttention
+from natsl.layers.natsl_attention import NAtSLAttention, RMSNorm
+from natsl.models.configuration_natsl import NAtSLConfig
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, hidden_size: int, intermediate_size: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class NAtSLBlock(nn.Module):
+    """RMSNorm → mixer → residual → RMSNorm → SwiGLU → residual."""
+
+    def __init__(self, config: NAtSLConfig, layer_idx: int):
+        super().__init__()
+        kind = config.layer_layout[layer_idx]
+        self.layer_type = kind
+        self.attn_norm = RMSNorm(config.hidden_size, config.norm_eps)
+        if kind == "natsl":
+            self.attn = NAtSLAttention(**config.attention_kwargs(), layer_idx=layer_idx)
+        elif kind == "linear":
+            self.attn = LinearAttention(**config.linear_kwargs(), layer_idx=layer_idx)
+        else:
+            self.attn = SoftmaxAttention(**config.softmax_kwargs(), layer_idx=layer_idx)
+        self.mlp_norm = RMSNorm(config.hidden_size, config.norm_eps)
+        self.mlp = SwiGLU(config.hidden_size, config.intermediate_size)
+
+    def forward(self, x: torch.Tensor, cu_seqlens: torch.Tensor | None = None):
+        h, stats, _ = self.attn(self.attn_norm(x).to(x.dtype), cu_seqlens=cu_seqlens)
+        x = x + h
+        x = x + self.mlp(self.mlp_norm(x).to(x.dtype))
+        return x, stats
+
+
+@dataclass
+class NAtSLModelOutput(ModelOutput):
+    """`routing_stats`: per layer, the NAtSLLayerStats of natsl layers and `None` for the others."""
+
+    last_hidden_state: torch.Tensor | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+    routing_stats: list | None = None
+    router_aux_loss: torch.Tensor | None = None
+
+
+@dataclass
+class NAtSLCausalLMOutput(ModelOutput):
+    """`loss` includes the router-budget term when the budget is on; `lm_loss` is the cross-entropy alone."""
+
+    loss: torch.Tensor | None = None
+    lm_loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+    routing_stats: list | None = None
+    router_aux_loss: torch.Tensor | None = None
+
+
+class NAtSLPreTrainedModel(PreTrainedModel):
+    config_class = NAtSLConfig
+    base_model_prefix = "model"
+    _no_split_modules = ["NAtSLBlock"]
+    supports_gradient_checkpointing = False
+
+    def _init_weights(self, module):
+        std = self.config.initializer_range
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+
+
+def cu_seqlens_from_position_ids(position_ids: torch.Tensor) -> torch.Tensor:
+    """`[1, T]` positions that restart at 0 at every sequence start → `cu_seqlens [N_seq + 1]`."""
+    if position_ids.dim() != 2 or position_ids.shape[0] != 1:
+        raise ValueError("packed position_ids must have shape [1, T] (sequences concatenated in one row)")
+    pos = position_ids[0]
+    starts = torch.nonzero(pos == 0).flatten()
+    if starts.numel() == 0 or starts[0] != 0:
+        raise ValueError("packed position_ids must start at 0")
+    return torch.cat([starts, starts.new_tensor([pos.numel()])])
+
+
+class NAtSLModel(NAtSLPreTrainedModel):
+    def __init__(self, config: NAtSLConfig):
+        super().__init__(config)
+        self.embeddings = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=config.pad_token_id)
+        self.layers = nn.ModuleList([NAtSLBlock(config, i) for i in range(config.num_hidden_layers)])
+        self.norm = RMSNorm(config.hidden_size, config.norm_eps)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.embeddings
+
+    def set_input_embeddings(self, value):
+        self.embeddings = value
+
+    def forward(self, input_ids: torch.LongTensor | None = None, attention_mask: torch.Tensor | None = None,
+                inputs_embeds: torch.Tensor | None = None, cu_seqlens: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None, output_hidden_states: bool = False,
+                use_cache: bool | None = None, past_key_values=None, **kwargs) -> NAtSLModelOutput:
+        """Args:
+            input_ids (torch.LongTensor): `[B, T]` (or `inputs_embeds [B, T, D]`).
+            attention_mask (torch.Tensor, Optional): `[B, T]`; only all-ones (no padding) is supported — pack
+                variable-length batches with `cu_seqlens` or restarting `position_ids` instead.
+            cu_seqlens (torch.LongTensor, Optional): `[N_seq + 1]` packed offsets (`B == 1`).
+            position_ids (torch.LongTensor, Optional): `[1, T]`, restarting at 0 at each packed sequence.
+        """
+        if kwargs:
+            raise TypeError(f"NAtSLModel.forward got unexpected arguments {sorted(kwargs)}")
+        if use_cache or past_key_values is not None:
+            raise NotImplementedError("natsl models have no inference cache yet; use use_cache=False")
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        x = self.embeddings(input_ids) if inputs_embeds is None else inputs_embeds
+        if attention_mask is not None and not bool(attention_mask.bool().all()):
+            raise ValueError("natsl models do not support padded batches (attention_mask with zeros); pack the "
+                             "sequences with cu_seqlens (or restarting position_ids) instead")
+        if cu_seqlens is None and position_ids is not None and x.shape[0] == 1 and bool((position_ids[0, 1:] == 0).any()):
+            cu_seqlens = cu_seqlens_from_position_ids(position_ids)
+        hidden, stats = [], []
+        for layer in self.layers:
+            if output_hidden_states:
+                hidden.append(x)
+            x, s = layer(x, cu_seqlens)
+            stats.append(s)
+        x = self.norm(x).to(x.dtype)
+        if output_hidden_states:
+            hidden.append(x)
+        aux = [s.router_aux_loss for s in stats if s is not None and s.router_aux_loss is not None]
+        return NAtSLModelOutput(last_hidden_state=x, hidden_states=tuple(hidden) if output_hidden_states else None,
+                                routing_stats=stats, router_aux_loss=torch.stack(aux).sum() if aux else None)
+
+
+class NAtSLForCausalLM(NAtSLPreTrainedModel, GenerationMixin):
+    _tied_weights_keys = {}
+
+    def __init__(self, config: NAtSLConfig):
+        super().__init__(config)
+        self.model = NAtSLModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.model.embeddings
+
+    def set_input_embeddings(self, value):
+        self.model.embeddings = value
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def set_output_embeddings(self, new_embeddings):
+        self.lm_head = new_embeddings
+
+    def forward(self, input_ids: torch.LongTensor | None = None, attention_mask: torch.Tensor | None = None,
+                labels: torch.LongTensor | None = None, inputs_embeds: torch.Tensor | None = None,
+                cu_seqlens: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
+                output_hidden_states: bool = False, use_cache: bool | None = None, past_key_values=None,
+                logits_to_keep: int = 0, return_dict: bool | None = None, **kwargs) -> NAtSLCausalLMOutput:
+        """Causal LM forward. `labels [B, T]` are shifted inside (position t predicts t+1); `-100` is ignored;
+        with packed input no position predicts across a sequence boundary."""
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
+                         cu_seqlens=cu_seqlens, position_ids=position_ids, output_hidden_states=output_hidden_states,
+                         use_cache=use_cache, past_key_values=past_key_values, **kwargs)
+        h = out.last_hidden_state
+        if logits_to_keep:
+            h = h[:, -logits_to_keep:]
+        logits = self.lm_head(h)
+        loss = lm_loss = None
+        if labels is not None:
+            target = labels[:, 1:]
+            if cu_seqlens is None and position_ids is not None and labels.shape[0] == 1 and \
+                    bool((position_ids[0, 1:] == 0).any()):
+                cu_seqlens = cu_seqlens_from_position_ids(position_ids)
+            if cu_seqlens is not None:  # the last token of a packed sequence does not predict the next sequence
+                target = target.clone()
+                target[:, cu_seqlens[1:-1].to(target.device) - 1] = -100
+            lm_loss = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), target.flatten(), ignore_index=-100)
+            loss = lm_loss if out.router_aux_loss is None else lm_loss + out.router_aux_loss
+        return NAtSLCausalLMOutput(loss=loss, lm_loss=lm_loss, logits=logits, hidden_states=out.hidden_states,
+                                   routing_stats=out.routing_stats, router_aux_loss=out.router_aux_loss)
+
+    def prepare_inputs_for_generation(self, input_ids, attention_mask=None, inputs_embeds=None, **kwargs):
+        # no cache yet: every step re-runs the full forward over the whole prefix
+        return {"input_ids": input_ids, "use_cache": False}
+
+    def softmax_fractions(self, output: NAtSLCausalLMOutput) -> dict[int, torch.Tensor]:
+        """Per natsl layer index, the `[H_R]` softmax fraction of that forward."""
+        return {i: s.softmax_fraction for i, s in enumerate(output.routing_stats) if s is not None}
