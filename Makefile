@@ -10,7 +10,7 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e ".[ci,test]"
+	$(PY) -m pip install -q -e ".[ci,test,train]"
 	touch $(STAMP)
 
 venv: $(STAMP)
@@ -19,7 +19,7 @@ test: $(STAMP)
 	CI=$${CI:-true} $(PY) -m pytest -q -m "not gpu" -p no:cacheprovider
 
 test-gpu: $(STAMP)
-	$(PY) -m pytest -q -m gpu
+	NATSL_TEST_DEVICE=cuda $(PY) -m pytest -q -m gpu tests/gpu
 
 clean:
 	rm -rf $(VENV) .hypothesis .pytest_cache

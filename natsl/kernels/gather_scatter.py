@@ -24,9 +24,16 @@ INDEX_DTYPES = (torch.int32, torch.int64)
 
 
 @triton.jit
-def _row_offset(r, R1, R2, s0, s1, s2):
-    # row r of a [R0, R1, R2] row space with strides (s0, s1, s2); R1 = R2 = 1 for a plain [R, W] view
-    return (r // (R1 * R2)) * s0 + ((r // R2) % R1) * s1 + (r % R2) * s2
+def _offsets(r, w, R1, R2, s0, s1, s2, sw, FLAT: tl.constexpr, UNIT_W: tl.constexpr):
+    # [BR, BW] element offsets of columns w of rows r in a [R0, R1, R2] row space with strides (s0, s1, s2);
+    # FLAT: R1 = R2 = 1 (no divisions); UNIT_W: unit column stride (vectorised access)
+    if FLAT:  # noqa: SIM108 (a compile-time branch)
+        o_r = r * s0
+    else:
+        o_r = (r // (R1 * R2)) * s0 + ((r // R2) % R1) * s1 + (r % R2) * s2
+    if UNIT_W:
+        return o_r[:, None] + w[None, :]
+    return o_r[:, None] + w[None, :] * sw
 
 
 @triton.jit(do_not_specialize=["S", "R"])
@@ -35,6 +42,7 @@ def gather_rows_fwd_kernel(
     xR1, xR2, xs0, xs1, xs2, xsw,
     oR1, oR2, os0, os1, os2, osw,
     BR: tl.constexpr, BW: tl.constexpr,
+    X_FLAT: tl.constexpr, X_UNIT_W: tl.constexpr, O_FLAT: tl.constexpr, O_UNIT_W: tl.constexpr,
 ):
     # o[j] = x[idx[j]] for 0 <= idx[j] < R, else 0: every element of o[:S, :W] is written
     i_r, i_w = tl.program_id(0), tl.program_id(1)
@@ -44,9 +52,9 @@ def gather_rows_fwd_kernel(
     m_w = o_w < W
     k = tl.load(idx + o_j, mask=m_j, other=-1).to(tl.int64)
     m_k = m_j & (k >= 0) & (k < R)
-    p_x = x + _row_offset(k, xR1, xR2, xs0, xs1, xs2)[:, None] + o_w[None, :] * xsw
+    p_x = x + _offsets(k, o_w, xR1, xR2, xs0, xs1, xs2, xsw, X_FLAT, X_UNIT_W)
     b_x = tl.load(p_x, mask=m_k[:, None] & m_w[None, :], other=0.)  # [BR, BW]
-    p_o = o + _row_offset(o_j, oR1, oR2, os0, os1, os2)[:, None] + o_w[None, :] * osw
+    p_o = o + _offsets(o_j, o_w, oR1, oR2, os0, os1, os2, osw, O_FLAT, O_UNIT_W)
     tl.store(p_o, b_x.to(o.dtype.element_ty), mask=m_j[:, None] & m_w[None, :])
 
 
@@ -55,7 +63,9 @@ def scatter_rows_fwd_kernel(
     y, idx, o, S, R, W,
     yR1, yR2, ys0, ys1, ys2, ysw,
     oR1, oR2, os0, os1, os2, osw,
-    BR: tl.constexpr, BW: tl.constexpr, ACCUMULATE: tl.constexpr,
+    BR: tl.constexpr, BW: tl.constexpr,
+    X_FLAT: tl.constexpr, X_UNIT_W: tl.constexpr, O_FLAT: tl.constexpr, O_UNIT_W: tl.constexpr,
+    ACCUMULATE: tl.constexpr,
 ):
     # o[idx[j]] = y[j] (or += with ACCUMULATE) for 0 <= idx[j] < R; other rows of o are not touched
     i_r, i_w = tl.program_id(0), tl.program_id(1)
@@ -64,9 +74,9 @@ def scatter_rows_fwd_kernel(
     m_w = o_w < W
     k = tl.load(idx + o_j, mask=o_j < S, other=-1).to(tl.int64)
     m = ((k >= 0) & (k < R))[:, None] & m_w[None, :]
-    p_y = y + _row_offset(o_j, yR1, yR2, ys0, ys1, ys2)[:, None] + o_w[None, :] * ysw
+    p_y = y + _offsets(o_j, o_w, yR1, yR2, ys0, ys1, ys2, ysw, X_FLAT, X_UNIT_W)
     b_y = tl.load(p_y, mask=m, other=0.).to(o.dtype.element_ty)  # [BR, BW]
-    p_o = o + _row_offset(k, oR1, oR2, os0, os1, os2)[:, None] + o_w[None, :] * osw
+    p_o = o + _offsets(k, o_w, oR1, oR2, os0, os1, os2, osw, O_FLAT, O_UNIT_W)
     if ACCUMULATE:
         tl.atomic_add(p_o, b_y, mask=m, sem="relaxed")
     else:
@@ -103,28 +113,38 @@ def _row_view(x: torch.Tensor) -> tuple[list[int], list[int], int]:
     return [d[0] for d in dims], [d[1] for d in dims], x.stride(-1)
 
 
-def _rows_args(x: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
-    """`(x, [R1, R2, s0, s1, s2, s_w])` for the kernels; copies only a view with > 3 non-mergeable leading dims."""
+def _rows_args(x: torch.Tensor) -> tuple[torch.Tensor, list[int], tuple[bool, bool]]:
+    """`(x, [R1, R2, s0, s1, s2, s_w], (flat, unit_w))` for the kernels; copies only a view with more than 3
+    non-mergeable leading dims."""
     try:
         sizes, strides, sw = _row_view(x)
     except ValueError:
         x = x.reshape(-1, x.shape[-1])
         sizes, strides, sw = _row_view(x)
-    return x, [sizes[1], sizes[2], *strides, sw]
+    return x, [sizes[1], sizes[2], *strides, sw], (sizes[1] == sizes[2] == 1, sw == 1)
 
 
 def _num_rows(x: torch.Tensor) -> int:
     return math.prod(x.shape[:-1])
 
 
+def _next_pow2(n: int) -> int:
+    # plain Python: triton.next_power_of_2 / triton.cdiv carry ~µs of dispatch each in the launch path
+    return 1 << max(n - 1, 0).bit_length()
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
 def _tile(S: int, W: int, elem_size: int, block_rows: int | None, block_w: int | None) -> tuple[int, int]:
     if interpreted():
         # the interpreter costs ~ms per program instance: few programs with big tiles
-        BW = block_w or min(triton.next_power_of_2(W), 8192)
-        BR = block_rows or max(1, min(triton.next_power_of_2(S), 2 ** 18 // BW))
+        BW = block_w or min(_next_pow2(W), 8192)
+        BR = block_rows or max(1, min(_next_pow2(S), 2 ** 18 // BW))
     else:
-        BW = block_w or min(triton.next_power_of_2(W), 2048 // elem_size)
-        BR = block_rows or max(1, min(triton.next_power_of_2(S), 8192 // (BW * elem_size)))
+        BW = block_w or min(_next_pow2(W), 2048 // elem_size)
+        BR = block_rows or max(1, min(_next_pow2(S), 8192 // (BW * elem_size)))
     return BR, BW
 
 
@@ -148,12 +168,12 @@ def gather_rows_fwd(x: torch.Tensor, idx: torch.Tensor, out: torch.Tensor | None
         return out
     if x.numel() == 0:
         return out.zero_()
-    x, x_args = _rows_args(x)
-    _, o_args = _rows_args(out)
+    x, x_args, (x_flat, x_unit) = _rows_args(x)
+    _, o_args, (o_flat, o_unit) = _rows_args(out)
     BR, BW = _tile(S, W, x.element_size(), block_rows, block_w)
-    grid = (triton.cdiv(S, BR), triton.cdiv(W, BW))
-    gather_rows_fwd_kernel[grid](x, idx, out, S, _num_rows(x), W, *x_args, *o_args, BR=BR, BW=BW,
-                                 num_warps=num_warps or 4)
+    grid = (_cdiv(S, BR), _cdiv(W, BW))
+    gather_rows_fwd_kernel[grid](x, idx, out, S, _num_rows(x), W, *x_args, *o_args, BR=BR, BW=BW, X_FLAT=x_flat,
+                                 X_UNIT_W=x_unit, O_FLAT=o_flat, O_UNIT_W=o_unit, num_warps=num_warps or 4)
     return out
 
 
@@ -172,11 +192,12 @@ def scatter_rows_fwd(y: torch.Tensor, idx: torch.Tensor, num_rows: int, out: tor
     S = idx.shape[0]
     if S == 0 or W == 0 or num_rows == 0:
         return out
-    y, y_args = _rows_args(y)
-    _, o_args = _rows_args(out)
+    y, y_args, (y_flat, y_unit) = _rows_args(y)
+    _, o_args, (o_flat, o_unit) = _rows_args(out)
     BR, BW = _tile(S, W, y.element_size(), block_rows, block_w)
-    grid = (triton.cdiv(S, BR), triton.cdiv(W, BW))
-    scatter_rows_fwd_kernel[grid](y, idx, out, S, num_rows, W, *y_args, *o_args, BR=BR, BW=BW, ACCUMULATE=accumulate,
+    grid = (_cdiv(S, BR), _cdiv(W, BW))
+    scatter_rows_fwd_kernel[grid](y, idx, out, S, num_rows, W, *y_args, *o_args, BR=BR, BW=BW, X_FLAT=y_flat,
+                                  X_UNIT_W=y_unit, O_FLAT=o_flat, O_UNIT_W=o_unit, ACCUMULATE=accumulate,
                                   num_warps=num_warps or 4)
     return out
 
@@ -226,6 +247,11 @@ class ScatterRowsFunction(torch.autograd.Function):
     def backward(ctx, do):
         (idx,) = ctx.saved_tensors
         return scatter_rows_bwd(do, idx).view(ctx.y_shape), None, None, None
+
+
+def _needs_grad(t: torch.Tensor) -> bool:
+    # the autograd Function costs ~20 µs of host time per call (measured on the H200 host): skip it where no gradient can flow
+    return t.requires_grad and torch.is_grad_enabled()
 
 
 def _check_float(name: str, t, ndim_min: int = 2) -> None:
@@ -308,7 +334,7 @@ def gather_rows(x: torch.Tensor, idx: torch.Tensor, *, inverse: torch.Tensor | N
     if not uses_triton(x):
         o = naive_gather_rows(x, idx)
         return o if out is None else out.copy_(o)
-    if out is not None:
+    if out is not None or not _needs_grad(x):
         return gather_rows_fwd(x, idx, out)
     return GatherRowsFunction.apply(x, idx, inverse, unique_indices)
 
@@ -378,6 +404,9 @@ def _scatter(y, idx, num_rows, out, validate, accumulate):
                               accumulate=accumulate)
     if out is not None:
         return scatter_rows_fwd(y, idx, num_rows, out, accumulate=accumulate)
+    if not _needs_grad(y):
+        o = scatter_rows_fwd(y, idx, num_rows, accumulate=accumulate)
+        return o.to(y.dtype) if accumulate else o
     return ScatterRowsFunction.apply(y, idx, num_rows, accumulate)
 
 
@@ -407,7 +436,7 @@ def gather_tokens(x: torch.Tensor, src: torch.Tensor, num_router_heads: int, *, 
     Returns:
         `[S, G, D]` tensor of `x`'s dtype.
     """
-    _check_float("x", x, 4)
+    _check_float("x", x, 0)
     if x.dim() != 4:
         raise ValueError(f"x must have shape [B, T, H, D], got {tuple(x.shape)}")
     B, T, H, D = x.shape
@@ -427,7 +456,10 @@ def gather_tokens(x: torch.Tensor, src: torch.Tensor, num_router_heads: int, *, 
     S, G = src.shape[0], H // Hr
     if not uses_triton(x):
         return naive_gather_tokens(x, src, Hr)
-    return GatherRowsFunction.apply(_merge_view(x, (B, T, Hr, G * D)), src, dest, True).view(S, G, D)
+    rows = _merge_view(x, (B, T, Hr, G * D))
+    if not _needs_grad(x):
+        return gather_rows_fwd(rows, src).view(S, G, D)
+    return GatherRowsFunction.apply(rows, src, dest, True).view(S, G, D)
 
 
 def scatter_tokens(y: torch.Tensor, dest: torch.Tensor, *, src: torch.Tensor | None = None,
@@ -448,7 +480,7 @@ def scatter_tokens(y: torch.Tensor, dest: torch.Tensor, *, src: torch.Tensor | N
     Returns:
         `[B, T, Hr*G, D]` tensor of `y`'s dtype.
     """
-    _check_float("y", y, 3)
+    _check_float("y", y, 0)
     if y.dim() != 3:
         raise ValueError(f"y must have shape [S, G, D], got {tuple(y.shape)}")
     dest = _check_index("dest", dest, y.device, ndim=None)
@@ -466,4 +498,7 @@ def scatter_tokens(y: torch.Tensor, dest: torch.Tensor, *, src: torch.Tensor | N
             _check_range("src", src, B * T * Hr, "B*T*Hr")
     if not uses_triton(y):
         return naive_scatter_tokens(y, dest)
-    return GatherRowsFunction.apply(_merge_view(y, (S, G * D)), dest.view(-1), src, True).view(B, T, Hr * G, D)
+    rows = _merge_view(y, (S, G * D))
+    if not _needs_grad(y):
+        return gather_rows_fwd(rows, dest.view(-1)).view(B, T, Hr * G, D)
+    return GatherRowsFunction.apply(rows, dest.view(-1), src, True).view(B, T, Hr * G, D)

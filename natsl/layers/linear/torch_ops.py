@@ -87,8 +87,7 @@ def _scan(q_dec, A, u, w, k_dec, decay_last, S):
 
 def _chunk_scalar_decay(q, k, v, g, beta, S0, scale):
     """Dense `[B, T, H, *]` inputs, head-wise log decay `g [B, T, H]` (or None), delta rule iff `beta` is given."""
-    B, T, H, K = q.shape
-    C = CHUNK_SIZE
+    T, C = q.shape[1], CHUNK_SIZE
     q, k, v = (_chunks(x, C) for x in (q, k, v))
     G = _chunks(g, C).cumsum(-1) if g is not None else q.new_zeros(q.shape[:-1])
     gamma = _causal_decay(G)
@@ -136,7 +135,7 @@ def _run(core, q, k, v, g, beta, scale, initial_state, output_final_state, cu_se
         lens = cu_seqlens.diff().to(device=q.device, dtype=torch.long)
         seq = torch.repeat_interleave(torch.arange(N, device=q.device), lens)
         pos = torch.arange(T, device=q.device) - cu_seqlens[:-1].to(q.device, torch.long)[seq]
-        T_max = int(lens.max()) if N else 0
+        T_max = int(lens.max())
         ins = [None if x is None else _pad_sequences(x, seq, pos, N, T_max) for x in ins]
     o, S = core(*ins, S0, scale)
     if cu_seqlens is not None:
