@@ -48,7 +48,7 @@ class _GateGrad(torch.autograd.Function):
         col = (p * (dp - delta)).sum(2)  # [B, H, T(s)]
         col = col.view(B, Hr, G, -1).sum(2)  # [B, Hr, T(s)]
         dgate = col.new_zeros(B, Hr, N).index_add_(2, token_block, col)
-        return None, dgate.permute(0, 2, 1).to(ctx.gate_dtype), None, None, None, None, None, None, None
+        return do, dgate.permute(0, 2, 1).to(ctx.gate_dtype), None, None, None, None, None, None, None
 
 
 class SdpaSoftmax:

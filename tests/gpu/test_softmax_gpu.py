@@ -1,0 +1,132 @@
+"""Softmax-branch backends on the GPU in bf16 against the float64 reference (spec §1.3, §1.7, §3.3).
+
+Rule (flash-attn's): `err(out, ref_fp64) <= 2 * err(plain torch bf16, ref_fp64) + atol`, max abs error, for the
+output and the gradients of q, k, v and the routing. Backends: sdpa, flex, flash over torch's varlen flash
+kernels and over flash-attn-4 (each skipped with its reasons where it cannot run).
+
+Run on the H200 with `NATSL_TEST_DEVICE=cuda pytest -q -m gpu tests/gpu/test_softmax_gpu.py`.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import natsl.kernels.gather_scatter as gs
+from natsl.kernels.index import num_blocks
+from natsl.layers.routing import Routing
+from natsl.layers.softmax import SOFTMAX_BACKENDS, flash_decode
+from natsl.layers.softmax.flash import FlashSoftmax, TorchVarlen
+from natsl.reference import softmax_branch_reference
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(gs.interpreted(), reason="set NATSL_TEST_DEVICE=cuda: the Triton interpreter is on"),
+]
+
+DEV = "cuda"
+# (B, T, Hr, G, d, dv, C, cu_seqlens, diagonal, p_softmax)
+CASES = {
+    "paper-heads": (1, 1024, 6, 2, 64, 128, 64, None, "both", 0.25),
+    "batch2-partial": (2, 1000, 2, 2, 64, 64, 64, None, "both", 0.5),
+    "packed": (1, 1024, 2, 3, 64, 128, 64, [0, 300, 301, 777, 1024], "both", 0.5),
+    "diag-linear": (1, 640, 3, 1, 64, 128, 64, None, "linear", 0.5),
+}
+BACKENDS = {
+    "sdpa": SOFTMAX_BACKENDS["sdpa"],
+    "flex": SOFTMAX_BACKENDS["flex"],
+    "flash-varlen": FlashSoftmax("varlen"),
+    "flash-fa4": FlashSoftmax("fa4"),
+}
+
+
+def make(case, seed=0):
+    B, T, Hr, G, d, dv, C, cu, diagonal, p = case
+    g = torch.Generator(device=DEV).manual_seed(seed)
+    H = Hr * G
+    q, k = (torch.randn(B, T, H, d, generator=g, device=DEV) for _ in range(2))
+    v = torch.randn(B, T, H, dv, generator=g, device=DEV)
+    cu = None if cu is None else torch.tensor(cu, device=DEV)
+    N = num_blocks(T, C, cu)
+    soft = torch.rand(B, N, Hr, generator=g, device=DEV) < p
+    w = torch.stack([soft, ~soft], -1).float()
+    return q, k, v, w, cu
+
+
+def grads(out, leaves, do):
+    return torch.autograd.grad((out.float() * do).sum(), leaves)
+
+
+def max_err(a, b):
+    return (a.double() - b.double()).abs().max().item()
+
+
+# flash-attn-4 and FlexAttention compile per shape (tens of seconds each): fewer cases for them
+PAIRS = [(b, c) for b in BACKENDS for c in CASES
+         if b in ("sdpa", "flash-varlen") or c == "paper-heads" or (b == "flex" and c in ("packed", "diag-linear"))]
+
+
+@pytest.mark.parametrize(("backend", "case"), PAIRS, ids=[f"{b}-{c}" for b, c in PAIRS])
+def test_backend_bf16_vs_reference(backend, case):
+    B, T, Hr, G, d, dv, C, _, diagonal, _ = CASES[case]
+    q32, k32, v32, w32, cu = make(CASES[case])
+    scale = d ** -0.5
+    impl = BACKENDS[backend]
+
+    def leaves(dtype):
+        return [x.detach().to(dtype).requires_grad_() for x in (q32, k32, v32)] + [w32.clone().requires_grad_()]
+
+    q, k, v, w = leaves(torch.bfloat16)
+    route = Routing(w, C, diagonal, cu)
+    reasons = impl.not_supported_reasons(q, k, v, route, "selected")
+    if reasons:
+        pytest.skip("; ".join(reasons))
+    out = impl.forward(q, k, v, route, scale=scale, router_grad="selected")
+
+    qr, kr, vr, wr = leaves(torch.float64)
+    wr = wr.double().detach().requires_grad_()
+    route_r = Routing(wr, C, diagonal, cu)
+    ref = softmax_branch_reference(qr, kr, vr, route_r, route_r.gates("selected")[0], scale)
+    qb, kb, vb, wb = leaves(torch.bfloat16)
+    route_b = Routing(wb, C, diagonal, cu)
+    base = softmax_branch_reference(qb, kb, vb, route_b, route_b.gates("selected")[0].to(torch.bfloat16), scale)
+
+    do = torch.randn(ref.shape, generator=torch.Generator(device=DEV).manual_seed(1), device=DEV)
+    g_out = grads(out, (q, k, v, w), do)
+    g_ref = grads(ref, (qr, kr, vr, wr), do)
+    g_base = grads(base, (qb, kb, vb, wb), do)
+    names = ("o", "dq", "dk", "dv", "d_routing")
+    for name, a, r, b in zip(names, (out, *g_out), (ref, *g_ref), (base, *g_base)):
+        e_out, e_base = max_err(a, r), max_err(b, r)
+        atol = 1e-3 * max(r.abs().max().item(), 1e-3)
+        assert e_out <= 2 * e_base + atol, f"{backend}/{case} {name}: err {e_out:.3e} > 2*{e_base:.3e} + {atol:.1e}"
+
+
+@pytest.mark.parametrize("kernel", ["varlen", "fa4"])
+def test_flash_decode_gpu(kernel):
+    kern, reasons = FlashSoftmax(kernel).select_kernel(torch.device(DEV), torch.bfloat16)
+    if kern is None:
+        pytest.skip("; ".join(reasons))
+    g = torch.Generator(device=DEV).manual_seed(2)
+    B, Hr, G, d, dv = 2, 3, 2, 64, 128
+    lens = torch.tensor([130, 0, 64, 1, 700, 257], device=DEV)
+    cu = F.pad(lens.cumsum(0), (1, 0))
+    q = torch.randn(B, Hr * G, d, generator=g, device=DEV)
+    k = torch.randn(int(cu[-1]), G, d, generator=g, device=DEV)
+    v = torch.randn(int(cu[-1]), G, dv, generator=g, device=DEV)
+    out, lse = flash_decode(q.bfloat16(), k.bfloat16(), v.bfloat16(), cu, int(lens.max()), kernel=kern,
+                            return_lse=True)
+    ref, ref_lse = flash_decode(q.double(), k.double(), v.double(), cu, int(lens.max()), kernel=TorchVarlen(False),
+                                return_lse=True)
+    base = torch.zeros_like(ref)
+    for i in range(B * Hr):  # plain torch in bf16, pair by pair
+        b, r = divmod(i, Hr)
+        if lens[i] == 0:
+            continue
+        qs = q[b, r * G:(r + 1) * G].bfloat16()[:, None]  # [G, 1, d]
+        ks, vs = (x[cu[i]:cu[i + 1]].bfloat16().transpose(0, 1) for x in (k, v))  # [G, n, *]
+        p = torch.softmax((qs @ ks.transpose(1, 2)) * d ** -0.5, -1)
+        base[b, r * G:(r + 1) * G] = (p @ vs)[:, 0].double()
+    assert max_err(out, ref) <= 2 * max_err(base, ref) + 1e-3
+    finite = torch.isfinite(ref_lse)
+    assert torch.equal(torch.isfinite(lse), finite)
+    assert max_err(lse[finite], ref_lse[finite]) < 2e-2

@@ -1,0 +1,316 @@
+"""Softmax-branch backends (spec §1.3, §1.5, §1.7, §3.3) against the dense reference, on CPU.
+
+- `sdpa`: outputs and gradients of q, k, v and the routing (`router_grad` "selected" and "both").
+- `flash`: the whole algorithm (dyadic decomposition, LSE merge, custom backward, gate gradient) with the
+  pure-torch varlen kernel standing in for flash-attn (both head-dim conventions), same checks ("selected").
+- `flex`: forward (FlexAttention has no CPU backward), and its BlockMask tiles against the dense mask.
+- `flash_decode`, the torch varlen kernel itself, `resolve` / `softmax_branch` errors.
+"""
+
+import logging
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import assert_close, gen
+from hypothesis import example, given
+from hypothesis import strategies as st
+
+from natsl.kernels.index import num_blocks
+from natsl.layers.routing import Routing
+from natsl.layers.softmax import SOFTMAX_BACKENDS, flash_decode, resolve, softmax_branch
+from natsl.layers.softmax.flash import FlashSoftmax, TorchVarlen, build_plan
+from natsl.layers.softmax.flex import FlexSoftmax, block_mask_tensors
+from natsl.reference import softmax_branch_reference
+
+ROUTINGS = ["random", "all_softmax", "all_linear", "one_head_softmax"]
+
+
+def make_case(seed, B, T, Hr, G, d, dv, C, packed, diagonal, kind, p_soft=0.5, dtype=torch.float64):
+    """Inputs `(q, k, v, weights, cu_seqlens)`; `weights [B, N, Hr, 2]` one-hot, requires grad."""
+    g = gen(seed)
+    H = Hr * G
+    q, k = (torch.randn(B, T, H, d, generator=g, dtype=dtype) for _ in range(2))
+    v = torch.randn(B, T, H, dv, generator=g, dtype=dtype)
+    cu = None
+    if packed:
+        n_seq = int(torch.randint(1, min(T, 4) + 1, (1,), generator=g))
+        cuts = sorted(torch.randperm(T - 1, generator=g)[: n_seq - 1].add(1).tolist())
+        cu = torch.tensor([0, *cuts, T])
+    N = num_blocks(T, C, cu)
+    soft = torch.rand(B, N, Hr, generator=g) < p_soft
+    if kind == "all_softmax":
+        soft[:] = True
+    elif kind == "all_linear":
+        soft[:] = False
+    elif kind == "one_head_softmax":
+        soft[:] = False
+        soft[..., 0] = True
+    w = torch.stack([soft, ~soft], -1).to(dtype)
+    return [x.requires_grad_() for x in (q, k, v, w)], cu
+
+
+def reference(q, k, v, w, C, diagonal, cu, router_grad, scale):
+    route = Routing(w, C, diagonal, cu)
+    gate = route.gates(router_grad)[0]
+    return softmax_branch_reference(q.double(), k.double(), v.double(), route, gate, scale)
+
+
+def check_backend(fn, case, dtype, seed, check_grads=True):
+    (q, k, v, w), cu, C, diagonal, router_grad = case
+    scale = q.shape[-1] ** -0.5
+    ref = reference(q, k, v, w, C, diagonal, cu, router_grad, scale)
+    out = fn(q, k, v, Routing(w, C, diagonal, cu), scale, router_grad)
+    assert out.dtype == q.dtype and out.shape == ref.shape
+    tol = 1e-9 if dtype == torch.float64 else 2e-5
+    assert_close("o", ref, out, tol, atol=tol)
+    if not check_grads:
+        return
+    do = torch.randn(ref.shape, generator=gen(seed + 7), dtype=torch.float64)
+    g_ref = torch.autograd.grad((ref * do).sum(), (q, k, v, w), allow_unused=True)
+    g_out = torch.autograd.grad((out.double() * do).sum(), (q, k, v, w), allow_unused=True)
+    for name, a, b in zip(("dq", "dk", "dv", "d_routing"), g_ref, g_out):
+        a = torch.zeros_like(w) if a is None else a
+        b = torch.zeros_like(w) if b is None else b
+        assert_close(name, a, b, tol * 10, atol=tol * 10)
+
+
+def sdpa_fn(q, k, v, route, scale, router_grad):
+    return softmax_branch(q, k, v, route, backend="sdpa", scale=scale, router_grad=router_grad)
+
+
+def flash_fn(equal_dims, radix_bits=4):
+    backend = FlashSoftmax(TorchVarlen(equal_head_dims=equal_dims), radix_bits=radix_bits)
+
+    def fn(q, k, v, route, scale, router_grad):
+        return backend.forward(q, k, v, route, scale=scale, router_grad=router_grad)
+    return fn
+
+
+case_st = st.fixed_dictionaries(dict(
+    seed=st.integers(0, 2**16), B=st.integers(1, 2), T=st.integers(1, 100), Hr=st.integers(1, 2),
+    G=st.integers(1, 2), d=st.sampled_from([4, 8, 16]), dv=st.sampled_from([4, 12, 16]), C=st.sampled_from([8, 16]),
+    packed=st.booleans(), diagonal=st.sampled_from(["both", "softmax", "linear"]), kind=st.sampled_from(ROUTINGS),
+    p_soft=st.sampled_from([0.3, 0.6, 0.9]), router_grad=st.sampled_from(["selected", "both"]),
+    equal_dims=st.booleans(), radix_bits=st.sampled_from([1, 2, 4])))
+
+EX_PACKED = dict(seed=3, B=1, T=77, Hr=2, G=2, d=8, dv=12, C=8, packed=True, diagonal="both", kind="random",
+                 p_soft=0.6, router_grad="selected", equal_dims=True, radix_bits=1)
+EX_DENSE = dict(seed=5, B=2, T=100, Hr=2, G=1, d=16, dv=4, C=8, packed=False, diagonal="both", kind="random",
+                p_soft=0.9, router_grad="selected", equal_dims=False, radix_bits=2)
+EX_LINEAR_DIAG = dict(seed=9, B=1, T=40, Hr=1, G=2, d=4, dv=12, C=16, packed=False, diagonal="linear",
+                      kind="one_head_softmax", p_soft=0.5, router_grad="both", equal_dims=True, radix_bits=4)
+
+
+def _build(c, dtype=torch.float64):
+    if c["packed"]:
+        c = {**c, "B": 1}
+    tensors, cu = make_case(c["seed"], c["B"], c["T"], c["Hr"], c["G"], c["d"], c["dv"], c["C"], c["packed"],
+                            c["diagonal"], c["kind"], c["p_soft"], dtype)
+    return (tensors, cu, c["C"], c["diagonal"], c["router_grad"]), c
+
+
+@given(c=case_st)
+@example(c=EX_PACKED)
+@example(c=EX_DENSE)
+@example(c=EX_LINEAR_DIAG)
+def test_sdpa_matches_reference(c):
+    case, c = _build(c)
+    check_backend(sdpa_fn, case, torch.float64, c["seed"])
+
+
+@given(c=case_st)
+@example(c=EX_PACKED)
+@example(c=EX_DENSE)
+@example(c={**EX_LINEAR_DIAG, "router_grad": "selected"})
+def test_flash_algorithm_matches_reference(c):
+    case, c = _build({**c, "router_grad": "selected"})
+    check_backend(flash_fn(c["equal_dims"], c["radix_bits"]), case, torch.float64, c["seed"])
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "flash"])
+def test_float32(backend):
+    c = {**EX_PACKED, "seed": 11}
+    case, c = _build(c, torch.float32)
+    fn = sdpa_fn if backend == "sdpa" else flash_fn(True)
+    check_backend(fn, case, torch.float32, c["seed"])
+
+
+@given(c=case_st)
+@example(c=EX_PACKED)
+@example(c=EX_LINEAR_DIAG)
+def test_flex_forward_matches_reference(c):
+    case, c = _build(c)
+    (q, k, v, w), cu, C, diagonal, _ = case
+    q, k, v, w = (x.detach() for x in (q, k, v, w))
+    scale = q.shape[-1] ** -0.5
+    ref = reference(q, k, v, w, C, diagonal, cu, "selected", scale)
+    out = softmax_branch(q, k, v, Routing(w, C, diagonal, cu), backend="flex", scale=scale)
+    assert_close("o", ref, out, 1e-9, atol=1e-9)
+
+
+def test_router_gradient_is_not_vacuous():
+    """The examples above compare non-trivial routing gradients: nonzero for selected blocks, and for unselected
+    blocks only with router_grad='both'."""
+    case, c = _build(EX_DENSE)
+    (q, k, v, w), cu, C, diagonal, _ = case
+    scale = q.shape[-1] ** -0.5
+    soft = w[..., 0].detach().bool()
+    for rg in ("selected", "both"):
+        out = sdpa_fn(q, k, v, Routing(w, C, diagonal, cu), scale, rg)
+        (gw,) = torch.autograd.grad(out.pow(2).sum(), (w,))
+        assert gw[..., 0][soft].abs().sum() > 0
+        unselected = gw[..., 0][~soft & (torch.arange(w.shape[1])[None, :, None] < w.shape[1] - 1)]
+        assert (unselected.abs().sum() > 0) == (rg == "both")
+
+
+@pytest.mark.parametrize("M", [4, 8, 16, 32])
+@pytest.mark.parametrize("packed", [False, True], ids=["dense", "packed"])
+@pytest.mark.parametrize("diagonal", ["both", "linear"])
+def test_flex_block_mask_covers_exactly(M, packed, diagonal):
+    """Every visible (query, key) pair lies in a listed tile; every `full` tile is visible in every pair."""
+    for seed in range(4):
+        (q, k, v, w), cu = make_case(seed, 1 if packed else 2, 61, 2, 1, 4, 4, 8, packed, diagonal, "random")
+        route = Routing(w.detach(), 8, diagonal, cu)
+        T = q.shape[1]
+        partial, full = block_mask_tensors(route, T, M)
+        assert not (partial & full).any()
+        dense = route.dense_mask(T)  # [B, Hr, T, T]
+        tile = torch.arange(T) // M
+        listed = (partial | full)[:, :, tile][:, :, :, tile]
+        assert not (dense & ~listed).any(), "a visible pair falls in a skipped tile"
+        full_tok = full[:, :, tile][:, :, :, tile]
+        assert not (full_tok & ~dense).any(), "a full tile holds an invisible pair"
+
+
+@pytest.mark.parametrize("radix_bits", [1, 2, 3, 4])
+def test_flash_plan_levels_partition_the_past(radix_bits):
+    """Each (query, past softmax key) pair of a router head appears in exactly one level's varlen sequence."""
+    (q, k, v, w), cu = make_case(1, 1, 97, 2, 1, 4, 4, 4, True, "both", "random", p_soft=0.6)
+    route = Routing(w.detach(), 4, "both", cu)
+    T = q.shape[1]
+    plan = build_plan(route, T, radix_bits)
+    Hr = 2
+    count = torch.zeros(Hr, T, T, dtype=torch.long)
+    for lvl in plan.levels:
+        cq, ck = lvl.cu_q.long(), lvl.cu_k.long()
+        assert lvl.max_q == int((cq[1:] - cq[:-1]).max()) and lvl.max_k == int((ck[1:] - ck[:-1]).max())
+        q_rows, k_rows = plan.q_rows[lvl.q], plan.k_rows[lvl.k]
+        assert cq[-1] == q_rows.numel() and ck[-1] == k_rows.numel()
+        for s in range(cq.numel() - 1):
+            qr, kr = q_rows[cq[s]:cq[s + 1]], k_rows[ck[s]:ck[s + 1]]
+            r = qr[0] % Hr
+            assert (qr % Hr == r).all() and (kr % Hr == r).all()
+            count[r, (qr // Hr)[:, None], (kr // Hr)[None, :]] += 1
+    lay = route.layout(T)
+    tb, ts = lay.token_block, lay.token_seq
+    past = (tb[None, :] < tb[:, None]) & (ts[:, None] == ts[None, :])
+    want = past[None] & route.token_mask(T)[0].T[:, None, :]
+    assert torch.equal(count, want.long())
+    assert len(plan.levels) >= (2 if radix_bits <= 2 else 1)
+
+
+def test_torch_varlen_kernel_matches_per_sequence_sdpa():
+    g = gen(0)
+    lens_q, lens_k = [3, 1, 5], [4, 6, 5]
+    cu_q = torch.tensor([0, 3, 4, 9], dtype=torch.int32)
+    cu_k = torch.tensor([0, 4, 10, 15], dtype=torch.int32)
+    q = torch.randn(9, 2, 8, generator=g, dtype=torch.float64)
+    k = torch.randn(15, 2, 8, generator=g, dtype=torch.float64)
+    v = torch.randn(15, 2, 6, generator=g, dtype=torch.float64)
+    for causal in (False, True):
+        out, lse = TorchVarlen(False).fwd(q, k, v, cu_q, cu_k, 5, 6, causal, 0.3)
+        for i, (lq, lk) in enumerate(zip(lens_q, lens_k)):
+            qs, ks, vs = q[cu_q[i]:cu_q[i + 1]], k[cu_k[i]:cu_k[i + 1]], v[cu_k[i]:cu_k[i + 1]]
+            mask = torch.ones(lq, lk, dtype=torch.bool)
+            if causal:  # flash-attn's bottom-right alignment
+                mask = torch.ones(lq, lk, dtype=torch.bool).tril(lk - lq)
+            s = torch.einsum("qhd,khd->hqk", qs, ks) * 0.3
+            s = s.masked_fill(~mask, float("-inf"))
+            want = F.scaled_dot_product_attention(qs.transpose(0, 1), ks.transpose(0, 1), vs.transpose(0, 1),
+                                                  attn_mask=mask, scale=0.3).transpose(0, 1)
+            torch.testing.assert_close(out[cu_q[i]:cu_q[i + 1]], want)
+            torch.testing.assert_close(lse[:, cu_q[i]:cu_q[i + 1]], s.logsumexp(-1))
+
+
+@pytest.mark.parametrize("equal_dims", [True, False])
+def test_flash_decode_matches_dense(equal_dims):
+    g = gen(1)
+    B, Hr, G, d, dv = 2, 3, 2, 8, 12
+    lens = torch.tensor([5, 0, 9, 1, 3, 7])  # (b, r) row-major; one pair without keys
+    cu = F.pad(lens.cumsum(0), (1, 0))
+    q = torch.randn(B, Hr * G, d, generator=g, dtype=torch.float64)
+    k = torch.randn(int(cu[-1]), G, d, generator=g, dtype=torch.float64)
+    v = torch.randn(int(cu[-1]), G, dv, generator=g, dtype=torch.float64)
+    out, lse = flash_decode(q, k, v, cu, int(lens.max()), kernel=TorchVarlen(equal_dims), return_lse=True)
+    assert out.shape == (B, Hr * G, dv) and lse.shape == (B, Hr * G)
+    for b in range(B):
+        for r in range(Hr):
+            i = b * Hr + r
+            ks, vs = k[cu[i]:cu[i + 1]], v[cu[i]:cu[i + 1]]
+            for gg in range(G):
+                h = r * G + gg
+                if lens[i] == 0:
+                    assert (out[b, h] == 0).all() and lse[b, h] == float("-inf")
+                    continue
+                s = ks[:, gg] @ q[b, h] * d ** -0.5
+                torch.testing.assert_close(out[b, h], torch.softmax(s, 0) @ vs[:, gg])
+                torch.testing.assert_close(lse[b, h], s.logsumexp(0).float())
+
+
+def _small_inputs(requires_grad=False, router_requires_grad=False):
+    (q, k, v, w), cu = make_case(0, 1, 20, 2, 1, 8, 8, 8, False, "both", "random")
+    q, k, v, w = (x.detach() for x in (q, k, v, w))
+    q.requires_grad_(requires_grad)
+    w.requires_grad_(router_requires_grad)
+    return q, k, v, Routing(w, 8)
+
+
+def test_resolve_auto_on_cpu_is_sdpa(caplog):
+    q, k, v, route = _small_inputs()
+    with caplog.at_level(logging.INFO, logger="natsl.layers.softmax"):
+        assert resolve("auto", q, k, v, route).name == "sdpa"
+        assert resolve("auto", q, k, v, route).name == "sdpa"
+    assert len([r for r in caplog.records if "auto" in r.getMessage()]) <= 1  # logged once
+
+
+def test_unknown_backend_raises():
+    q, k, v, route = _small_inputs()
+    with pytest.raises(ValueError, match="flash.*flex.*sdpa"):
+        softmax_branch(q, k, v, route, backend="xformers")
+    with pytest.raises(ValueError, match="router_grad"):
+        softmax_branch(q, k, v, route, router_grad="none")
+
+
+def test_explicit_flash_on_cpu_lists_every_reason():
+    q, k, v, route = _small_inputs(router_requires_grad=True)
+    with pytest.raises(ValueError) as err:
+        softmax_branch(q, k, v, route, backend="flash", router_grad="both")
+    msg = str(err.value)
+    for part in ("fa4", "varlen", "CUDA", "float16/bfloat16", "pip install flash-attn-4", "natsl[flash4]",
+                 "router_grad='both'", "inference only"):
+        assert part in msg, part
+
+
+def test_explicit_flex_backward_on_cpu_raises():
+    q, k, v, route = _small_inputs(requires_grad=True)
+    with pytest.raises(ValueError, match="no backward on CPU"):
+        softmax_branch(q, k, v, route, backend="flex")
+    assert SOFTMAX_BACKENDS["flex"].not_supported_reasons(q.detach(), k, v, route) == []
+
+
+def test_backend_options_validated():
+    with pytest.raises(ValueError, match="radix_bits"):
+        FlashSoftmax(radix_bits=0)
+    with pytest.raises(ValueError, match="mask_block"):
+        FlexSoftmax(mask_block=0)
+
+
+def test_input_validation():
+    q, k, v, route = _small_inputs()
+    with pytest.raises(ValueError, match="k must have the shape"):
+        softmax_branch(q, k[:, :-1], v, route)
+    with pytest.raises(ValueError, match="multiple of the router heads"):
+        softmax_branch(q[:, :, :1], k[:, :, :1], v[:, :, :1], route)
+    with pytest.raises(ValueError, match="blocks"):
+        softmax_branch(q[:, :9], k[:, :9], v[:, :9], route)
