@@ -1,0 +1,263 @@
+"""Benchmark: the NAtS-L linear branch (spec §3.2) against one plain fla call of the same backend.
+
+Paper head config (H=6, K=128, V=256, block 64, bf16, B=1), T in {4k, 16k, 64k}, softmax-block fractions
+{0, 12.5%, 25%, 50%}; fwd and fwd+bwd by `triton.testing.do_bench` in one process; first-call (compile +
+autotune) times; a breakdown of the branch's parts; correctness-gated against the float64 reference first.
+
+Run on the H200 (fla brought as wheels, see shared/gpu/README.md):
+    python benchmarks/bench_linear_branch.py --backends gdn --out $OUT/bench_linear_branch.md
+
+Harness opt-in (explicit, only here and in the GPU test): fla refuses its gated backward on Triton >= 3.4,
+< 3.7.1 on Hopper (fla #640); the H200 image has Triton 3.6, so `fla.ops.common.chunk_o.TRITON_ABOVE_3_7_1` is set
+to True. The correctness gate below (and tests/gpu/test_linear_branch_gpu.py) compare every gradient with the
+float64 reference, so timings are only printed for a backward that is right.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from utils import bench_ms, env_line, markdown_table  # noqa: E402
+
+from natsl.layers.linear import TORCH_LINEAR_OPS  # noqa: E402
+from natsl.layers.linear.branch import linear_branch  # noqa: E402
+from natsl.layers.routing import Routing, routing_gates  # noqa: E402
+from natsl.reference import linear_branch_reference  # noqa: E402
+
+PROVIDERS = ["fla-plain", "natsl-branch", "natsl-branch-frozen-routing"]
+SHAPES = {"paper-340M": dict(B=1, H=6, Hr=6, K=128, V=256, C=64)}
+TS = [4096, 16384, 65536]
+FRACTIONS = [0.0, 0.125, 0.25, 0.5]
+GATE = dict(T=256, atol=2e-3)
+
+
+def allow_fla_gated_backward_on_hopper() -> None:
+    """fla #640 guard bypass for Triton < 3.7.1 on Hopper (see the module docstring)."""
+    import fla.ops.common.chunk_o as chunk_o
+
+    chunk_o.TRITON_ABOVE_3_7_1 = True
+
+
+def make_inputs(backend, shape, T, frac, seed=0, device="cuda", dtype=torch.bfloat16):
+    B, H, Hr, K, V, C = (shape[n] for n in ("B", "H", "Hr", "K", "V", "C"))
+    gn = torch.Generator(device=device).manual_seed(seed)
+    x = dict(q=F.normalize(torch.randn(B, T, H, K, generator=gn, device=device), dim=-1),
+             k=F.normalize(torch.randn(B, T, H, K, generator=gn, device=device), dim=-1),
+             v=torch.randn(B, T, H, V, generator=gn, device=device))
+    if backend in ("gdn", "mamba2"):
+        x["g"] = F.logsigmoid(torch.randn(B, T, H, generator=gn, device=device) + 3)
+    if backend == "gla":
+        x["g"] = F.logsigmoid(torch.randn(B, T, H, K, generator=gn, device=device) + 3) / 4
+    if backend in ("gdn", "deltanet"):
+        x["beta"] = torch.rand(B, T, H, generator=gn, device=device).sigmoid()
+    x = {n: t.to(dtype).requires_grad_() for n, t in x.items()}
+    N = -(-T // C)
+    n_soft = round(frac * N)
+    scores = torch.rand(B, N, Hr, generator=gn, device=device)
+    soft = torch.zeros(B, N, Hr, dtype=torch.bool, device=device)
+    if n_soft:
+        soft.scatter_(1, scores.topk(n_soft, dim=1).indices, True)
+    routing = torch.stack([soft, ~soft], -1).float()
+    return x, routing
+
+
+def setup(backend, shape, T, frac, provider, mode):
+    """`fn()` running `provider` once (`mode` "fwd" or "fwd+bwd"), and the tensors whose grads to reset."""
+    x, routing = make_inputs(backend, shape, T, frac)
+    C = shape["C"]
+    do = torch.randn(shape["B"], T, shape["H"], shape["V"], device="cuda", dtype=torch.bfloat16)
+    if provider == "fla-plain":
+        from natsl.layers.linear.fla_ops import FLA_LINEAR_OPS
+
+        op = FLA_LINEAR_OPS[backend]
+
+        def fwd():
+            return op(x["q"], x["k"], x["v"], x.get("g"), x.get("beta"))[0]
+        leaves = list(x.values())
+    else:
+        r = routing.requires_grad_(provider == "natsl-branch")
+        route = Routing(r, C)
+
+        def fwd():
+            return linear_branch(x["q"], x["k"], x["v"], route, backend=backend, g=x.get("g"), beta=x.get("beta"),
+                                 impl="fla")[0]
+        leaves = list(x.values()) + ([r] if r.requires_grad else [])
+    if mode == "fwd":
+        return fwd, leaves
+
+    def fn():
+        fwd().backward(do)
+    return fn, leaves
+
+
+def correctness_gate(backend, shape) -> tuple[bool, str]:
+    """natsl (bf16, fla) vs the float64 reference at small T, with the rule of the GPU test."""
+    from natsl.layers.linear.fla_ops import FLA_LINEAR_OPS
+
+    T = GATE["T"]
+    x, routing = make_inputs(backend, shape, T, 0.25, seed=1)
+    B, H, V, K, C = shape["B"], shape["H"], shape["V"], shape["K"], shape["C"]
+    cot = torch.randn(B, T, H, V, device="cuda")
+
+    def grads(o, leaves):
+        return torch.autograd.grad((o.float() * cot).sum(), leaves)
+
+    x64 = {n: t.detach().double().requires_grad_() for n, t in x.items()}
+    r64 = routing.double().requires_grad_()
+    _, gate = routing_gates(r64)
+    o_ref, _ = linear_branch_reference(x64["q"], x64["k"], x64["v"], x64.get("g"), x64.get("beta"), Routing(r64, C),
+                                       gate, backend=backend, scale=K ** -0.5, decay_through_softmax=True)
+    ref = [o_ref, *grads(o_ref, [*x64.values(), r64])]
+    r = routing.clone().requires_grad_()
+    o, _ = linear_branch(x["q"], x["k"], x["v"], Routing(r, C), backend=backend, g=x.get("g"), beta=x.get("beta"),
+                         impl="fla")
+    got = [o, *grads(o, [*x.values(), r])]
+    ob, _ = FLA_LINEAR_OPS[backend](x["q"], x["k"], x["v"], x.get("g"), x.get("beta"))
+    o64, _ = TORCH_LINEAR_OPS[backend](x64["q"], x64["k"], x64["v"], x64.get("g"), x64.get("beta"))
+    base = [ob, *grads(ob, list(x.values()))]
+    base_ref = [o64, *grads(o64, list(x64.values()))]
+    base_err = [(a.double() - b.double()).abs().max().item() for a, b in zip(base, base_ref)]
+    base_err.append(max(base_err[1:]))  # routing: no plain counterpart
+    names = ["o", *[f"d{n}" for n in x], "drouting"]
+    lines, ok = [], True
+    for n, a, b, e0 in zip(names, got, ref, base_err):
+        err = (a.double() - b.double()).abs().max().item()
+        bound = 2 * e0 + GATE["atol"] * max(1.0, b.abs().max().item())
+        ok &= err <= bound
+        lines.append(f"{n}: {err:.2e} (plain {e0:.2e}, bound {bound:.2e})")
+    return ok, "; ".join(lines)
+
+
+def first_call_s(backend, shape, provider, T=1024) -> float:
+    fn, _ = setup(backend, shape, T, 0.25, provider, "fwd+bwd")
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    fn()
+    torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
+def breakdown(backend, shape, T, frac) -> list[dict]:
+    """Parts of the gdn/deltanet branch at one shape (fwd+bwd where differentiable)."""
+    import natsl.layers.linear.branch as br
+    from natsl.layers.linear.fla_ops import FLA_LINEAR_OPS
+
+    x, routing = make_inputs(backend, shape, T, frac)
+    op = FLA_LINEAR_OPS[backend]
+    route = Routing(routing, shape["C"])
+    B, H, V = shape["B"], shape["H"], shape["V"]
+    do = torch.randn(B, T, H, V, device="cuda", dtype=torch.bfloat16)
+    lay = route.layout(T)
+    c = br._Call(op, backend, route, lay, B, T, H, shape["Hr"], shape["K"], V, shape["K"] ** -0.5, torch.float32, True)
+    w = torch.ones(B, T, H, device="cuda", dtype=torch.bfloat16)
+    rows = []
+
+    def add(name, fn):
+        rows.append({"part": name, "ms": bench_ms(fn)[0]})
+
+    soft = route.is_softmax()
+    b, r, n = br._selected_blocks(soft)
+    idx = br._block_rows(c, b, r, n)
+
+    def wy():
+        qb, kb, vb = (br._t(br._blockify(x[m], idx, c.Hr), c) for m in ("q", "k", "v"))
+        bb = br._t(br._blockify(x["beta"][..., None], idx, c.Hr), c)[..., 0]
+        gb = None if "g" not in x else br._t(br._blockify(x["g"][..., None], idx, c.Hr), c)[..., 0]
+        q_read, o_blk = br._delta_block_read_and_local(qb, kb, vb, bb, gb, c.scale)
+        (q_read.sum() + o_blk.sum()).backward()
+
+    def main():
+        op(x["q"], x["k"], x["v"], x.get("g"), x["beta"] * w)[0].backward(do)
+
+    with torch.no_grad():
+        o_r = br._delta_reads(c, x["k"], x["v"], x.get("g"), x["beta"] * w, None)
+    add("main pass (one fla call, fwd+bwd)", main)
+    add(f"softmax blocks: WY read query + own-block outputs ({n.numel()} blocks, fwd+bwd)", wy)
+    add("router grad: reads pass (fla fwd, no grad)",
+        lambda: br._delta_reads(c, x["k"], x["v"], x.get("g"), x["beta"] * w, None))
+
+    def correction():
+        with torch.no_grad():
+            br._delta_in_block_gate_grad(c, x["q"], x["k"], x["v"], x["beta"], x.get("g"), w, o_r, None, do)
+
+    add("router grad: in-block correction (bwd only)", correction)
+    return rows
+
+
+def profile_table(backend, shape, T, frac, top=15) -> str:
+    """The `top` GPU kernels (by total device time) of one training fwd+bwd of the branch."""
+    fn, _ = setup(backend, shape, T, frac, "natsl-branch", "fwd+bwd")
+    fn()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    rows = []
+    for e in sorted(prof.key_averages(), key=lambda e: -e.device_time_total)[:top]:
+        rows.append({"kernel": e.key[:70], "calls": e.count, "ms": e.device_time_total / 1e3})
+    return markdown_table(rows, ["kernel", "calls", "ms"])
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--backends", default="gdn")
+    ap.add_argument("--ts", default=",".join(map(str, TS)))
+    ap.add_argument("--fractions", default=",".join(map(str, FRACTIONS)))
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    allow_fla_gated_backward_on_hopper()
+    shape_name, shape = next(iter(SHAPES.items()))
+    report = [f"# bench_linear_branch ({env_line()})", f"shape {shape_name}: {shape}, B=1, bf16", ""]
+
+    def emit(line=""):
+        print(line, flush=True)  # noqa: T201
+        report.append(line)
+        if args.out:
+            Path(args.out).write_text("\n".join(report) + "\n")
+
+    for backend in args.backends.split(","):
+        compile_rows = [{"provider": p, "first fwd+bwd call at T=1024 (s)": first_call_s(backend, shape, p)}
+                        for p in PROVIDERS[:2]]
+        ok, msg = correctness_gate(backend, shape)
+        emit(f"## {backend}: correctness gate at T={GATE['T']} vs float64 reference: {'PASS' if ok else 'FAIL'}")
+        emit(msg)
+        emit(markdown_table(compile_rows, ["provider", "first fwd+bwd call at T=1024 (s)"]))
+        if not ok:
+            emit("correctness gate failed: no timings")
+            continue
+        rows = []
+        for T in map(int, args.ts.split(",")):
+            plain = {m: bench_ms(setup(backend, shape, T, 0.0, "fla-plain", m)[0])[0] for m in ("fwd", "fwd+bwd")}
+            for frac in map(float, args.fractions.split(",")):
+                row = {"T": T, "softmax": f"{frac:.1%}", "plain fwd": plain["fwd"], "plain fwd+bwd": plain["fwd+bwd"]}
+                for p, tag in (("natsl-branch-frozen-routing", "frozen"), ("natsl-branch", "train")):
+                    for m in ("fwd", "fwd+bwd"):
+                        row[f"{tag} {m}"] = bench_ms(setup(backend, shape, T, frac, p, m)[0])[0]
+                row["train fwd+bwd / plain"] = row["train fwd+bwd"] / plain["fwd+bwd"]
+                row["frozen fwd+bwd / plain"] = row["frozen fwd+bwd"] / plain["fwd+bwd"]
+                torch.cuda.reset_peak_memory_stats()
+                setup(backend, shape, T, frac, "natsl-branch", "fwd+bwd")[0]()
+                row["peak MiB (train)"] = torch.cuda.max_memory_allocated() / 2**20
+                rows.append(row)
+                print(row, flush=True)  # noqa: T201
+        emit(markdown_table(rows, ["T", "softmax", "plain fwd", "plain fwd+bwd", "frozen fwd", "frozen fwd+bwd",
+                                   "train fwd", "train fwd+bwd", "frozen fwd+bwd / plain", "train fwd+bwd / plain",
+                                   "peak MiB (train)"]))
+        if backend in ("gdn", "deltanet"):
+            T = max(map(int, args.ts.split(",")))
+            emit(f"\nbreakdown at T={T}, 12.5% softmax blocks (ms):")
+            emit(markdown_table(breakdown(backend, shape, T, 0.125), ["part", "ms"]))
+            emit(f"\ntop GPU kernels of one training fwd+bwd at T={T}, 12.5% softmax blocks (torch.profiler):")
+            emit(profile_table(backend, shape, T, 0.125))
+        emit()
+
+
+if __name__ == "__main__":
+    main()
