@@ -111,8 +111,9 @@ def check_mixer_forward(name: str, x: torch.Tensor, hidden_size: int, attention_
     if kwargs:
         raise TypeError(f"{name}.forward got unexpected keyword arguments {sorted(kwargs)}; only cu_seqlens is "
                         "accepted")
-    if use_cache or past_key_values is not None:
-        raise NotImplementedError(f"{name} has no inference cache yet; call it with use_cache=False and past_key_values=None")
+    if (use_cache or past_key_values is not None) and cu_seqlens is not None:
+        raise ValueError(f"{name}: packed sequences (cu_seqlens) cannot be used with an inference cache; generate "
+                         "each sequence separately (or as an unpadded batch of equal lengths)")
     if x.dim() != 3 or x.shape[-1] != hidden_size:
         raise ValueError(f"hidden_states must have shape [B, T, {hidden_size}], got {tuple(x.shape)}")
     if attention_mask is not None and not bool(attention_mask.bool().all()):

@@ -16,6 +16,7 @@ from natsl.kernels.index import block_layout
 from natsl.layers.conv import ShortConv
 from natsl.layers.gates import LinearGates
 from natsl.layers.natsl_attention import RMSNorm, rotary
+from natsl.layers.state import LinearLayerState, SoftmaxLayerState, layer_state, linear_step
 from natsl.utils import LINEAR_BACKENDS, check_choice, check_mixer_forward, upcast
 
 
@@ -72,21 +73,47 @@ class LinearAttention(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 past_key_values=None, use_cache: bool = False, **kwargs):
-        """`hidden_states [B, T, D]` (packed: `cu_seqlens=` keyword) → `(o [B, T, D], None, past_key_values)`."""
+        """`hidden_states [B, T, D]` (packed: `cu_seqlens=` keyword) → `(o [B, T, D], None, past_key_values)`.
+
+        With `use_cache=True` or a `past_key_values` (a `LinearLayerState` or a cache holding one per layer) the
+        call continues the cached sequence and updates the state (a new `LinearLayerState` is returned if none
+        was given)."""
         x = hidden_states
         cu_seqlens = check_mixer_forward("LinearAttention", x, self.hidden_size, attention_mask, use_cache,
-                                    past_key_values, kwargs)
+                                         past_key_values, kwargs)
+        state = None
+        if use_cache or past_key_values is not None:
+            state = layer_state(past_key_values, self.layer_idx, LinearLayerState)
+            if state.state is not None and state.batch_size != x.shape[0]:
+                raise ValueError(f"the cache holds batch size {state.batch_size}, got hidden_states with batch "
+                                 f"{x.shape[0]}")
         B, T, _ = x.shape
         H, K, V = self.num_heads, self.head_dim, self.head_v_dim
-        q = F.normalize(upcast(self.q_conv1d(self.q_proj(x), cu_seqlens).view(B, T, H, K)), dim=-1).to(x.dtype)
-        k = F.normalize(upcast(self.k_conv1d(self.k_proj(x), cu_seqlens).view(B, T, H, K)), dim=-1).to(x.dtype)
-        v = self.v_conv1d(self.v_proj(x), cu_seqlens).view(B, T, H, V)
+        if state is None:
+            q, k, v = (c(p(x), cu_seqlens) for c, p in ((self.q_conv1d, self.q_proj), (self.k_conv1d, self.k_proj),
+                                                         (self.v_conv1d, self.v_proj)))
+        else:
+            (q, cq), (k, ck), (v, cv) = (c.forward_with_state(p(x), state.conv.get(n)) for n, c, p in (
+                ("q", self.q_conv1d, self.q_proj), ("k", self.k_conv1d, self.k_proj), ("v", self.v_conv1d, self.v_proj)))
+        q = F.normalize(upcast(q.view(B, T, H, K)), dim=-1).to(x.dtype)
+        k = F.normalize(upcast(k.view(B, T, H, K)), dim=-1).to(x.dtype)
+        v = v.view(B, T, H, V)
         g, beta, dt = self.gates(x)
-        op = linear_op(self.linear_backend, self.linear_impl, x.device)
-        o, _ = op(q, k, self.gates.value_input(v, dt), g, beta, scale=K ** -0.5, cu_seqlens=cu_seqlens)
+        v_in = self.gates.value_input(v, dt)
+        if state is None:
+            op = linear_op(self.linear_backend, self.linear_impl, x.device)
+            o, _ = op(q, k, v_in, g, beta, scale=K ** -0.5, cu_seqlens=cu_seqlens)
+        else:
+            if T == 1 and state.state is not None:
+                o, S = linear_step(self.linear_backend, q, k, v_in, g, beta, state.state, K ** -0.5)
+            else:
+                op = linear_op(self.linear_backend, self.linear_impl, x.device)
+                o, S = op(q, k, v_in, g, beta, scale=K ** -0.5, initial_state=state.state, output_final_state=True)
+            state.append(T, S, q=cq, k=ck, v=cv)
         o = self.gates.skip(o, v)
         y = self.o_norm(o) * F.silu(upcast(self.g_proj(x))).view(B, T, H, V)
-        return self.o_proj(y.reshape(B, T, H * V).to(x.dtype)), None, past_key_values
+        out = self.o_proj(y.reshape(B, T, H * V).to(x.dtype))
+        return out, None, (state if state is not None and past_key_values is None else past_key_values)
 
 
 class SoftmaxAttention(nn.Module):
@@ -113,12 +140,31 @@ class SoftmaxAttention(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 past_key_values=None, use_cache: bool = False, **kwargs):
-        """`hidden_states [B, T, D]` (packed: `cu_seqlens=` keyword) → `(o [B, T, D], None, past_key_values)`."""
+        """`hidden_states [B, T, D]` (packed: `cu_seqlens=` keyword) → `(o [B, T, D], None, past_key_values)`.
+
+        With `use_cache=True` or a `past_key_values` (a `SoftmaxLayerState` or a cache holding one per layer) the
+        call continues the cached sequence and appends its K/V (a new `SoftmaxLayerState` is returned if none was
+        given)."""
         x = hidden_states
         cu_seqlens = check_mixer_forward("SoftmaxAttention", x, self.hidden_size, attention_mask, use_cache,
-                                    past_key_values, kwargs)
+                                         past_key_values, kwargs)
         B, T, _ = x.shape
         q, k, v = (p(x).view(B, T, self.num_heads, self.head_dim) for p in (self.q_proj, self.k_proj, self.v_proj))
+        if use_cache or past_key_values is not None:
+            state = layer_state(past_key_values, self.layer_idx, SoftmaxLayerState)
+            if state.k_rows is not None and state.batch_size != B:
+                raise ValueError(f"the cache holds batch size {state.batch_size}, got hidden_states with batch {B}")
+            t0 = state.seen_tokens
+            pos = torch.arange(t0, t0 + T, device=x.device)
+            q, k = rotary(q, pos, self.rope_theta), rotary(k, pos, self.rope_theta)
+            state.append(k, v)
+            if t0 == 0:
+                o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                                   is_causal=True).transpose(1, 2)
+            else:
+                o = state.attend_last(q, self.head_dim ** -0.5)
+            out = self.o_proj(o.reshape(B, T, self.hidden_size))
+            return out, None, (state if past_key_values is None else past_key_values)
         pos = torch.arange(T, device=x.device)
         if cu_seqlens is None:
             mask, causal = None, True

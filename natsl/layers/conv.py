@@ -64,3 +64,25 @@ class ShortConv(nn.Conv1d):
                 y, _ = fla_conv(x=x, weight=weight, bias=self.bias, activation="silu", cu_seqlens=cu_seqlens)
                 return y
         return causal_conv1d_torch(x, weight, self.bias, cu_seqlens)
+
+    def forward_with_state(self, x: torch.Tensor, conv_state: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Continue a sequence (inference cache, spec §1.8): `x [B, T, D]` after the inputs held in `conv_state`.
+
+        Args:
+            x (torch.Tensor): `[B, T, D]` the new (pre-convolution) inputs.
+            conv_state (torch.Tensor, Optional): `[B, W-1, D]` the last `W-1` inputs before `x` (zeros, or `None`,
+                at the sequence start).
+
+        Returns:
+            `(y [B, T, D], new_conv_state [B, W-1, D])`; `y` equals the rows of the full-sequence forward.
+        """
+        W = self.kernel_size[0]
+        if conv_state is None:
+            conv_state = x.new_zeros(x.shape[0], W - 1, x.shape[-1])
+        xc = torch.cat([conv_state.to(x.dtype), x], 1)
+        if x.shape[1] == 1:  # decode step: one dot product per channel (few kernels; the host is the bottleneck)
+            y = torch.einsum("bwd,dw->bd", xc, self.weight[:, 0].to(x.dtype))[:, None]
+            y = F.silu(y if self.bias is None else y + self.bias)
+        else:
+            y = self.forward(xc)[:, W - 1:]
+        return y, xc[:, xc.shape[1] - (W - 1):]

@@ -15,7 +15,8 @@ import torch.nn.functional as F
 from natsl.kernels.index import block_layout
 from natsl.layers.conv import ShortConv
 from natsl.layers.gates import LinearGates
-from natsl.layers.router import BlockRouter
+from natsl.layers.router import BlockRouter, straight_through
+from natsl.layers.state import NAtSLLayerState, layer_state, linear_step
 from natsl.utils import LINEAR_BACKENDS, check_choice, check_mixer_forward, upcast
 
 LinearBackend = Literal["gdn", "deltanet", "gla", "mamba2", "linear_attn"]
@@ -155,19 +156,29 @@ class NAtSLAttention(nn.Module):
             hidden_states (torch.Tensor): `[B, T, D]`.
             attention_mask (torch.Tensor, Optional): `[B, T]` padding mask; only all-ones is supported (pack
                 variable-length batches with `cu_seqlens` instead).
-            past_key_values, use_cache: inference cache (not supported yet: raises if used).
-            cu_seqlens (torch.LongTensor, Optional, keyword): `[N_seq + 1]` packed offsets (`B == 1`).
+            past_key_values: inference cache (spec §1.8): a `NAtSLLayerState`, or a cache holding one per layer
+                (`natsl.models.cache.NAtSLCache`); `None` with `use_cache=True` starts a new `NAtSLLayerState`.
+                The call continues the cached sequence by `T` tokens and updates the cache.
+            use_cache (bool): run as an inference step (see `past_key_values`). Default: `False`.
+            cu_seqlens (torch.LongTensor, Optional, keyword): `[N_seq + 1]` packed offsets (`B == 1`; not with a cache).
 
         Returns:
-            `(o [B, T, D], stats: NAtSLLayerStats, past_key_values)`.
+            `(o [B, T, D], stats: NAtSLLayerStats, past_key_values)` (the new state if one was started). With a
+            cache, `stats` covers the blocks the call touches and is `None` if none completes (the router does
+            not run inside a block).
         """
         from natsl.ops import natsl_attention
 
         cu_seqlens = check_mixer_forward("NAtSLAttention", hidden_states, self.hidden_size, attention_mask, use_cache,
                                          past_key_values, kwargs)
+        if use_cache or past_key_values is not None:
+            state = layer_state(past_key_values, self.layer_idx, NAtSLLayerState, block_size=self.block_size,
+                                num_router_heads=self.num_router_heads,
+                                decay_through_softmax=self.decay_through_softmax)
+            o, stats = self._forward_cached(hidden_states, state)
+            return o, stats, (state if past_key_values is None else past_key_values)
         x = hidden_states
         B, T, _ = x.shape
-        H_L, H_A = self.num_heads, self.num_softmax_heads
         layout = block_layout(T, self.block_size, cu_seqlens, device=x.device)
 
         q = self.q_conv1d(self.q_proj(x), cu_seqlens)
@@ -175,17 +186,12 @@ class NAtSLAttention(nn.Module):
         v = self.v_conv1d(self.v_proj(x), cu_seqlens)
         weights, probs = self.router(x, cu_seqlens, layout)
 
-        q_l = F.normalize(upcast(q.view(B, T, H_L, self.head_dim)), dim=-1).to(x.dtype)
-        k_l = F.normalize(upcast(k.view(B, T, H_L, self.head_dim)), dim=-1).to(x.dtype)
-        v_l = v.view(B, T, H_L, self.head_v_dim)
-        q_s = self.q_norm(q.view(B, T, H_A, self.softmax_head_dim)).to(x.dtype)
-        k_s = self.k_norm(k.view(B, T, H_A, self.softmax_head_dim)).to(x.dtype)
-        v_s = v.view(B, T, H_A, self.softmax_value_dim)
+        pos = None
         if self.use_rope:
             pos = torch.arange(T, device=x.device)
             if cu_seqlens is not None:
                 pos = pos - cu_seqlens.to(pos.device)[layout.token_seq]
-            q_s, k_s = rotary(q_s, pos, self.rope_theta), rotary(k_s, pos, self.rope_theta)
+        q_s, k_s, v_s, q_l, k_l, v_l = self._heads(x, q, k, v, pos)
 
         g, beta, dt = self.gates(x)
         v_in = self.gates.value_input(v_l, dt)
@@ -194,13 +200,7 @@ class NAtSLAttention(nn.Module):
             block_size=self.block_size, decay_through_softmax=self.decay_through_softmax,
             router_grad=self.router_grad, cu_seqlens=cu_seqlens, softmax_backend=self.softmax_backend,
             linear_impl=self.linear_impl)
-        o_l = self.gates.skip(o_l, v_l)
-
-        omega = torch.softmax(upcast(self.w_proj(q)).view(B, T, H_A, 2), dim=-1)  # index 0 = softmax, 1 = linear
-        y = (omega[..., 0:1] * self.o_norm_softmax(o_s)
-             + omega[..., 1:2] * self.o_norm_linear(o_l.reshape(B, T, H_A, self.softmax_value_dim)))
-        y = y * F.silu(upcast(self.g_proj(x))).view(B, T, H_A, self.softmax_value_dim)
-        o = self.o_proj(y.reshape(B, T, self.value_dim).to(x.dtype))
+        o = self._merge(x, q, o_s, self.gates.skip(o_l, v_l))
 
         is_soft = weights.detach()[..., 0]
         aux = None
@@ -208,3 +208,129 @@ class NAtSLAttention(nn.Module):
             aux = self.router_budget_weight * (probs[..., 0].mean() - self.router_budget) ** 2
         stats = NAtSLLayerStats(softmax_fraction=is_soft.float().mean(dim=(0, 1)), router_aux_loss=aux)
         return o, stats, past_key_values
+
+    def _heads(self, x, q, k, v, pos):
+        """Post-conv `q, k, v` → softmax heads `(q_s, k_s, v_s)` and linear heads `(q_l, k_l, v_l)`."""
+        B, T, _ = x.shape
+        H_L, H_A = self.num_heads, self.num_softmax_heads
+        q_l = F.normalize(upcast(q.view(B, T, H_L, self.head_dim)), dim=-1).to(x.dtype)
+        k_l = F.normalize(upcast(k.view(B, T, H_L, self.head_dim)), dim=-1).to(x.dtype)
+        v_l = v.view(B, T, H_L, self.head_v_dim)
+        q_s = self.q_norm(q.view(B, T, H_A, self.softmax_head_dim)).to(x.dtype)
+        k_s = self.k_norm(k.view(B, T, H_A, self.softmax_head_dim)).to(x.dtype)
+        v_s = v.view(B, T, H_A, self.softmax_value_dim)
+        if pos is not None:
+            q_s, k_s = rotary(q_s, pos, self.rope_theta), rotary(k_s, pos, self.rope_theta)
+        return q_s, k_s, v_s, q_l, k_l, v_l
+
+    def _merge(self, x, q, o_s, o_l):
+        """Spec §1.6: weighted two-norm merge of `o_s [B,T,H_A,d_va]` and `o_l [B,T,H_L,d_v]`, SiLU gate, `o_proj`."""
+        B, T, _ = x.shape
+        H_A = self.num_softmax_heads
+        omega = torch.softmax(upcast(self.w_proj(q)).view(B, T, H_A, 2), dim=-1)  # index 0 = softmax, 1 = linear
+        y = (omega[..., 0:1] * self.o_norm_softmax(o_s)
+             + omega[..., 1:2] * self.o_norm_linear(o_l.reshape(B, T, H_A, self.softmax_value_dim)))
+        y = y * F.silu(upcast(self.g_proj(x))).view(B, T, H_A, self.softmax_value_dim)
+        return self.o_proj(y.reshape(B, T, self.value_dim).to(x.dtype))
+
+    def _linear_in_block(self, q, k, v, g, beta, state: torch.Tensor):
+        """Virtual run over tokens of one block from `state`: `(o, end state)` (plain recurrence, spec §1.4)."""
+        from natsl.layers.baselines import linear_op
+
+        scale = self.head_dim ** -0.5
+        if q.shape[1] == 1:
+            return linear_step(self.linear_backend, q, k, v, g, beta, state, scale)
+        op = linear_op(self.linear_backend, self.linear_impl, q.device)
+        return op(q, k, v, g, beta, scale=scale, initial_state=state, output_final_state=True, cu_seqlens=None)
+
+    def _forward_cached(self, x: torch.Tensor, state: NAtSLLayerState):
+        """Continue the cached sequence by `x [B, T, D]` (spec §1.8); exactly the full forward's rows."""
+        from natsl.layers.linear.branch import linear_branch
+        from natsl.layers.routing import Routing
+        from natsl.layers.softmax import softmax_branch
+
+        B, T, D = x.shape
+        C, Hr = self.block_size, self.num_router_heads
+        t0, n0 = state.seen_tokens, state.block_pos
+        if state.initialized and state.batch_size != B:
+            raise ValueError(f"the cache holds batch size {state.batch_size}, got hidden_states with batch {B}")
+        q, cq = self.q_conv1d.forward_with_state(self.q_proj(x), state.conv.get("q"))
+        k, ck = self.k_conv1d.forward_with_state(self.k_proj(x), state.conv.get("k"))
+        v, cv = self.v_conv1d.forward_with_state(self.v_proj(x), state.conv.get("v"))
+        pos = torch.arange(t0, t0 + T, device=x.device) if self.use_rope else None
+        q_s, k_s, v_s, q_l, k_l, v_l = self._heads(x, q, k, v, pos)
+        g, beta, dt = self.gates(x)
+        v_in = self.gates.value_input(v_l, dt)
+
+        # router over the blocks this chunk touches: local block 0 continues the current block; the router runs
+        # only when a block completes (a decode step inside a block just adds to the running sum)
+        nb, n_done = (n0 + T - 1) // C + 1, (n0 + T) // C
+        xf = upcast(x)
+        if nb == 1:
+            sums = xf.sum(1, keepdim=True)
+        else:
+            sums = xf.new_zeros(B, nb, D).index_add_(1, (n0 + torch.arange(T, device=x.device)) // C, xf)
+        if n0:
+            sums = torch.cat([sums[:, :1] + state.router_sum[:, None], sums[:, 1:]], 1)
+        weights = is_soft = None
+        if n_done:
+            counts = (n0 + T - C * torch.arange(nb, device=x.device)).clamp(max=C).to(xf.dtype)  # no host copy
+            logits = F.linear(sums / counts[:, None], self.router.proj.weight.to(xf.dtype)).view(B, nb, Hr, 2)
+            weights, _ = straight_through(logits, self.router.temperature, self.router.sample, self.router.training)
+            is_soft = weights.detach()[..., 0] > 0.5  # [B, nb, Hr]
+        if not state.initialized:
+            g_sum = None if g is None else upcast(g[:, :1]).sum(1)
+            state.initialize(k_s, v_s, q_l.new_zeros(B, self.num_heads, self.head_dim, self.head_v_dim,
+                                                     dtype=torch.promote_types(q_l.dtype, torch.float32)),
+                             sums[:, 0], g_sum)
+
+        def gsum(a, b):
+            return None if g is None else upcast(g[:, a:b]).sum(1)
+
+        scale_s = self.softmax_head_dim ** -0.5
+        if n0 + T <= C:  # inside the current block (every decode step)
+            o_l, run = self._linear_in_block(q_l, k_l, v_in, g, beta, state.linear_run)
+            log_decay = None if g is None else state.log_decay + gsum(0, T)
+            state.append(k_s, v_s, router_sum=sums[:, 0], linear_run=run, log_decay=log_decay)
+            o_s = state.attend_current(q_s, scale_s)
+            if n_done:
+                state.commit(is_soft[:, 0])
+        else:
+            if t0 == 0:  # empty cache: the fast softmax backends see exactly the full forward
+                o_s = softmax_branch(q_s, k_s, v_s, Routing(weights.to(x.dtype), C), backend=self.softmax_backend,
+                                     router_grad=self.router_grad)
+            else:
+                o_s = state.attend_chunk(q_s, k_s, v_s, is_soft, scale_s)
+            h = C - n0 if n0 else 0
+            nc = (T - h) // C
+            parts = []
+            if h:  # the rest of the current block, which completes
+                o, run = self._linear_in_block(q_l[:, :h], k_l[:, :h], v_in[:, :h], None if g is None else g[:, :h],
+                                               None if beta is None else beta[:, :h], state.linear_run)
+                parts.append(o)
+                log_decay = None if g is None else state.log_decay + gsum(0, h)
+                state.append(k_s[:, :h], v_s[:, :h], router_sum=sums[:, 0], linear_run=run, log_decay=log_decay)
+                state.commit(is_soft[:, 0])
+            if nc:  # whole blocks
+                c0, e = (1 if h else 0), h + nc * C
+                route = Routing(weights[:, c0:c0 + nc].to(x.dtype), C)
+                o, S = linear_branch(q_l[:, h:e], k_l[:, h:e], v_in[:, h:e], route, backend=self.linear_backend,
+                                     g=None if g is None else g[:, h:e], beta=None if beta is None else beta[:, h:e],
+                                     impl=self.linear_impl, scale=self.head_dim ** -0.5,
+                                     decay_through_softmax=self.decay_through_softmax, router_grad=self.router_grad,
+                                     initial_state=state.linear_start, output_final_state=True)
+                parts.append(o)
+                state.append_blocks(k_s[:, h:e], v_s[:, h:e], is_soft[:, c0:c0 + nc], S.to(state.linear_start.dtype))
+            e = h + nc * C
+            if e < T:  # the new current block
+                o, run = self._linear_in_block(q_l[:, e:], k_l[:, e:], v_in[:, e:], None if g is None else g[:, e:],
+                                               None if beta is None else beta[:, e:], state.linear_start)
+                parts.append(o)
+                state.append(k_s[:, e:], v_s[:, e:], router_sum=sums[:, -1], linear_run=run, log_decay=gsum(e, T))
+            o_l = torch.cat(parts, 1)
+        state.set_conv(q=cq, k=ck, v=cv)
+        o = self._merge(x, q, o_s.to(x.dtype), self.gates.skip(o_l.to(x.dtype), v_l))
+        stats = None
+        if weights is not None:
+            stats = NAtSLLayerStats(softmax_fraction=weights.detach()[..., 0].float().mean(dim=(0, 1)))
+        return o, stats

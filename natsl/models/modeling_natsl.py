@@ -12,6 +12,7 @@ from transformers.utils import ModelOutput
 
 from natsl.layers.baselines import LinearAttention, SoftmaxAttention
 from natsl.layers.natsl_attention import NAtSLAttention, RMSNorm
+from natsl.models.cache import NAtSLCache
 from natsl.models.configuration_natsl import NAtSLConfig
 
 
@@ -43,8 +44,9 @@ class NAtSLBlock(nn.Module):
         self.mlp_norm = RMSNorm(config.hidden_size, config.norm_eps)
         self.mlp = SwiGLU(config.hidden_size, config.intermediate_size)
 
-    def forward(self, x: torch.Tensor, cu_seqlens: torch.Tensor | None = None):
-        h, stats, _ = self.attn(self.attn_norm(x).to(x.dtype), cu_seqlens=cu_seqlens)
+    def forward(self, x: torch.Tensor, cu_seqlens: torch.Tensor | None = None, cache: NAtSLCache | None = None):
+        h, stats, _ = self.attn(self.attn_norm(x).to(x.dtype), past_key_values=cache, use_cache=cache is not None,
+                                cu_seqlens=cu_seqlens)
         x = x + h
         x = x + self.mlp(self.mlp_norm(x).to(x.dtype))
         return x, stats
@@ -58,6 +60,11 @@ class NAtSLModelOutput(ModelOutput):
     hidden_states: tuple[torch.Tensor, ...] | None = None
     routing_stats: list | None = None
     router_aux_loss: torch.Tensor | None = None
+    cache: NAtSLCache | None = None
+
+    @property
+    def past_key_values(self) -> NAtSLCache | None:
+        return self.cache
 
 
 @dataclass
@@ -70,6 +77,11 @@ class NAtSLCausalLMOutput(ModelOutput):
     hidden_states: tuple[torch.Tensor, ...] | None = None
     routing_stats: list | None = None
     router_aux_loss: torch.Tensor | None = None
+    cache: NAtSLCache | None = None
+
+    @property
+    def past_key_values(self) -> NAtSLCache | None:
+        return self.cache
 
 
 class NAtSLPreTrainedModel(PreTrainedModel):
@@ -116,42 +128,71 @@ class NAtSLModel(NAtSLPreTrainedModel):
     def forward(self, input_ids: torch.LongTensor | None = None, attention_mask: torch.Tensor | None = None,
                 inputs_embeds: torch.Tensor | None = None, cu_seqlens: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, output_hidden_states: bool = False,
-                use_cache: bool | None = None, past_key_values=None, **kwargs) -> NAtSLModelOutput:
+                use_cache: bool | None = None, past_key_values: NAtSLCache | None = None,
+                cache: NAtSLCache | None = None, **kwargs) -> NAtSLModelOutput:
         """Args:
             input_ids (torch.LongTensor): `[B, T]` (or `inputs_embeds [B, T, D]`).
-            attention_mask (torch.Tensor, Optional): `[B, T]`; only all-ones (no padding) is supported — pack
-                variable-length batches with `cu_seqlens` or restarting `position_ids` instead.
-            cu_seqlens (torch.LongTensor, Optional): `[N_seq + 1]` packed offsets (`B == 1`).
+            attention_mask (torch.Tensor, Optional): `[B, T]` (with a cache: `[B, past + T]`); only all-ones (no
+                padding) is supported — pack variable-length batches with `cu_seqlens` or restarting
+                `position_ids` instead (training only: generation takes unpadded batches of equal length).
+            cu_seqlens (torch.LongTensor, Optional): `[N_seq + 1]` packed offsets (`B == 1`; not with a cache).
             position_ids (torch.LongTensor, Optional): `[1, T]`, restarting at 0 at each packed sequence.
+            use_cache (bool, Optional): continue (or start) an inference cache and return it as `cache`.
+            cache / past_key_values (NAtSLCache, Optional): the inference cache to continue (spec §1.8); the
+                call appends its `T` tokens to it.
         """
         if kwargs:
             raise TypeError(f"NAtSLModel.forward got unexpected arguments {sorted(kwargs)}")
-        if use_cache or past_key_values is not None:
-            raise NotImplementedError("natsl models have no inference cache yet; use use_cache=False")
+        if cache is not None and past_key_values is not None and cache is not past_key_values:
+            raise ValueError("pass the inference cache once (as cache or as past_key_values)")
+        cache = cache if cache is not None else past_key_values
+        if cache is None and use_cache:
+            cache = NAtSLCache()
+        if cache is not None and not isinstance(cache, NAtSLCache):
+            raise TypeError(f"natsl models need a natsl.models.cache.NAtSLCache, got {type(cache).__name__}")
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
         x = self.embeddings(input_ids) if inputs_embeds is None else inputs_embeds
-        if attention_mask is not None and not bool(attention_mask.bool().all()):
+        # a one-token step of a cache is not re-checked (that would be a host sync per decoded token): generate()
+        # only appends ones to the mask it checked at the prefill
+        check_mask = cache is None or x.shape[1] > 1 or cache.get_seq_length() == 0
+        if attention_mask is not None and check_mask and not bool(attention_mask.bool().all()):
+            if cache is not None:
+                raise ValueError("natsl generation does not support padded batches (attention_mask with zeros, e.g. "
+                                 "left padding): generate prompts of different lengths separately")
             raise ValueError("natsl models do not support padded batches (attention_mask with zeros); pack the "
                              "sequences with cu_seqlens (or restarting position_ids) instead")
-        if cu_seqlens is None and position_ids is not None and x.shape[0] == 1 and bool((position_ids[0, 1:] == 0).any()):
+        if cache is not None:
+            if cu_seqlens is not None or (position_ids is not None and x.shape[1] > 1
+                                          and bool((position_ids[:, 1:] <= position_ids[:, :-1]).any())):
+                raise ValueError("packed prompts (cu_seqlens or restarting position_ids) cannot be used with an "
+                                 "inference cache; generate each sequence separately or as an unpadded batch")
+        elif cu_seqlens is None and position_ids is not None and x.shape[0] == 1 and \
+                bool((position_ids[0, 1:] == 0).any()):
             cu_seqlens = cu_seqlens_from_position_ids(position_ids)
         hidden, stats = [], []
         for layer in self.layers:
             if output_hidden_states:
                 hidden.append(x)
-            x, s = layer(x, cu_seqlens)
+            x, s = layer(x, cu_seqlens, cache)
             stats.append(s)
         x = self.norm(x).to(x.dtype)
         if output_hidden_states:
             hidden.append(x)
         aux = [s.router_aux_loss for s in stats if s is not None and s.router_aux_loss is not None]
         return NAtSLModelOutput(last_hidden_state=x, hidden_states=tuple(hidden) if output_hidden_states else None,
-                                routing_stats=stats, router_aux_loss=torch.stack(aux).sum() if aux else None)
+                                routing_stats=stats, router_aux_loss=torch.stack(aux).sum() if aux else None,
+                                cache=cache)
 
 
 class NAtSLForCausalLM(NAtSLPreTrainedModel, GenerationMixin):
     _tied_weights_keys = {}
+    # generate() must not build a DynamicCache (the model creates its NAtSLCache) nor roll the cache back
+    _is_stateful = True
+
+    @classmethod
+    def _supports_default_dynamic_cache(cls) -> bool:
+        return False
 
     def __init__(self, config: NAtSLConfig):
         super().__init__(config)
@@ -175,12 +216,14 @@ class NAtSLForCausalLM(NAtSLPreTrainedModel, GenerationMixin):
                 labels: torch.LongTensor | None = None, inputs_embeds: torch.Tensor | None = None,
                 cu_seqlens: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
                 output_hidden_states: bool = False, use_cache: bool | None = None, past_key_values=None,
-                logits_to_keep: int = 0, return_dict: bool | None = None, **kwargs) -> NAtSLCausalLMOutput:
+                logits_to_keep: int = 0, return_dict: bool | None = None, cache: NAtSLCache | None = None,
+                **kwargs) -> NAtSLCausalLMOutput:
         """Causal LM forward. `labels [B, T]` are shifted inside (position t predicts t+1); `-100` is ignored;
-        with packed input no position predicts across a sequence boundary."""
+        with packed input no position predicts across a sequence boundary. With `use_cache=True` or a `cache`
+        (`NAtSLCache`, alias `past_key_values`) the call continues the cached sequence and returns the cache."""
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
                          cu_seqlens=cu_seqlens, position_ids=position_ids, output_hidden_states=output_hidden_states,
-                         use_cache=use_cache, past_key_values=past_key_values, **kwargs)
+                         use_cache=use_cache, past_key_values=past_key_values, cache=cache, **kwargs)
         h = out.last_hidden_state
         if logits_to_keep:
             h = h[:, -logits_to_keep:]
@@ -197,11 +240,27 @@ class NAtSLForCausalLM(NAtSLPreTrainedModel, GenerationMixin):
             lm_loss = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), target.flatten(), ignore_index=-100)
             loss = lm_loss if out.router_aux_loss is None else lm_loss + out.router_aux_loss
         return NAtSLCausalLMOutput(loss=loss, lm_loss=lm_loss, logits=logits, hidden_states=out.hidden_states,
-                                   routing_stats=out.routing_stats, router_aux_loss=out.router_aux_loss)
+                                   routing_stats=out.routing_stats, router_aux_loss=out.router_aux_loss,
+                                   cache=out.cache)
 
-    def prepare_inputs_for_generation(self, input_ids, attention_mask=None, inputs_embeds=None, **kwargs):
-        # no cache yet: every step re-runs the full forward over the whole prefix
-        return {"input_ids": input_ids, "use_cache": False}
+    def prepare_inputs_for_generation(self, input_ids, next_sequence_length=None, cache=None, attention_mask=None,
+                                      inputs_embeds=None, is_first_iteration=False, use_cache=True, **kwargs):
+        """Feed only the tokens the cache has not seen (all of them without a cache). Padding masks are passed on
+        so that the forward rejects them; packed-prompt arguments (`cu_seqlens`, `position_ids`) likewise."""
+        cache = cache if cache is not None else kwargs.pop("past_key_values", None)
+        past = cache.get_seq_length() if cache is not None else 0
+        inputs = {"use_cache": use_cache, "attention_mask": attention_mask}
+        if inputs_embeds is not None and past == 0:
+            inputs["inputs_embeds"] = inputs_embeds
+        else:
+            inputs["input_ids"] = input_ids[:, past:]
+        if cache is not None:
+            inputs["cache"] = cache
+        if kwargs.get("cu_seqlens") is not None:
+            inputs["cu_seqlens"] = kwargs["cu_seqlens"]
+        if kwargs.get("position_ids") is not None:
+            inputs["position_ids"] = kwargs["position_ids"][..., past:]
+        return inputs
 
     def softmax_fractions(self, output: NAtSLCausalLMOutput) -> dict[int, torch.Tensor]:
         """Per natsl layer index, the `[H_R]` softmax fraction of that forward."""

@@ -226,7 +226,9 @@ def test_bad_forward_input_raises():
         layer(x, attention_mask=torch.tensor([[1] * 10, [1] * 8 + [0] * 2]))
     with pytest.raises(TypeError, match="cu_seqlens"):
         layer(x, position_ids=torch.arange(10))
-    with pytest.raises(NotImplementedError, match="cache"):
-        layer(x, use_cache=True)
+    with pytest.raises(ValueError, match="cache"):  # packed input cannot continue an inference cache
+        layer(x[:1], use_cache=True, cu_seqlens=torch.tensor([0, 4, 10]))
+    with pytest.raises(TypeError, match="NAtSLCache"):
+        layer(x, past_key_values=object())
     assert torch.equal(layer(x, attention_mask=torch.ones(2, 10))[0], layer(x)[0])
 

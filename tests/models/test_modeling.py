@@ -156,8 +156,8 @@ def test_padding_and_cache_are_rejected_clearly():
     ids = ids_of(2, 10)
     with pytest.raises(ValueError, match="padded"):
         m(ids, attention_mask=torch.tensor([[1] * 10, [0] * 2 + [1] * 8]))
-    with pytest.raises(NotImplementedError, match="cache"):
-        m(ids, use_cache=True)
+    with pytest.raises(ValueError, match="cache"):  # packed prompts cannot start an inference cache
+        m(ids[:1], use_cache=True, cu_seqlens=torch.tensor([0, 4, 10]))
     torch.testing.assert_close(m(ids, attention_mask=torch.ones(2, 10)).logits, m(ids).logits)
 
 

@@ -1,0 +1,243 @@
+"""Decode latency per token and cache memory (spec §1.8, §7): NAtS-L with a forced softmax fraction vs dense K/V.
+
+Run on a GPU (one process; prefill + decode is checked against the full forward before anything is timed):
+    PYTHONPATH=$PWD python3 benchmarks/bench_generation.py [--contexts 8192 32768 131072] [--batch 1 8] [--models]
+
+The caches are built synthetically at context `T` (random K/V rows and linear states, bf16): every (batch, router
+head) pair of a natsl layer holds exactly `round(f·T/C)` softmax blocks, a plain softmax layer all `T` rows. One
+decode step = one layer (or model) call on one new token with the cache; it appends to the cache, so the context
+grows by a few hundred tokens over a measurement (< 1% at 32k). Timings: `eager` = `triton.testing.do_bench` of the
+eager call (includes the host's launch overhead whenever the GPU is faster than the host), `graph` = the same step
+replayed as a CUDA graph (GPU time only). `core` = the attention read alone (natsl: `attend_current` over the
+pair's committed rows + current block; dense: `attend_last` over all rows).
+Providers (layer level, the paper's 340M layer: H_L=6, d_k=128, d_v=256, H_A=12 × (64, 128), H_R=6, C=64):
+- `natsl f=12.5%`: NAtSLAttention with 12.5% of the blocks of every pair routed to softmax;
+- `natsl f=100%`: the same layer with every block softmax (dense K/V of the same heads);
+- `softmax 16x64`: the Transformer's SoftmaxAttention layer (16 heads × 64, dense K/V).
+With `--models`: the 340M NAtS-L Hybrid (f=12.5%), GDN Hybrid (all GDN) and Transformer, one token through 21 layers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from utils import bench_graph_ms, bench_ms, env_line, markdown_table  # noqa: E402
+
+from natsl import NAtSLAttention, NAtSLConfig, NAtSLForCausalLM  # noqa: E402
+from natsl.layers.baselines import LinearAttention, SoftmaxAttention  # noqa: E402
+from natsl.layers.state import LinearLayerState, NAtSLLayerState, SoftmaxLayerState  # noqa: E402
+from natsl.models.cache import NAtSLCache  # noqa: E402
+
+SHAPES = {
+    "340m layer": dict(hidden_size=1024, num_heads=6, head_dim=128, expand_v=2, num_softmax_heads=12,
+                       num_router_heads=6, block_size=64),
+}
+PROVIDERS = ["natsl f=12.5%", "natsl f=100%", "softmax 16x64"]
+MODEL_PROVIDERS = ["natsl-hybrid-340m f=12.5%", "gdn-hybrid-340m", "transformer-340m"]
+DTYPE = torch.bfloat16
+DEVICE = os.environ.get("NATSL_BENCH_DEVICE", "cuda")
+CPU_PATHS = dict(softmax_backend="sdpa", linear_impl="torch")  # decode uses neither; the gate's full forward does
+HEADROOM_BLOCKS = 16
+OFFSET = 5  # the measured steps sit inside a block (no commit, hence no possible sync, inside a CUDA graph)
+
+
+def _randn(*shape, dtype=None, scale=1.0):
+    return (torch.randn(*shape, device=DEVICE) * scale).to(dtype or DTYPE)
+
+
+def _dtype():
+    return DTYPE
+
+
+def natsl_state(layer: NAtSLAttention, B: int, T: int, frac: float) -> NAtSLLayerState:
+    """A cache at context `T + OFFSET` whose every pair holds exactly `round(frac · T / C)` softmax blocks."""
+    C, Hr = layer.block_size, layer.num_router_heads
+    L = round(frac * (T // C)) * C
+    cap = L + HEADROOM_BLOCKS * C
+    st = NAtSLLayerState(block_size=C, num_router_heads=Hr, decay_through_softmax=layer.decay_through_softmax)
+    W = layer.q_conv1d.kernel_size[0]
+    st.conv = {n: torch.zeros(B, W - 1, dim, device=DEVICE, dtype=_dtype())
+               for n, dim in (("q", layer.key_dim), ("k", layer.key_dim), ("v", layer.value_dim))}
+    st.router_sum = torch.zeros(B, layer.hidden_size, device=DEVICE)
+    st.linear_start = _randn(B, layer.num_heads, layer.head_dim, layer.head_v_dim, dtype=torch.float32, scale=0.01)
+    st.linear_run = st.linear_start.clone()
+    st.log_decay = torch.zeros(B, layer.num_heads, device=DEVICE) if layer.linear_backend in ("gdn", "mamba2") else None
+    st.k_rows = _randn(B, layer.num_softmax_heads, cap + 1, layer.softmax_head_dim)
+    st.v_rows = _randn(B, layer.num_softmax_heads, cap + 1, layer.softmax_value_dim)
+    st.lengths = torch.full((B, Hr), L, dtype=torch.long, device=DEVICE)
+    st.length_bound = L
+    st.seen_tokens = T + OFFSET
+    return st
+
+
+def linear_state(layer: LinearAttention, B: int, T: int) -> LinearLayerState:
+    W = layer.q_conv1d.kernel_size[0]
+    K, V = layer.num_heads * layer.head_dim, layer.num_heads * layer.head_v_dim
+    conv = {n: torch.zeros(B, W - 1, dim, device=DEVICE, dtype=_dtype()) for n, dim in (("q", K), ("k", K), ("v", V))}
+    S = _randn(B, layer.num_heads, layer.head_dim, layer.head_v_dim, dtype=torch.float32, scale=0.01)
+    return LinearLayerState(seen_tokens=T + OFFSET, conv=conv, state=S)
+
+
+def softmax_state(layer: SoftmaxAttention, B: int, T: int) -> SoftmaxLayerState:
+    cap = T + OFFSET + HEADROOM_BLOCKS * 64
+    st = SoftmaxLayerState(seen_tokens=T + OFFSET)
+    st.k_rows = _randn(B, layer.num_heads, cap, layer.head_dim)
+    st.v_rows = _randn(B, layer.num_heads, cap, layer.head_dim)
+    return st
+
+
+def state_for(module, B, T, frac):
+    if isinstance(module, NAtSLAttention):
+        return natsl_state(module, B, T, frac)
+    if isinstance(module, LinearAttention):
+        return linear_state(module, B, T)
+    return softmax_state(module, B, T)
+
+
+def kv_report(states) -> dict:
+    soft = used = lin = 0
+    for s in states:
+        if isinstance(s, NAtSLLayerState):
+            used += s.softmax_kv_bytes()
+            soft += s.softmax_kv_allocated_bytes()
+            lin += s.linear_state_bytes()
+        elif isinstance(s, SoftmaxLayerState):
+            used += s.kv_bytes()
+            soft += s.kv_allocated_bytes()
+        else:
+            lin += s.linear_state_bytes()
+    return {"KV MiB": used / 2**20, "KV alloc MiB": soft / 2**20, "linear MiB": lin / 2**20}
+
+
+def setup(shape: dict, provider: str, T: int, B: int):
+    """`(step, core, states)`: one decode step of the layer with its cache, the attention read alone, the states."""
+    torch.manual_seed(0)
+    if provider.startswith("natsl"):
+        module = NAtSLAttention(**shape, **CPU_PATHS).to(DEVICE, DTYPE).eval()
+        frac = 0.125 if "12.5" in provider else 1.0
+    else:
+        module = SoftmaxAttention(hidden_size=shape["hidden_size"], num_heads=16).to(DEVICE, DTYPE).eval()
+        frac = 1.0
+    st = state_for(module, B, T, frac)
+    x = _randn(B, 1, shape["hidden_size"])
+
+    @torch.no_grad()
+    def step():
+        return module(x, past_key_values=st, use_cache=True)[0]
+
+    if isinstance(module, NAtSLAttention):
+        q = _randn(B, 1, module.num_softmax_heads, module.softmax_head_dim)
+        scale = module.softmax_head_dim ** -0.5
+
+        def core():
+            return st.attend_current(q, scale)
+    else:
+        q = _randn(B, 1, module.num_heads, module.head_dim)
+
+        def core():
+            return st.attend_last(q, module.head_dim ** -0.5)
+    return step, core, [st]
+
+
+def setup_model(provider: str, T: int, B: int):
+    family = {"natsl-hybrid-340m f=12.5%": "hybrid", "gdn-hybrid-340m": "linear", "transformer-340m": "softmax"}[provider]
+    cfg = NAtSLConfig.preset("340m", family, num_hidden_layers=21, **CPU_PATHS)
+    torch.manual_seed(0)
+    with torch.device(DEVICE):
+        model = NAtSLForCausalLM(cfg)
+    model = model.to(DTYPE).eval()
+    cache = NAtSLCache()
+    cache.layers = [state_for(b.attn, B, T, 0.125) for b in model.model.layers]
+    ids = torch.randint(1, cfg.vocab_size, (B, 1), device=DEVICE)
+
+    @torch.no_grad()
+    def step():
+        return model(ids, cache=cache).logits
+
+    return step, cache.layers
+
+
+def gate() -> float:
+    """Max error of prefill + decode against the full forward, on the GPU (fp32, torch/SDPA paths)."""
+    torch.manual_seed(0)
+    shape = dict(SHAPES["340m layer"], hidden_size=256, num_heads=2, head_dim=64, num_softmax_heads=4,
+                 num_router_heads=2)
+    layer = NAtSLAttention(**shape, **CPU_PATHS).to(DEVICE).eval()
+    with torch.no_grad():
+        for name, p in layer.named_parameters():
+            p.add_(torch.randn_like(p) * (1.0 if "router" in name else 0.02))
+        x = torch.randn(2, 300, shape["hidden_size"], device=DEVICE)
+        ref = layer(x)[0]
+        st, outs = None, []
+        for a, b in [(0, 100), (100, 230)] + [(t, t + 1) for t in range(230, 300)]:
+            o, _, st = layer(x[:, a:b], past_key_values=st, use_cache=True)
+            outs.append(o)
+    return ((torch.cat(outs, 1) - ref).abs().max() / ref.abs().max()).item()
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--contexts", type=int, nargs="+", default=[8192, 32768, 131072])
+    ap.add_argument("--batch", type=int, nargs="+", default=[1, 8])
+    ap.add_argument("--models", action="store_true")
+    ap.add_argument("--no-graph", action="store_true")
+    args = ap.parse_args()
+    err = gate()
+    print(f"gate: prefill + decode vs full forward (fp32), max rel. error {err:.2e}", flush=True)  # noqa: T201
+    if not err < 1e-4:
+        raise SystemExit("correctness gate failed: not timing anything")
+    print(env_line(), flush=True)  # noqa: T201
+    rows = []
+    for B in args.batch:
+        for T in args.contexts:
+            base = {}
+            for prov in PROVIDERS:
+                graph = float("nan")
+                if not args.no_graph:  # on a fresh cache: the captured steps sit inside a block
+                    graph = bench_graph_ms(setup(SHAPES["340m layer"], prov, T, B)[0])[0]
+                    torch.cuda.empty_cache()
+                step, core, states = setup(SHAPES["340m layer"], prov, T, B)
+                eager = bench_ms(step)[0]
+                core_ms = bench_ms(core)[0]
+                row = {"level": "layer", "B": B, "T": T, "provider": prov, "eager ms": eager, "graph ms": graph,
+                       "core ms": core_ms, **kv_report(states)}
+                base[prov] = row
+                rows.append(row)
+                print(row, flush=True)  # noqa: T201
+                del step, core, states
+                torch.cuda.empty_cache()
+            ref = base["softmax 16x64"]
+            for prov in PROVIDERS:
+                for key in ("eager ms", "graph ms", "core ms"):
+                    base[prov][f"x vs softmax ({key[:-3]})"] = ref[key] / base[prov][key]
+    if args.models:
+        for T in args.contexts:
+            for prov in MODEL_PROVIDERS:
+                graph = float("nan")
+                if not args.no_graph:
+                    graph = bench_graph_ms(setup_model(prov, T, 1)[0])[0]
+                    torch.cuda.empty_cache()
+                step, states = setup_model(prov, T, 1)
+                eager = bench_ms(step)[0]
+                row = {"level": "model", "B": 1, "T": T, "provider": prov, "eager ms": eager, "graph ms": graph,
+                       **kv_report(states)}
+                rows.append(row)
+                print(row, flush=True)  # noqa: T201
+                del step, states
+                torch.cuda.empty_cache()
+    cols = ["level", "B", "T", "provider", "eager ms", "graph ms", "core ms", "x vs softmax (eager)",
+            "x vs softmax (graph)", "x vs softmax (core)", "KV MiB", "KV alloc MiB", "linear MiB"]
+    text = markdown_table(rows, cols)
+    print(text)  # noqa: T201
+    if os.environ.get("OUT"):
+        with open(os.path.join(os.environ["OUT"], "bench_generation.md"), "w") as f:
+            f.write(env_line() + "\n\n" + text + "\n")
+
+
+if __name__ == "__main__":
+    main()

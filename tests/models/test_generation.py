@@ -1,0 +1,238 @@
+"""Inference cache (spec §1.8) on CPU: prefill + decoding reproduce the full forward, several prefills equal one,
+`generate()` with the cache equals repeated full forwards, the cache holds exactly the softmax-routed K/V.
+
+Torch paths (linear_impl="torch", softmax_backend="sdpa"), float64 models with enlarged random weights so that the
+router mixes both block types, differently per batch row and router head.
+"""
+
+import functools
+
+import pytest
+import torch
+from helpers import gen
+from hypothesis import example, given
+from hypothesis import strategies as st
+from transformers import DynamicCache
+
+from natsl import NAtSLAttention, NAtSLConfig, NAtSLForCausalLM
+from natsl.layers.state import NAtSLLayerState, layer_state
+from natsl.models.cache import NAtSLCache
+
+BACKENDS = ["gdn", "deltanet", "gla", "mamba2", "linear_attn"]
+CPU = dict(linear_impl="torch", softmax_backend="sdpa")
+LAYER = dict(hidden_size=32, num_heads=2, head_dim=8, expand_v=2, num_softmax_heads=4, num_router_heads=2,
+             block_size=8, **CPU)
+C_LAYER = LAYER["block_size"]
+C_TINY = 16  # block size of the tiny preset
+
+
+def _perturb(module: torch.nn.Module, seed: int, scale: float = 0.1, router_scale: float = 3.0):
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            s = router_scale if "router" in name else scale
+            p.add_(torch.randn(p.shape, generator=gen(seed + p.numel()), dtype=p.dtype) * s)
+    return module
+
+
+@functools.cache
+def tiny(family: str = "natsl", backend: str = "gdn", **over) -> NAtSLForCausalLM:
+    torch.manual_seed(0)
+    layers = {"layer_hybrid": 4}.get(family, 2)
+    cfg = NAtSLConfig.preset("tiny", family, linear_backend=backend, num_hidden_layers=layers, **{**CPU, **over})
+    return _perturb(NAtSLForCausalLM(cfg).double(), seed=1).eval()
+
+
+@functools.cache
+def natsl_layer(backend: str, decay_through_softmax: bool = True, use_rope: bool = False) -> NAtSLAttention:
+    torch.manual_seed(0)
+    layer = NAtSLAttention(**LAYER, linear_backend=backend, decay_through_softmax=decay_through_softmax,
+                           use_rope=use_rope).double()
+    return _perturb(layer, seed=2, scale=0.3).eval()
+
+
+def ids_of(B, T, seed):
+    return torch.randint(1, 256, (B, T), generator=gen(seed))  # no pad token (0): generate() would mask it
+
+
+def chunks_of(T: int, cuts, decode: int):
+    """Chunk bounds: prefills split at `cuts` over `[0, T - decode)`, then `decode` single tokens."""
+    head = T - decode
+    bounds = sorted({0, head, *[c for c in cuts if 0 < c < head]})
+    return list(zip(bounds[:-1], bounds[1:])) + [(t, t + 1) for t in range(head, T)]
+
+
+def run_layer_chunks(layer, x, chunks):
+    state, outs = None, []
+    for a, b in chunks:
+        o, _, state = layer(x[:, a:b], past_key_values=state, use_cache=True)
+        outs.append(o)
+    return torch.cat(outs, 1), state
+
+
+def run_model_chunks(model, ids, chunks):
+    cache, outs = None, []
+    for a, b in chunks:
+        out = model(ids[:, a:b], cache=cache, use_cache=True)
+        cache = out.cache
+        outs.append(out.logits)
+    return torch.cat(outs, 1), cache
+
+
+split_points = st.lists(st.integers(1, 63), max_size=3)
+
+
+LAYER_CASES = [(b, {}) for b in BACKENDS] + [(b, dict(decay_through_softmax=False)) for b in ("gdn", "gla", "mamba2")] \
+    + [("gdn", dict(use_rope=True))]
+
+
+@pytest.mark.parametrize("backend,options", LAYER_CASES,
+                         ids=[b + "".join(f"-{k}={v}" for k, v in o.items()) for b, o in LAYER_CASES])
+@given(B=st.integers(2, 3), T=st.integers(1, 30), cuts=split_points, decode=st.integers(0, 8),
+       seed=st.integers(0, 2**16))
+@example(B=2, T=30, cuts=[3], decode=0, seed=0)  # the first prefill ends inside a block, the second spans blocks
+@example(B=2, T=30, cuts=[8, 16, 25], decode=4, seed=1)  # prefills at block boundaries, then one ending inside
+@example(B=3, T=18, cuts=[], decode=18, seed=2)  # decoding only, across block completions
+def test_layer_prefill_and_decode_equal_full_forward(backend, options, B, T, cuts, decode, seed):
+    layer = natsl_layer(backend, **options)
+    x = torch.randn(B, T, LAYER["hidden_size"], generator=gen(seed), dtype=torch.float64)
+    with torch.no_grad():
+        ref = layer(x)[0]
+        out, state = run_layer_chunks(layer, x, chunks_of(T, cuts, min(decode, T)))
+    torch.testing.assert_close(out, ref, rtol=1e-9, atol=1e-10)
+    assert state.seen_tokens == T
+    assert int(state.lengths.max()) <= state.capacity - C_LAYER
+
+
+@pytest.mark.parametrize("family,backend", [("hybrid", b) for b in BACKENDS]
+                         + [("natsl", "gdn"), ("layer_hybrid", "gdn"), ("softmax", "gdn")])
+@given(T=st.integers(1, 40), cuts=split_points, decode=st.integers(0, 6), seed=st.integers(0, 2**16))
+@example(T=40, cuts=[20], decode=3, seed=0)  # prefill ends inside block 1, second prefill spans blocks 1-2
+@example(T=36, cuts=[16, 32], decode=2, seed=1)
+def test_model_prefill_and_decode_equal_full_forward(family, backend, T, cuts, decode, seed):
+    model = tiny(family, backend)
+    ids = ids_of(2, T, seed)
+    with torch.no_grad():
+        ref = model(ids).logits
+        out, cache = run_model_chunks(model, ids, chunks_of(T, cuts, min(decode, T)))
+    torch.testing.assert_close(out, ref, rtol=1e-9, atol=1e-10)
+    assert cache.get_seq_length() == T
+
+
+@pytest.mark.parametrize("backend", ["gdn", "gla"])
+def test_several_prefills_then_decode_equal_one_prefill(backend):
+    model = tiny("hybrid", backend)
+    ids = ids_of(3, 60, seed=5)
+    with torch.no_grad():
+        one, c1 = run_model_chunks(model, ids, [(0, 45)] + [(t, t + 1) for t in range(45, 60)])
+        many, c2 = run_model_chunks(model, ids, [(0, 7), (7, 16), (16, 17), (17, 38), (38, 45)]
+                                    + [(t, t + 1) for t in range(45, 60)])
+    torch.testing.assert_close(many, one, rtol=1e-9, atol=1e-10)
+    for s1, s2 in zip(c1.layers, c2.layers):
+        if isinstance(s1, NAtSLLayerState):
+            assert torch.equal(s1.lengths, s2.lengths)
+            torch.testing.assert_close(s2.linear_start, s1.linear_start)
+            torch.testing.assert_close(s2.linear_run, s1.linear_run)
+
+
+def test_routing_is_mixed_per_batch_row_and_router_head():
+    """The fixtures exercise what the cache must handle: per-(batch, router head) lengths that differ."""
+    model = tiny("natsl", "gdn")
+    with torch.no_grad():
+        _, cache = run_model_chunks(model, ids_of(3, 8 * C_TINY, seed=7), [(0, 8 * C_TINY)])
+    lengths = torch.stack([s.lengths for s in cache.layers])  # [layers, B, Hr]
+    assert 0 < lengths.sum() < lengths.numel() * 8 * C_TINY
+    assert len(set(lengths.flatten().tolist())) > 2
+
+
+@pytest.mark.parametrize("family", ["natsl", "hybrid", "layer_hybrid"])
+def test_generate_greedy_with_cache_equals_repeated_full_forward(family):
+    model = tiny(family, "gdn")
+    ids = ids_of(2, 13, seed=3)
+    new = 2 * C_TINY + 5  # crosses two block completions while decoding
+    with torch.no_grad():
+        out = model.generate(ids, max_new_tokens=new, do_sample=False, pad_token_id=0)
+        cur = ids
+        for _ in range(new):
+            cur = torch.cat([cur, model(cur).logits[:, -1].argmax(-1, keepdim=True)], 1)
+    assert torch.equal(out, cur)
+    res = model.generate(ids, max_new_tokens=3, do_sample=False, pad_token_id=0, return_dict_in_generate=True)
+    assert isinstance(res.cache, NAtSLCache) and res.cache.get_seq_length() == 13 + 3 - 1
+
+
+def test_cache_memory_equals_the_routing():
+    """Softmax K/V bytes = committed softmax blocks × block_size × heads × (d_ka + d_va) × bytes; linear states
+    do not grow with T; a plain softmax layer holds all T rows."""
+    model = tiny("natsl", "gdn")
+    cfg = model.config
+    B, N, extra = 2, 6, 5
+    T = N * C_TINY
+    ids = ids_of(B, T + extra, seed=11)
+    with torch.no_grad():
+        stats = model(ids[:, :T]).routing_stats
+        _, cache = run_model_chunks(model, ids, [(0, 20), (20, T)] + [(t, t + 1) for t in range(T, T + extra)])
+    report = cache.memory_report()
+    d_ka = cfg.num_heads * cfg.head_dim // cfg.num_softmax_heads
+    d_va = cfg.num_heads * int(cfg.head_dim * cfg.expand_v) // cfg.num_softmax_heads
+    G = cfg.num_softmax_heads // cfg.num_router_heads
+    expected = []
+    for s in stats:
+        blocks = (s.softmax_fraction.double() * B * N).round().sum().item()
+        expected.append(int(blocks) * C_TINY * G * (d_ka + d_va) * 8)
+    assert [r["softmax_kv_bytes"] for r in report["layers"]] == expected
+    assert report["softmax_kv_bytes"] == sum(expected)
+    assert 0 < sum(expected) < len(stats) * B * T * cfg.num_softmax_heads * (d_ka + d_va) * 8
+    S_bytes = B * cfg.num_heads * cfg.head_dim * int(cfg.head_dim * cfg.expand_v) * 8
+    assert all(r["linear_state_bytes"] == 2 * S_bytes + B * cfg.num_heads * 8 for r in report["layers"])
+    assert report["softmax_kv_allocated_bytes"] >= report["softmax_kv_bytes"]
+
+    lh = tiny("layer_hybrid", "gdn")
+    with torch.no_grad():
+        _, c = run_model_chunks(lh, ids, [(0, 37), (37, 38)])
+    soft = [r for r in c.memory_report()["layers"] if r["kind"] == "SoftmaxLayerState"]
+    assert [r["full_kv_bytes"] for r in soft] == [B * 38 * lh.config.hidden_size * 2 * 8]
+
+
+def test_reorder_cache_selects_batch_rows():
+    model = tiny("hybrid", "gdn")
+    ids = ids_of(3, 30, seed=4)
+    idx = torch.tensor([2, 0, 0])
+    with torch.no_grad():
+        _, cache = run_model_chunks(model, ids[:, :29], [(0, 29)])
+        cache.reorder_cache(idx)
+        step = model(ids[idx, 29:30], cache=cache).logits
+        ref = model(ids[idx]).logits[:, -1:]
+    torch.testing.assert_close(step, ref, rtol=1e-9, atol=1e-10)
+
+
+def test_padding_and_packed_prompts_are_rejected():
+    model = tiny("hybrid", "gdn")
+    ids = ids_of(2, 10, seed=0)
+    with pytest.raises(ValueError, match="padded"):
+        model.generate(ids, attention_mask=torch.tensor([[0] * 3 + [1] * 7, [1] * 10]), max_new_tokens=2,
+                       pad_token_id=0)
+    with pytest.raises(ValueError, match="packed"):
+        model.generate(ids[:1], cu_seqlens=torch.tensor([0, 4, 10]), max_new_tokens=2, pad_token_id=0)
+    with pytest.raises(ValueError, match="packed"):
+        model(ids[:1], use_cache=True, position_ids=torch.tensor([[0, 1, 2, 3, 0, 1, 2, 3, 4, 5]]))
+    with pytest.raises(TypeError, match="NAtSLCache"):
+        model(ids, cache=DynamicCache())
+    with pytest.raises(ValueError, match="batch"), torch.no_grad():
+        cache = model(ids, use_cache=True).cache
+        model(ids[:1, :1], cache=cache)
+    with pytest.raises(NotImplementedError, match="crop"):
+        cache.crop(1)
+
+
+def test_layer_state_lookup():
+    layer = natsl_layer("gdn")
+    st_ = NAtSLLayerState(block_size=C_LAYER, num_router_heads=2)
+    assert layer_state(st_, 0, NAtSLLayerState) is st_
+    cache = NAtSLCache()
+    a = layer_state(cache, 3, NAtSLLayerState, block_size=C_LAYER, num_router_heads=2)
+    assert layer_state(cache, 3, NAtSLLayerState) is a and len(cache.layers) == 4
+    with pytest.raises(TypeError, match="natsl cache"):
+        layer_state(DynamicCache(), 0, NAtSLLayerState)
+    x = torch.randn(2, 5, LAYER["hidden_size"], dtype=torch.float64, generator=gen(0))
+    with torch.no_grad():
+        _, _, new = layer(x, use_cache=True)
+    assert isinstance(new, NAtSLLayerState) and new.seen_tokens == 5 and new.block_pos == 5
