@@ -30,10 +30,20 @@ def assert_close(name: str, ref: torch.Tensor, out: torch.Tensor, ratio: float, 
     assert err <= ratio, f"{name}: relative RMSE {err:.3e} > {ratio:.1e} (max abs err {abs_err:.3e})"
 
 
-def random_routing(B: int, N: int, Hr: int, p_softmax: float, seed: int, device="cpu", dtype=torch.float64,
-                   requires_grad: bool = False) -> torch.Tensor:
-    """Hard one-hot routing `[B, N, Hr, 2]` (index 0 = softmax)."""
-    g = gen(seed)
-    soft = torch.rand(B, N, Hr, generator=g) < p_softmax
-    r = torch.stack([soft, ~soft], -1).to(dtype=dtype, device=device)
-    return r.requires_grad_(requires_grad)
+def linear_gate_inputs(gn: torch.Generator, backend: str, B: int, T: int, H: int, K: int,
+                       dtype=torch.float64) -> dict:
+    """Random `g` (log decay in [-0.5, 0]) and `beta` (in [0, 1]) for the backends that take them."""
+    out = {}
+    if backend in ("gdn", "mamba2"):
+        out["g"] = -torch.rand(B, T, H, generator=gn, dtype=dtype) * 0.5
+    if backend == "gla":
+        out["g"] = -torch.rand(B, T, H, K, generator=gn, dtype=dtype) * 0.5
+    if backend in ("gdn", "deltanet"):
+        out["beta"] = torch.rand(B, T, H, generator=gn, dtype=dtype)
+    return out
+
+
+def random_cu_seqlens(gn: torch.Generator, T: int, n_seq: int) -> torch.Tensor:
+    """`[n_seq + 1]` offsets of `n_seq` non-empty sequences covering `T` tokens."""
+    cuts = sorted(torch.randperm(T - 1, generator=gn)[: n_seq - 1].add(1).tolist())
+    return torch.tensor([0, *cuts, T])

@@ -4,7 +4,7 @@ finite differences of the relaxed gates, and input validation."""
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import gen
+from helpers import gen, linear_gate_inputs, random_cu_seqlens
 from hypothesis import example, given
 from hypothesis import strategies as st
 from rederivation import rederive
@@ -33,18 +33,10 @@ def make_inputs(seed, backend, B, T, HR, ra, rl, dk=4, dv=6, n_seq=None, p_soft=
     q_l = r(B, T, HL, dk)
     k_l = F.normalize(r(B, T, HL, dk), dim=-1)
     v_l = r(B, T, HL, dv)
-    kw = dict(linear_backend=backend, block_size=C)
-    if backend in ("gdn", "mamba2"):
-        kw["g"] = -torch.rand(B, T, HL, generator=gn, dtype=dtype) * 0.5
-    if backend == "gla":
-        kw["g"] = -torch.rand(B, T, HL, dk, generator=gn, dtype=dtype) * 0.5
-    if backend in ("gdn", "deltanet"):
-        kw["beta"] = torch.rand(B, T, HL, generator=gn, dtype=dtype)
+    kw = dict(linear_backend=backend, block_size=C, **linear_gate_inputs(gn, backend, B, T, HL, dk, dtype))
     cu = None
     if n_seq is not None:
-        cuts = sorted(torch.randperm(T - 1, generator=gn)[: n_seq - 1].add(1).tolist())
-        cu = torch.tensor([0, *cuts, T])
-        kw["cu_seqlens"] = cu
+        cu = kw["cu_seqlens"] = random_cu_seqlens(gn, T, n_seq)
     N = num_blocks(T, C, cu)
     soft = torch.rand(B, N, HR, generator=gn) < p_soft
     kw["routing"] = torch.stack([soft, ~soft], -1).to(dtype)

@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import assert_close, gen
+from helpers import assert_close, gen, linear_gate_inputs, random_cu_seqlens
 from hypothesis import example, given
 from hypothesis import strategies as st
 
@@ -31,17 +31,8 @@ def make_case(seed, backend, B, T, Hr, G, K, V, C, p_soft, packed=False, init=Tr
         return torch.randn(*s, generator=gn, dtype=dtype)
 
     x = dict(q=r(B, T, H, K), k=F.normalize(r(B, T, H, K), dim=-1), v=r(B, T, H, V))
-    if backend in ("gdn", "mamba2"):
-        x["g"] = -torch.rand(B, T, H, generator=gn, dtype=dtype) * 0.5
-    if backend == "gla":
-        x["g"] = -torch.rand(B, T, H, K, generator=gn, dtype=dtype) * 0.5
-    if backend in ("gdn", "deltanet"):
-        x["beta"] = torch.rand(B, T, H, generator=gn, dtype=dtype)
-    cu = None
-    if packed:
-        n_seq = min(T, 3)
-        cuts = sorted(torch.randperm(T - 1, generator=gn)[: n_seq - 1].add(1).tolist())
-        cu = torch.tensor([0, *cuts, T])
+    x.update(linear_gate_inputs(gn, backend, B, T, H, K, dtype))
+    cu = random_cu_seqlens(gn, T, min(T, 3)) if packed else None
     if init:
         x["initial_state"] = 0.5 * r(B if cu is None else cu.numel() - 1, H, K, V)
     N = num_blocks(T, C, cu)
