@@ -1,96 +1,125 @@
 """Layer benchmark (issue 6): NAtSLAttention fwd+bwd vs a GDN-only layer and a full-softmax layer, same width.
 
 The router's decision is forced to a fixed softmax fraction (random blocks) so that every T sees the same f.
+Providers: the paper's 340M NAtS-L layer (D=1024, H_L=6 x (128, 256), H_A=12 x (64, 128), H_R=6, C=64) with the gdn or
+mamba2 backend, a GDN-only layer (6 x (128, 256)) and the Transformer's softmax layer (16 x 64), same width D=1024.
+Times: do_bench medians (ms) of the forward (inputs requiring grad) and of forward+backward, bf16, B=1.
 Usage (H200, fla wheels on PYTHONPATH): python3 benchmarks/bench_layer.py [--T 4096,16384,65536] [--frac 0.125]
+    [--compile-check natsl-gdn] [--out F]; CPU smoke run: --device cpu --T 128
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import sys
 import time
 
 import torch
-from triton.testing import do_bench
 
-from natsl import NAtSLAttention
-from natsl.layers.baselines import LinearAttention, SoftmaxAttention
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from utils import allow_fla_gated_backward_on_hopper, bench_ms, env_line, force_router, time_ms  # noqa: E402
+
+from natsl import NAtSLAttention  # noqa: E402
+from natsl.layers.baselines import LinearAttention, SoftmaxAttention  # noqa: E402
 
 D = 1024
 
 
-def forced_router(layer: NAtSLAttention, frac: float, seed: int = 0):
-    """Replace the router's decision by random blocks with softmax fraction `frac` (gradient still flows)."""
-    router = layer.router
-
-    def forward(x, cu_seqlens=None, layout=None):
-        w, p = type(router).forward(router, x, cu_seqlens, layout)
-        g = torch.Generator(device="cpu").manual_seed(seed)
-        soft = (torch.rand(w.shape[:-1], generator=g) < frac).to(w.device)
-        hard = torch.stack([soft, ~soft], -1).to(w.dtype)
-        return hard + (w - w.detach()), p
-
-    router.forward = forward
-
-
-def make(provider: str, frac: float):
+def make(provider: str, frac: float, device: str, dtype: torch.dtype):
     if provider.startswith("natsl-"):
         layer = NAtSLAttention(hidden_size=D, linear_backend=provider.split("-", 1)[1], softmax_backend="auto")
-        forced_router(layer, frac)
+        if frac is not None:
+            force_router(layer, frac)
     elif provider == "gdn-only":
         layer = LinearAttention(hidden_size=D, num_heads=6, head_dim=128, linear_backend="gdn")
-    else:
+    elif provider == "softmax":
         layer = SoftmaxAttention(hidden_size=D, num_heads=16)
-    return layer.cuda().to(torch.bfloat16)
+    else:
+        raise ValueError(f"unknown provider {provider!r}")
+    return layer.to(device=device, dtype=dtype)
+
+
+def compile_check(provider: str, device: str, dtype: torch.dtype, T: int) -> None:
+    """`torch._dynamo.explain` of one training forward with the layer's own router: graphs and why it breaks."""
+    import torch._dynamo as dynamo
+
+    layer = make(provider, None, device, dtype)
+    x = torch.randn(1, T, D, device=device, dtype=dtype, requires_grad=True)
+    try:
+        ex = dynamo.explain(layer)(x)
+    except Exception as e:  # report, do not hide: the table above is still valid
+        print(f"torch.compile check {provider}: dynamo.explain raised {type(e).__name__}: {str(e)[:400]}")
+        return
+    print(f"torch.compile check {provider} (T={T}): graphs={ex.graph_count} graph_breaks={ex.graph_break_count}")
+    seen = set()
+    for reason in ex.break_reasons:
+        where = reason.user_stack[-1] if reason.user_stack else None
+        key = (str(reason.reason)[:160], f"{where.filename}:{where.lineno}" if where else "?")
+        if key not in seen:
+            seen.add(key)
+            print(f"  break at {key[1]}: {key[0]}")
 
 
 def main():
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--T", default="4096,16384,65536")
     ap.add_argument("--frac", type=float, default=0.125)
     ap.add_argument("--providers", default="natsl-gdn,natsl-mamba2,gdn-only,softmax")
-    ap.add_argument("--compile-check", action="store_true")
+    ap.add_argument("--compile-check", default="", help="comma-separated providers to run torch._dynamo.explain on")
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--out", default=None, help="also write the markdown table here")
+    ap.add_argument("--fla-hopper-bypass", action="store_true",
+                    help="set fla's #640 guard flag (Triton < 3.7.1 on Hopper; see utils.allow_fla_gated_backward_on_hopper)")
     args = ap.parse_args()
+    if args.fla_hopper_bypass:
+        allow_fla_gated_backward_on_hopper()
+    cuda = args.device.startswith("cuda")
+    dtype = torch.bfloat16 if cuda else torch.float32
+    timer = bench_ms if cuda else (lambda fn: (time_ms(fn, warmup=1, rep=3),))
     Ts = [int(t) for t in args.T.split(",")]
-    print(f"# {torch.cuda.get_device_name()} torch {torch.__version__} sha {os.environ.get('NATSL_GIT_SHA', '?')}")
+    header = f"# {env_line()}; forced softmax fraction {args.frac}, {dtype}"
+    print(header, flush=True)
     rows = []
     for prov in args.providers.split(","):
-        layer = make(prov, args.frac)
+        layer = make(prov, args.frac, args.device, dtype)
         t0 = time.time()
-        x = torch.randn(1, 1024, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        x = torch.randn(1, min(1024, Ts[0]), D, device=args.device, dtype=dtype, requires_grad=True)
         layer(x)[0].sum().backward()
-        torch.cuda.synchronize()
+        if cuda:
+            torch.cuda.synchronize()
         warm = time.time() - t0
         for T in Ts:
-            x = torch.randn(1, T, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+            x = torch.randn(1, T, D, device=args.device, dtype=dtype, requires_grad=True)
             dy = torch.randn_like(x)
-            torch.cuda.reset_peak_memory_stats()
+            if cuda:
+                torch.cuda.reset_peak_memory_stats()
 
-            def fwd():
+            def fwd(layer=layer, x=x):
                 return layer(x)[0]
 
-            def fwd_bwd():
+            def fwd_bwd(layer=layer, x=x, dy=dy):
+                x.grad = None
+                layer.zero_grad(set_to_none=True)
                 torch.autograd.backward(layer(x)[0], dy)
 
-            ms_f = do_bench(fwd, quantiles=[0.5])
-            ms_fb = do_bench(fwd_bwd, quantiles=[0.5], grad_to_none=[x, *layer.parameters()])
-            peak = torch.cuda.max_memory_allocated() / 2**20
+            ms_f = timer(fwd)[0]
+            ms_fb = timer(fwd_bwd)[0]
+            peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else float("nan")
             rows.append((prov, T, ms_f, ms_fb, T / ms_fb * 1e3, peak, warm))
             print(f"{prov:14s} T={T:6d} fwd {ms_f:8.3f} ms  fwd+bwd {ms_fb:8.3f} ms  {T / ms_fb * 1e3:12.0f} tok/s "
                   f"peak {peak:8.0f} MiB  (first call {warm:.1f} s)", flush=True)
-    print("\n| provider | T | fwd ms | fwd+bwd ms | tokens/s (fwd+bwd) | peak MiB |")
-    print("|---|---|---|---|---|---|")
-    for prov, T, f, fb, tps, peak, _ in rows:
-        print(f"| {prov} | {T} | {f:.3f} | {fb:.3f} | {tps:,.0f} | {peak:,.0f} |")
-    if args.compile_check:
-        import torch._dynamo as dynamo
-
-        layer = make("natsl-gdn", args.frac)
-        x = torch.randn(1, 4096, D, device="cuda", dtype=torch.bfloat16)
-        ex = dynamo.explain(layer)(x)
-        print(f"\ntorch.compile (dynamo.explain) natsl-gdn: graphs={ex.graph_count} graph_breaks={ex.graph_break_count}")
-        for reason in ex.break_reasons[:10]:
-            print("  break:", str(reason.reason)[:200])
+        del layer
+    lines = ["| provider | T | fwd ms | fwd+bwd ms | tokens/s (fwd+bwd) | peak MiB | first call s |",
+             "|---|---|---|---|---|---|---|"]
+    lines += [f"| {p} | {T} | {f:.3f} | {fb:.3f} | {tps:,.0f} | {pk:,.0f} | {w:.1f} |" for p, T, f, fb, tps, pk, w in rows]
+    table = "\n".join(lines)
+    print("\n" + table, flush=True)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(header + "\n\n" + table + "\n")
+    for prov in filter(None, args.compile_check.split(",")):
+        compile_check(prov, args.device, dtype, min(4096, Ts[-1]))
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from utils import bench_ms, env_line, markdown_table  # noqa: E402
+from utils import allow_fla_gated_backward_on_hopper, bench_ms, env_line, markdown_table  # noqa: E402
 
 from natsl.layers.linear import TORCH_LINEAR_OPS  # noqa: E402
 from natsl.layers.linear.branch import linear_branch  # noqa: E402
@@ -36,13 +36,6 @@ SHAPES = {"paper-340M": dict(B=1, H=6, Hr=6, K=128, V=256, C=64)}
 TS = [4096, 16384, 65536]
 FRACTIONS = [0.0, 0.125, 0.25, 0.5]
 GATE = dict(T=256, atol=2e-3)
-
-
-def allow_fla_gated_backward_on_hopper() -> None:
-    """fla #640 guard bypass for Triton < 3.7.1 on Hopper (see the module docstring)."""
-    import fla.ops.common.chunk_o as chunk_o
-
-    chunk_o.TRITON_ABOVE_3_7_1 = True
 
 
 def make_inputs(backend, shape, T, frac, seed=0, device="cuda", dtype=torch.bfloat16):

@@ -67,3 +67,46 @@ def markdown_table(rows: list[dict], columns: list[str]) -> str:
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(fmt(r.get(c, "")) for c in columns) + " |" for r in rows]
     return "\n".join(lines)
+
+
+def force_router(layer, frac: float, seed: int = 0) -> None:
+    """Replace the decision of `layer.router` (a natsl `BlockRouter`) by random blocks with softmax fraction `frac`
+    (each block independently, fixed per shape): the weights stay exactly one-hot and the router's
+    straight-through gradient still flows, so the training path (router gradients included) is what runs."""
+    router = layer.router
+    cache: dict = {}
+
+    def forward(x, cu_seqlens=None, layout=None):
+        w, p = type(router).forward(router, x, cu_seqlens, layout)
+        key = (tuple(w.shape), w.device)
+        if key not in cache:
+            g = torch.Generator(device="cpu").manual_seed(seed)
+            soft = torch.rand(w.shape[:-1], generator=g) < frac
+            cache[key] = torch.stack([soft, ~soft], -1).to(device=w.device, dtype=w.dtype)
+        return cache[key] + (w - w.detach()), p
+
+    router.forward = forward
+
+
+def time_ms(fn, warmup: int = 2, rep: int = 5) -> float:
+    """Median wall milliseconds of `fn()` with device syncs (a whole training step; CPU smoke runs too)."""
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    for _ in range(warmup):
+        fn()
+    sync()
+    times = []
+    for _ in range(rep):
+        start = time.perf_counter()
+        fn()
+        sync()
+        times.append((time.perf_counter() - start) * 1e3)
+    return sorted(times)[len(times) // 2]
+
+
+def allow_fla_gated_backward_on_hopper() -> None:
+    """Explicit harness opt-in: fla refuses its gated backward on Triton >= 3.4, < 3.7.1 on Hopper (fla #640); the
+    H200 image has Triton 3.6, so set fla's own flag `fla.ops.common.chunk_o.TRITON_ABOVE_3_7_1 = True`.
+    tests/gpu/test_linear_branch_gpu.py compares every gradient with the float64 reference under this bypass."""
+    import fla.ops.common.chunk_o as chunk_o
+
+    chunk_o.TRITON_ABOVE_3_7_1 = True
