@@ -22,6 +22,14 @@ def upcast(x: torch.Tensor) -> torch.Tensor:
     return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype a mixer's attention op runs in: the autocast dtype when autocast is on for `x`'s device (fp32
+    weights under bf16 autocast give bf16 projections but an fp32 residual stream), else `x.dtype`."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
+
+
 def check_choice(name: str, value, choices) -> None:
     if value not in choices:
         raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")

@@ -17,7 +17,7 @@ from natsl.layers.conv import ShortConv
 from natsl.layers.gates import LinearGates
 from natsl.layers.natsl_attention import RMSNorm, rotary
 from natsl.layers.state import LinearLayerState, SoftmaxLayerState, layer_state, linear_step
-from natsl.utils import LINEAR_BACKENDS, check_choice, check_mixer_forward, upcast
+from natsl.utils import LINEAR_BACKENDS, check_choice, check_mixer_forward, compute_dtype, upcast
 
 
 def linear_op(backend: str, impl: str, device: torch.device):
@@ -95,9 +95,10 @@ class LinearAttention(nn.Module):
         else:
             (q, cq), (k, ck), (v, cv) = (c.forward_with_state(p(x), state.conv.get(n)) for n, c, p in (
                 ("q", self.q_conv1d, self.q_proj), ("k", self.k_conv1d, self.k_proj), ("v", self.v_conv1d, self.v_proj)))
-        q = F.normalize(upcast(q.view(B, T, H, K)), dim=-1).to(x.dtype)
-        k = F.normalize(upcast(k.view(B, T, H, K)), dim=-1).to(x.dtype)
-        v = v.view(B, T, H, V)
+        cdt = compute_dtype(x)  # bf16 under autocast even though the residual stream x is fp32
+        q = F.normalize(upcast(q.view(B, T, H, K)), dim=-1).to(cdt)
+        k = F.normalize(upcast(k.view(B, T, H, K)), dim=-1).to(cdt)
+        v = v.view(B, T, H, V).to(cdt)
         g, beta, dt = self.gates(x)
         v_in = self.gates.value_input(v, dt)
         if state is None:

@@ -17,7 +17,7 @@ from natsl.layers.conv import ShortConv
 from natsl.layers.gates import LinearGates
 from natsl.layers.router import BlockRouter, straight_through
 from natsl.layers.state import NAtSLLayerState, layer_state, linear_step
-from natsl.utils import LINEAR_BACKENDS, check_choice, check_mixer_forward, upcast
+from natsl.utils import LINEAR_BACKENDS, check_choice, check_mixer_forward, compute_dtype, upcast
 
 LinearBackend = Literal["gdn", "deltanet", "gla", "mamba2", "linear_attn"]
 
@@ -196,7 +196,7 @@ class NAtSLAttention(nn.Module):
         g, beta, dt = self.gates(x)
         v_in = self.gates.value_input(v_l, dt)
         o_s, o_l, _ = natsl_attention(
-            q_s, k_s, v_s, q_l, k_l, v_in, weights.to(x.dtype), linear_backend=self.linear_backend, g=g, beta=beta,
+            q_s, k_s, v_s, q_l, k_l, v_in, weights.to(compute_dtype(x)), linear_backend=self.linear_backend, g=g, beta=beta,
             block_size=self.block_size, decay_through_softmax=self.decay_through_softmax,
             router_grad=self.router_grad, cu_seqlens=cu_seqlens, softmax_backend=self.softmax_backend,
             linear_impl=self.linear_impl)
@@ -213,12 +213,13 @@ class NAtSLAttention(nn.Module):
         """Post-conv `q, k, v` → softmax heads `(q_s, k_s, v_s)` and linear heads `(q_l, k_l, v_l)`."""
         B, T, _ = x.shape
         H_L, H_A = self.num_heads, self.num_softmax_heads
-        q_l = F.normalize(upcast(q.view(B, T, H_L, self.head_dim)), dim=-1).to(x.dtype)
-        k_l = F.normalize(upcast(k.view(B, T, H_L, self.head_dim)), dim=-1).to(x.dtype)
-        v_l = v.view(B, T, H_L, self.head_v_dim)
-        q_s = self.q_norm(q.view(B, T, H_A, self.softmax_head_dim)).to(x.dtype)
-        k_s = self.k_norm(k.view(B, T, H_A, self.softmax_head_dim)).to(x.dtype)
-        v_s = v.view(B, T, H_A, self.softmax_value_dim)
+        cdt = compute_dtype(x)  # one dtype for every head tensor (bf16 under autocast, else x's)
+        q_l = F.normalize(upcast(q.view(B, T, H_L, self.head_dim)), dim=-1).to(cdt)
+        k_l = F.normalize(upcast(k.view(B, T, H_L, self.head_dim)), dim=-1).to(cdt)
+        v_l = v.view(B, T, H_L, self.head_v_dim).to(cdt)
+        q_s = self.q_norm(q.view(B, T, H_A, self.softmax_head_dim)).to(cdt)
+        k_s = self.k_norm(k.view(B, T, H_A, self.softmax_head_dim)).to(cdt)
+        v_s = v.view(B, T, H_A, self.softmax_value_dim).to(cdt)
         if pos is not None:
             q_s, k_s = rotary(q_s, pos, self.rope_theta), rotary(k_s, pos, self.rope_theta)
         return q_s, k_s, v_s, q_l, k_l, v_l
@@ -297,7 +298,7 @@ class NAtSLAttention(nn.Module):
                 state.commit(is_soft[:, 0])
         else:
             if t0 == 0:  # empty cache: the fast softmax backends see exactly the full forward
-                o_s = softmax_branch(q_s, k_s, v_s, Routing(weights.to(x.dtype), C), backend=self.softmax_backend,
+                o_s = softmax_branch(q_s, k_s, v_s, Routing(weights.to(compute_dtype(x)), C), backend=self.softmax_backend,
                                      router_grad=self.router_grad)
             else:
                 o_s = state.attend_chunk(q_s, k_s, v_s, is_soft, scale_s)
@@ -313,7 +314,7 @@ class NAtSLAttention(nn.Module):
                 state.commit(is_soft[:, 0])
             if nc:  # whole blocks
                 c0, e = (1 if h else 0), h + nc * C
-                route = Routing(weights[:, c0:c0 + nc].to(x.dtype), C)
+                route = Routing(weights[:, c0:c0 + nc].to(compute_dtype(x)), C)
                 o, S = linear_branch(q_l[:, h:e], k_l[:, h:e], v_in[:, h:e], route, backend=self.linear_backend,
                                      g=None if g is None else g[:, h:e], beta=None if beta is None else beta[:, h:e],
                                      impl=self.linear_impl, scale=self.head_dim ** -0.5,
