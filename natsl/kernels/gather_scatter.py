@@ -83,9 +83,13 @@ def scatter_rows_fwd_kernel(
         tl.store(p_o, b_y, mask=m)
 
 
+# a plain bool (not an isinstance test on a kernel object at call time): torch.compile traces it without a break
+_INTERPRETED = not isinstance(gather_rows_fwd_kernel, triton.runtime.JITFunction)
+
+
 def interpreted() -> bool:
     """Whether natsl's kernels run under the Triton interpreter (`TRITON_INTERPRET=1` before triton was imported)."""
-    return not isinstance(gather_rows_fwd_kernel, triton.runtime.JITFunction)
+    return _INTERPRETED
 
 
 def uses_triton(t: torch.Tensor) -> bool:

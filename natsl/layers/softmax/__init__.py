@@ -52,7 +52,7 @@ def resolve(name: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, routin
         reasons = backend.not_supported_reasons(q, k, v, routing, router_grad)
         if not reasons:
             key = (q.device.type, cand, tuple(skipped))
-            if key not in _logged:
+            if key not in _logged and not torch.compiler.is_compiling():  # logging breaks a torch.compile graph
                 _logged.add(key)
                 why = "; ".join(skipped)
                 logger.info("softmax backend 'auto' -> %r on %s%s", cand, q.device.type,

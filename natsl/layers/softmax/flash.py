@@ -91,6 +91,11 @@ class TorchVarlen:
         return dq.to(q.dtype).contiguous(), dk.to(k.dtype).contiguous(), dv.to(v.dtype).contiguous()
 
 
+# looked up once (find_spec inside a traced call is a torch.compile graph break)
+_HAS_TORCH_VARLEN = hasattr(torch.ops.aten, "_flash_attention_backward") and \
+    importlib.util.find_spec("torch.nn.attention.varlen") is not None
+
+
 class TorchFlashVarlen:
     """torch's own flash-attention 2 kernels (`aten._flash_attention_forward/backward`, what
     `torch.nn.attention.varlen.varlen_attn` calls), fp16/bf16 on sm80+."""
@@ -104,8 +109,7 @@ class TorchFlashVarlen:
             out.append("torch's flash varlen kernels need a CUDA device")
         elif torch.cuda.get_device_capability(device) < (8, 0):
             out.append("torch's flash varlen kernels need compute capability >= 8.0")
-        if not hasattr(torch.ops.aten, "_flash_attention_backward") or importlib.util.find_spec(
-                "torch.nn.attention.varlen") is None:
+        if not _HAS_TORCH_VARLEN:
             out.append(f"torch {torch.__version__} has no varlen flash attention (needs torch >= 2.10)")
         elif device.type == "cuda" and not torch.backends.cuda.is_flash_attention_available():
             out.append("this torch build has no flash attention kernels")
