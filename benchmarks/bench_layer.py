@@ -18,7 +18,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from utils import allow_fla_gated_backward_on_hopper, bench_ms, env_line, force_router, time_ms  # noqa: E402
+from utils import add_common_args, bench_ms, env_line, force_router, parse_common, time_ms  # noqa: E402
 
 from natsl import NAtSLAttention  # noqa: E402
 from natsl.layers.baselines import LinearAttention, SoftmaxAttention  # noqa: E402
@@ -67,13 +67,8 @@ def main():
     ap.add_argument("--frac", type=float, default=0.125)
     ap.add_argument("--providers", default="natsl-gdn,natsl-mamba2,gdn-only,softmax")
     ap.add_argument("--compile-check", default="", help="comma-separated providers to run torch._dynamo.explain on")
-    ap.add_argument("--device", default="cuda")
-    ap.add_argument("--out", default=None, help="also write the markdown table here")
-    ap.add_argument("--fla-hopper-bypass", action="store_true",
-                    help="set fla's #640 guard flag (Triton < 3.7.1 on Hopper; see utils.allow_fla_gated_backward_on_hopper)")
-    args = ap.parse_args()
-    if args.fla_hopper_bypass:
-        allow_fla_gated_backward_on_hopper()
+    add_common_args(ap)
+    args = parse_common(ap)
     cuda = args.device.startswith("cuda")
     dtype = torch.bfloat16 if cuda else torch.float32
     timer = bench_ms if cuda else (lambda fn: (time_ms(fn, warmup=1, rep=3),))

@@ -22,7 +22,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from utils import allow_fla_gated_backward_on_hopper, env_line, force_router, markdown_table, time_ms  # noqa: E402
+from utils import add_common_args, env_line, force_router, markdown_table, parse_common, time_ms  # noqa: E402
 
 from natsl import NAtSLAttention, NAtSLConfig, NAtSLForCausalLM  # noqa: E402
 
@@ -64,13 +64,8 @@ def main():
     ap.add_argument("--linear-backend", default="gdn")
     ap.add_argument("--frac", type=float, default=0.125)
     ap.add_argument("--steps", type=int, default=5)
-    ap.add_argument("--device", default="cuda")
-    ap.add_argument("--out", default=None, help="also write the markdown table here")
-    ap.add_argument("--fla-hopper-bypass", action="store_true",
-                    help="set fla's #640 guard flag (Triton < 3.7.1 on Hopper; see utils.allow_fla_gated_backward_on_hopper)")
-    args = ap.parse_args()
-    if args.fla_hopper_bypass:
-        allow_fla_gated_backward_on_hopper()
+    add_common_args(ap)
+    args = parse_common(ap)
     cuda = args.device.startswith("cuda")
     Ts = [int(t) for t in args.T.split(",")]
     header = f"# {env_line()}; size {args.size}, backend {args.linear_backend}, forced softmax fraction {args.frac}"

@@ -110,3 +110,19 @@ def allow_fla_gated_backward_on_hopper() -> None:
     import fla.ops.common.chunk_o as chunk_o
 
     chunk_o.TRITON_ABOVE_3_7_1 = True
+
+
+def add_common_args(ap) -> None:
+    """`--device`, `--out`, `--fla-hopper-bypass`: shared by the layer and model benchmarks."""
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--out", default=None, help="also write the markdown table here")
+    ap.add_argument("--fla-hopper-bypass", action="store_true",
+                    help="set fla's #640 guard flag (Triton < 3.7.1 on Hopper; see allow_fla_gated_backward_on_hopper)")
+
+
+def parse_common(ap):
+    """`ap.parse_args()`, applying `--fla-hopper-bypass`."""
+    args = ap.parse_args()
+    if args.fla_hopper_bypass:
+        allow_fla_gated_backward_on_hopper()
+    return args
