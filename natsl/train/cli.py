@@ -18,6 +18,7 @@ from natsl.train.loop import (
     MODEL_KINDS,
     TrainSettings,
     build_config,
+    ddp_active,
     dist_info,
     init_distributed,
     make_eval_set,
@@ -218,7 +219,7 @@ def run_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
                              progress=not args.no_progress)
     header = (f"natsl train: task {task.describe()}; models {', '.join(models)} ({args.size}, "
               f"{configs[models[0]].linear_backend}, block {configs[models[0]].block_size}); {args.steps} steps x "
-              f"{args.batch_size} x {world} process(es) on {device}; out {out}")
+              f"{args.batch_size} x {world} process(es){' (DDP)' if ddp_active() else ''} on {device}; out {out}")
     if rank == 0:
         _log(header)
     eval_set = make_eval_set(task, args.eval_examples, args.batch_size, args.seed)
@@ -240,7 +241,7 @@ def run_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from natsl.train import report
 
     run_info = {"command": " ".join(sys.argv), "task": task.describe(), "args": vars(args), "device": device,
-                "world_size": world, "torch": torch.__version__, "total_s": time.perf_counter() - t0,
+                "world_size": world, "ddp": ddp_active(), "torch": torch.__version__, "total_s": time.perf_counter() - t0,
                 "settings": settings.__dict__, "configs": {m: c.to_dict() for m, c in configs.items()}}
     files = report.write_metrics(out, results, run_info)
     summary = report.format_summary(results, header)

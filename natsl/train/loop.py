@@ -126,11 +126,23 @@ def dist_info() -> tuple[int, int, int]:
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
 
 
+def under_torchrun() -> bool:
+    """Whether this process was launched by torchrun (its environment names a rank), one process included."""
+    return all(k in os.environ for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR"))
+
+
+def ddp_active() -> bool:
+    """Whether a process group is up, so the model is trained wrapped in `DistributedDataParallel`."""
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized()
+
+
 def init_distributed(device: str) -> str:
-    """Under torchrun (WORLD_SIZE > 1): init the process group (NCCL on CUDA, gloo on CPU) and return this rank's
-    device; otherwise return `device` unchanged."""
+    """Under torchrun (any number of processes, so that one process also runs the DDP path): init the process
+    group (NCCL on CUDA, gloo on CPU) and return this rank's device; otherwise return `device` unchanged."""
     rank, world, local_rank = dist_info()
-    if world <= 1:
+    if not under_torchrun():
         return device
     import torch.distributed as dist
 
@@ -350,7 +362,7 @@ def train_model(name: str, config: NAtSLConfig, task: Task, settings: TrainSetti
             log(f"{name}: resumed from {ckpt} at step {start}")
 
     train_model_ = model
-    if world > 1:
+    if ddp_active():
         from torch.nn.parallel import DistributedDataParallel
 
         train_model_ = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
@@ -411,7 +423,7 @@ def train_model(name: str, config: NAtSLConfig, task: Task, settings: TrainSetti
             save_checkpoint(ckpt, model, optimizer, scheduler, state(done))
     if bar is not None:
         bar.close()
-    if world > 1:
+    if ddp_active():
         import torch.distributed as dist
 
         dist.barrier()

@@ -179,14 +179,17 @@ def test_module_entry_point():
     assert res.returncode == 2 and "unknown model kind(s) nope" in res.stderr
 
 
-def test_ddp_on_cpu_with_torchrun(tmp_path):
-    """Two gloo processes under torchrun: rank 0 alone writes the reports; tokens/s counts both processes."""
+@pytest.mark.parametrize("nproc", [2, 1])
+def test_ddp_on_cpu_with_torchrun(tmp_path, nproc):
+    """gloo processes under torchrun (one process too: it must still take the DDP path): rank 0 alone writes the
+    reports; tokens/s counts every process."""
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "natsl.train",
-           "--task", "mqar", "--seq-len", "32", "--num-kv-pairs", "4", "--vocab", "24", "--steps", "6",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), "-m",
+           "natsl.train", "--task", "mqar", "--seq-len", "32", "--num-kv-pairs", "4", "--vocab", "24", "--steps", "6",
            "--models", "natsl", "--no-plots", "--device", "cpu", "--out", str(tmp_path / "ddp"), *TINY]
     res = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     m = json.loads((tmp_path / "ddp" / "metrics.json").read_text())
-    assert m["run"]["world_size"] == 2 and m["models"][0]["steps"] == 6
+    assert m["run"]["world_size"] == nproc and m["run"]["ddp"] and m["models"][0]["steps"] == 6
+    assert f"{nproc} process(es) (DDP)" in res.stdout
     assert res.stdout.count("softmax fraction per natsl layer") == 1
