@@ -76,7 +76,9 @@ class NAtSLAttention(nn.Module):
         router_sample (str): `"argmax"` or `"gumbel"`. Default: `"argmax"`.
         router_temperature (float): straight-through softmax temperature. Default: `1.0`.
         router_grad (str): `"selected"` or `"both"` (spec §1.7). Default: `"selected"`.
-        router_budget (float, Optional): target softmax fraction of the optional regulariser; `None` = off (paper).
+        router_budget (float, Optional): target softmax fraction of the optional regulariser
+            `router_budget_weight · (mean p_softmax − router_budget)²` on the *expected* fraction (mean router
+            probability); with argmax routing the routed fraction can differ (even be 0). `None` = off (paper).
         router_budget_weight (float): weight of that regulariser. Default: `1.0`.
         use_rope (bool): RoPE on the softmax branch's q/k. Default: `False` (paper).
         rope_theta (float): RoPE base. Default: `10000.0`.
