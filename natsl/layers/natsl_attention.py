@@ -198,7 +198,7 @@ class NAtSLAttention(nn.Module):
         g, beta, dt = self.gates(x)
         v_in = self.gates.value_input(v_l, dt)
         o_s, o_l, _ = natsl_attention(
-            q_s, k_s, v_s, q_l, k_l, v_in, weights.to(compute_dtype(x)), linear_backend=self.linear_backend, g=g, beta=beta,
+            q_s, k_s, v_s, q_l, k_l, v_in, weights.to(q_s.dtype), linear_backend=self.linear_backend, g=g, beta=beta,
             block_size=self.block_size, decay_through_softmax=self.decay_through_softmax,
             router_grad=self.router_grad, cu_seqlens=cu_seqlens, softmax_backend=self.softmax_backend,
             linear_impl=self.linear_impl)
@@ -300,7 +300,7 @@ class NAtSLAttention(nn.Module):
                 state.commit(is_soft[:, 0])
         else:
             if t0 == 0:  # empty cache: the fast softmax backends see exactly the full forward
-                o_s = softmax_branch(q_s, k_s, v_s, Routing(weights.to(compute_dtype(x)), C), backend=self.softmax_backend,
+                o_s = softmax_branch(q_s, k_s, v_s, Routing(weights.to(q_s.dtype), C), backend=self.softmax_backend,
                                      router_grad=self.router_grad)
             else:
                 o_s = state.attend_chunk(q_s, k_s, v_s, is_soft, scale_s)
@@ -316,7 +316,7 @@ class NAtSLAttention(nn.Module):
                 state.commit(is_soft[:, 0])
             if nc:  # whole blocks
                 c0, e = (1 if h else 0), h + nc * C
-                route = Routing(weights[:, c0:c0 + nc].to(compute_dtype(x)), C)
+                route = Routing(weights[:, c0:c0 + nc].to(q_l.dtype), C)
                 o, S = linear_branch(q_l[:, h:e], k_l[:, h:e], v_in[:, h:e], route, backend=self.linear_backend,
                                      g=None if g is None else g[:, h:e], beta=None if beta is None else beta[:, h:e],
                                      impl=self.linear_impl, scale=self.head_dim ** -0.5,
