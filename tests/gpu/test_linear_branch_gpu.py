@@ -17,7 +17,6 @@ Two explicit harness opt-ins, active only inside this module (restored afterward
   shape otherwise; correctness does not depend on the config). `NATSL_GPU_AUTOTUNE=1` tunes as usual.
 """
 
-import os
 
 import pytest
 import torch
@@ -33,6 +32,7 @@ from natsl.reference import linear_branch_reference
 pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif(gs.interpreted(), reason="set NATSL_TEST_DEVICE=cuda: the Triton interpreter is on"),
+    pytest.mark.usefixtures("fla_harness"),  # tests/gpu/conftest.py: fla #640 bypass, first autotune config
 ]
 
 DEV = "cuda"
@@ -48,20 +48,6 @@ CASES = {
     "gdn-no-decay-through-softmax": ("gdn", 1, 200, 2, 2, 64, 128, 64, None, False, "selected", 0.4),
     "mamba2-router-grad-both": ("mamba2", 1, 200, 2, 2, 64, 128, 64, None, True, "both", 0.4),
 }
-
-
-@pytest.fixture(scope="module", autouse=True)
-def fla_harness():
-    pytest.importorskip("fla")
-    import fla.ops.common.chunk_o as chunk_o
-    import triton.runtime.autotuner as autotuner
-
-    saved_flag, saved_prune = chunk_o.TRITON_ABOVE_3_7_1, autotuner.Autotuner.prune_configs
-    chunk_o.TRITON_ABOVE_3_7_1 = True  # fla #640 bypass, see the module docstring
-    if os.environ.get("NATSL_GPU_AUTOTUNE") != "1":
-        autotuner.Autotuner.prune_configs = lambda self, kwargs: saved_prune(self, kwargs)[:1]
-    yield
-    chunk_o.TRITON_ABOVE_3_7_1, autotuner.Autotuner.prune_configs = saved_flag, saved_prune
 
 
 def make(case, seed=0):

@@ -3,9 +3,9 @@
 
 Run on the H200 with `NATSL_TEST_DEVICE=cuda python -m pytest -q -m gpu tests/gpu/test_train_gpu.py` (fla installed).
 Harness opt-in, as in test_linear_branch_gpu.py: on Triton >= 3.4, < 3.7.1 + Hopper fla refuses its gated backward
-(fla #640); the H200 image has Triton 3.6, so fla's own flag `fla.ops.common.chunk_o.TRITON_ABOVE_3_7_1` is set here
-(in-process) and by the torchrun entry script below; gradients under that bypass are checked against the float64
-reference in test_linear_branch_gpu.py, not here.
+(fla #640); the H200 image has Triton 3.6, so fla's own flag `fla.ops.common.chunk_o.TRITON_ABOVE_3_7_1` is set
+in-process by the `fla_harness` fixture (tests/gpu/conftest.py) and by the torchrun entry script below; gradients
+under that bypass are checked against the float64 reference in test_linear_branch_gpu.py, not here.
 """
 
 import json
@@ -23,21 +23,11 @@ from natsl import NAtSLConfig, NAtSLForCausalLM
 pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif(gs.interpreted(), reason="set NATSL_TEST_DEVICE=cuda: the Triton interpreter is on"),
+    pytest.mark.usefixtures("fla_harness"),  # tests/gpu/conftest.py: fla #640 bypass, first autotune config
 ]
 ROOT = Path(__file__).resolve().parents[2]
 ENTRY = ("import sys\nimport fla.ops.common.chunk_o as m\nm.TRITON_ABOVE_3_7_1 = True  # fla #640, see module doc\n"
          "from natsl.train.cli import train_main\nsys.exit(train_main(sys.argv[1:]))\n")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def fla_bypass():
-    pytest.importorskip("fla")
-    import fla.ops.common.chunk_o as chunk_o
-
-    saved = chunk_o.TRITON_ABOVE_3_7_1
-    chunk_o.TRITON_ABOVE_3_7_1 = True
-    yield
-    chunk_o.TRITON_ABOVE_3_7_1 = saved
 
 
 @pytest.mark.parametrize("family", ["natsl", "layer_hybrid"])
