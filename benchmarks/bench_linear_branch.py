@@ -6,6 +6,7 @@ autotune) times; a breakdown of the branch's parts; correctness-gated against th
 
 Run on the H200 (fla brought as wheels, see shared/gpu/README.md):
     python benchmarks/bench_linear_branch.py --backends gdn --out $OUT/bench_linear_branch.md
+    (`--compile-modes auto,off`: the natsl rows with the block maths compiled and eager, side by side)
 
 Harness opt-in (explicit, only here and in the GPU test): fla refuses its gated backward on Triton >= 3.4,
 < 3.7.1 on Hopper (fla #640); the H200 image has Triton 3.6, so `fla.ops.common.chunk_o.TRITON_ABOVE_3_7_1` is set
@@ -16,6 +17,8 @@ float64 reference, so timings are only printed for a backward that is right.
 from __future__ import annotations
 
 import argparse
+import itertools
+import os
 import sys
 import time
 from pathlib import Path
@@ -26,10 +29,12 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from utils import allow_fla_gated_backward_on_hopper, bench_ms, env_line, markdown_table  # noqa: E402
 
+import natsl.layers.linear.branch as br  # noqa: E402
 from natsl.layers.linear import TORCH_LINEAR_OPS  # noqa: E402
 from natsl.layers.linear.branch import linear_branch  # noqa: E402
 from natsl.layers.routing import Routing, routing_gates  # noqa: E402
 from natsl.reference import linear_branch_reference  # noqa: E402
+from natsl.utils import check_choice  # noqa: E402
 
 PROVIDERS = ["fla-plain", "natsl-branch", "natsl-branch-frozen-routing"]
 SHAPES = {"paper-340M": dict(B=1, H=6, Hr=6, K=128, V=256, C=64)}
@@ -139,7 +144,6 @@ def first_call_s(backend, shape, provider, T=1024) -> float:
 
 def breakdown(backend, shape, T, frac) -> list[dict]:
     """Parts of the gdn/deltanet branch at one shape (fwd+bwd where differentiable)."""
-    import natsl.layers.linear.branch as br
     from natsl.layers.linear.fla_ops import FLA_LINEAR_OPS
 
     x, routing = make_inputs(backend, shape, T, frac)
@@ -160,10 +164,9 @@ def breakdown(backend, shape, T, frac) -> list[dict]:
     idx = br._block_rows(c, b, r, n)
 
     def wy():
-        qb, kb, vb = (br._t(br._blockify(x[m], idx, c.Hr), c) for m in ("q", "k", "v"))
-        bb = br._t(br._blockify(x["beta"][..., None], idx, c.Hr), c)[..., 0]
-        gb = None if "g" not in x else br._t(br._blockify(x["g"][..., None], idx, c.Hr), c)[..., 0]
-        q_read, o_blk = br._delta_block_read_and_local(qb, kb, vb, bb, gb, c.scale)
+        qb, kb, vb = (br._blockify(x[m], idx, c.Hr) for m in ("q", "k", "v"))
+        q_read, o_blk = br._delta_blocks(qb, kb, vb, br._blockify_gate(x["beta"], idx, c.Hr),
+                                         br._blockify_gate(x.get("g"), idx, c.Hr), c.scale)
         (q_read.sum() + o_blk.sum()).backward()
 
     def main():
@@ -203,8 +206,14 @@ def main():
     ap.add_argument("--backends", default="gdn")
     ap.add_argument("--ts", default=",".join(map(str, TS)))
     ap.add_argument("--fractions", default=",".join(map(str, FRACTIONS)))
+    ap.add_argument("--compile-modes", default="auto",
+                    help="NATSL_COMPILE values to time the natsl rows under, e.g. 'auto,off' (compiled and eager)")
+    ap.add_argument("--no-breakdown", action="store_true", help="skip the parts breakdown and the profile")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
+    modes = args.compile_modes.split(",")
+    for m in modes:
+        check_choice("--compile-modes", m, br.COMPILE_MODES)
     allow_fla_gated_backward_on_hopper()
     shape_name, shape = next(iter(SHAPES.items()))
     report = [f"# bench_linear_branch ({env_line()})", f"shape {shape_name}: {shape}, B=1, bf16", ""]
@@ -216,8 +225,12 @@ def main():
             Path(args.out).write_text("\n".join(report) + "\n")
 
     for backend in args.backends.split(","):
-        compile_rows = [{"provider": p, "first fwd+bwd call at T=1024 (s)": first_call_s(backend, shape, p)}
-                        for p in PROVIDERS[:2]]
+        compile_rows = []
+        for p in PROVIDERS[:2]:
+            for m in (modes if p != "fla-plain" else modes[:1]):
+                os.environ["NATSL_COMPILE"] = m
+                compile_rows.append({"provider": p if p == "fla-plain" else f"{p} (NATSL_COMPILE={m})",
+                                     "first fwd+bwd call at T=1024 (s)": first_call_s(backend, shape, p)})
         ok, msg = correctness_gate(backend, shape)
         emit(f"## {backend}: correctness gate at T={GATE['T']} vs float64 reference: {'PASS' if ok else 'FAIL'}")
         emit(msg)
@@ -228,8 +241,10 @@ def main():
         rows = []
         for T in map(int, args.ts.split(",")):
             plain = {m: bench_ms(setup(backend, shape, T, 0.0, "fla-plain", m)[0])[0] for m in ("fwd", "fwd+bwd")}
-            for frac in map(float, args.fractions.split(",")):
-                row = {"T": T, "softmax": f"{frac:.1%}", "plain fwd": plain["fwd"], "plain fwd+bwd": plain["fwd+bwd"]}
+            for frac, mode in itertools.product(map(float, args.fractions.split(",")), modes):
+                os.environ["NATSL_COMPILE"] = mode
+                row = {"T": T, "softmax": f"{frac:.1%}", "compile": mode, "plain fwd": plain["fwd"],
+                       "plain fwd+bwd": plain["fwd+bwd"]}
                 for p, tag in (("natsl-branch-frozen-routing", "frozen"), ("natsl-branch", "train")):
                     for m in ("fwd", "fwd+bwd"):
                         row[f"{tag} {m}"] = bench_ms(setup(backend, shape, T, frac, p, m)[0])[0]
@@ -240,15 +255,18 @@ def main():
                 row["peak MiB (train)"] = torch.cuda.max_memory_allocated() / 2**20
                 rows.append(row)
                 print(row, flush=True)  # noqa: T201
-        emit(markdown_table(rows, ["T", "softmax", "plain fwd", "plain fwd+bwd", "frozen fwd", "frozen fwd+bwd",
+        emit(markdown_table(rows, ["T", "softmax", "compile", "plain fwd", "plain fwd+bwd", "frozen fwd", "frozen fwd+bwd",
                                    "train fwd", "train fwd+bwd", "frozen fwd+bwd / plain", "train fwd+bwd / plain",
                                    "peak MiB (train)"]))
-        if backend in ("gdn", "deltanet"):
+        if backend in ("gdn", "deltanet") and not args.no_breakdown:
             T = max(map(int, args.ts.split(",")))
-            emit(f"\nbreakdown at T={T}, 12.5% softmax blocks (ms):")
-            emit(markdown_table(breakdown(backend, shape, T, 0.125), ["part", "ms"]))
-            emit(f"\ntop GPU kernels of one training fwd+bwd at T={T}, 12.5% softmax blocks (torch.profiler):")
-            emit(profile_table(backend, shape, T, 0.125))
+            for mode in modes:
+                os.environ["NATSL_COMPILE"] = mode
+                emit(f"\nbreakdown at T={T}, 12.5% softmax blocks, NATSL_COMPILE={mode} (ms):")
+                emit(markdown_table(breakdown(backend, shape, T, 0.125), ["part", "ms"]))
+                emit(f"\ntop GPU kernels of one training fwd+bwd at T={T}, 12.5% softmax blocks, "
+                     f"NATSL_COMPILE={mode} (torch.profiler):")
+                emit(profile_table(backend, shape, T, 0.125))
         emit()
 
 

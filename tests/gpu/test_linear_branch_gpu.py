@@ -84,8 +84,14 @@ def max_err(a, b):
     return (a.double() - b.double()).abs().max().item()
 
 
-@pytest.mark.parametrize("name", list(CASES))
-def test_linear_branch_bf16_vs_reference(name):
+# every case with the default `NATSL_COMPILE=auto` (the delta rule's block maths compiled by Inductor on CUDA), and
+# the delta-rule cases eager as well
+RUNS = [(name, "auto") for name in CASES] + [(name, "off") for name in ("gdn", "deltanet", "gdn-packed")]
+
+
+@pytest.mark.parametrize("name,compile_mode", RUNS, ids=[f"{n}-compile-{m}" for n, m in RUNS])
+def test_linear_branch_bf16_vs_reference(name, compile_mode, monkeypatch):
+    monkeypatch.setenv("NATSL_COMPILE", compile_mode)
     case = CASES[name]
     backend, B, T, Hr, G, K, V, C, _, dts, rg, _ = case
     x, routing, cu, cot = make(case)

@@ -267,3 +267,27 @@ def test_fla_impl_interpreted_matches_reference(backend, cfg):
                          init=True, dtype=torch.float32)
     out, ref = run_both(backend, x, w, cu, cfg["C"], impl="fla", dts=cfg["dts"], scale=16 ** -0.5)
     check(out, ref, ratio=2e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["dense", "packed"])
+def test_compiled_block_maths(packed, monkeypatch):
+    """`NATSL_COMPILE=on`: the delta rule's block maths (`_delta_blocks`, the router-gradient correction) traced as
+    one graph each (`fullgraph=True`) and run through AOTAutograd (`aot_eager`: Inductor's codegen is covered by the
+    GPU test) give the reference's outputs and gradients, router gradient included."""
+    import natsl.layers.linear.branch as br
+
+    monkeypatch.setenv("NATSL_COMPILE", "on")
+    monkeypatch.setattr(br, "COMPILE_BACKEND", "aot_eager")
+    torch._dynamo.reset()
+    x, w, cu = make_case(17, "gdn", 1 if packed else 2, 150, 2, 1, 4, 3, 64, 0.5, packed=packed, init=True)
+    out, ref = run_both("gdn", x, w, cu, 64, router_grad="both")
+    check(out, ref, ratio=1e-9, atol=1e-11)
+    used = {k[0].__name__ for k in br._COMPILED if k[1] == "aot_eager"}
+    assert {"_delta_blocks", "_dense_gate_grad" if not packed else "_gate_grad_blocks"} <= used
+
+
+def test_compile_mode_is_checked(monkeypatch):
+    monkeypatch.setenv("NATSL_COMPILE", "yes")
+    x, w, cu = make_case(1, "gdn", 1, 20, 1, 1, 4, 3, 8, 0.5)
+    with pytest.raises(ValueError, match="NATSL_COMPILE"):
+        run_both("gdn", x, w, cu, 8)

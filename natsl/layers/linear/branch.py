@@ -7,6 +7,8 @@ why each is exact (including the router gradient) are in `natsl/layers/README.md
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from natsl.kernels.naive import naive_gather_rows, naive_scatter_rows
@@ -15,6 +17,41 @@ from natsl.utils import LINEAR_BACKENDS, ROUTER_GRADS, check_choice
 
 LINEAR_IMPLS = ("auto", "fla", "torch")
 DELTA_BACKENDS = ("gdn", "deltanet")
+COMPILE_MODES = ("auto", "on", "off")
+#: Inductor backend of the compiled block maths; tests set `"aot_eager"` to check the traced graphs on CPU.
+COMPILE_BACKEND = "inductor"
+_COMPILED: dict = {}
+
+
+def _block_math(fn):
+    """`fn` (pure tensor maths of the per-block WY solves) compiled with `torch.compile` where `NATSL_COMPILE`
+    allows it, eager otherwise.
+
+    The delta-rule branch does a few hundred small torch ops per call on 64×64 blocks; eager, they are bound by
+    host launches (benchmarks/RESULTS.md, "Linear branch"). Compiled, Inductor fuses the element-wise work and
+    one graph replaces the per-op autograd records. `NATSL_COMPILE`: `"auto"` (default: CUDA tensors only),
+    `"on"` (any device; needs a working Inductor backend, e.g. a C++ compiler on CPU) or `"off"`. The first call
+    per shape family compiles (seconds); the block count is marked dynamic so changing routings do not recompile.
+    Inside an outer `torch.compile` the eager function is traced as part of the outer graph.
+    """
+
+    def call(*args):
+        mode = os.environ.get("NATSL_COMPILE", "auto")
+        check_choice("NATSL_COMPILE", mode, COMPILE_MODES)
+        t0 = args[0]
+        if mode == "off" or (mode == "auto" and not t0.is_cuda) or torch.compiler.is_compiling():
+            return fn(*args)
+        key = (fn, COMPILE_BACKEND)
+        if key not in _COMPILED:
+            _COMPILED[key] = torch.compile(fn, fullgraph=True, backend=COMPILE_BACKEND)
+        for a in args:
+            if isinstance(a, torch.Tensor):
+                torch._dynamo.maybe_mark_dynamic(a, 0)
+        return _COMPILED[key](*args)
+
+    call.__wrapped__ = fn
+    call.__doc__ = fn.__doc__
+    return call
 
 
 def resolve_linear_op(backend: str, impl: str, device: torch.device):
@@ -181,9 +218,13 @@ def _selected_blocks(mask: torch.Tensor):
     return b, r, n
 
 
-def _t(x: torch.Tensor | None, c: _Call) -> torch.Tensor | None:
-    """`[nb, C, G, *]` → `[nb, G, C, *]` in the compute dtype."""
-    return None if x is None else x.transpose(1, 2).to(c.cdt)
+def _packed_blocks(c: _Call, x: torch.Tensor | None, idx: torch.Tensor) -> torch.Tensor | None:
+    """`[1, T, H, D]` or `[1, T, H]` → `[n, H, C, D]` / `[n, H, C]` in the compute dtype: the token rows `idx
+    [n, C]` of packed input (zero where `idx < 0`)."""
+    if x is None:
+        return None
+    y = _blockify(x if x.dim() == 4 else x[..., None], idx, 1).transpose(1, 2).to(c.cdt)
+    return y if x.dim() == 4 else y[..., 0]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -241,22 +282,47 @@ def _delta_block_read_and_local(qb, kb, vb, bb, gb, scale):
     return q_read, scale * ((QK * gamma) @ PG) @ (bcol * vb)
 
 
-def _token_blocks(c: _Call, x: torch.Tensor, prev: bool = False) -> torch.Tensor:
-    """`[B, T, H, *]` → `[B*N, H, C, *]` in the compute dtype: every block of every row, zero-padded (a view and
-    one copy for dense input, a gather for packed input). `prev`: the previous token's row instead (zero at
-    sequence starts)."""
-    x4 = x if x.dim() == 4 else x[..., None]
-    B, T, H, D = x4.shape
-    if c.cu is None:
-        if prev:
-            x4 = torch.nn.functional.pad(x4[:, :-1], (0, 0, 0, 0, 1, 0))
-        x4 = torch.nn.functional.pad(x4, (0, 0, 0, 0, 0, c.lay.N * c.C - T))
-        y = x4.view(B * c.lay.N, c.C, H, D)
-    else:
-        idx = c.all_rows_prev if prev else c.all_rows
-        y = _blockify(x4, idx, 1)
-    y = y.transpose(1, 2).to(c.cdt)
-    return y if x.dim() == 4 else y[..., 0]
+@_block_math
+def _delta_blocks(qb, kb, vb, bb, gb, scale: float):
+    """Gathered softmax blocks `q, k [nb, C, G, K]`, `v [nb, C, G, V]`, `β, g [nb, C, G]` (g may be None) →
+    `(q_read [nb·C, G·K], o_blk [nb·C, G·V])` in the compute dtype (`_delta_block_read_and_local`)."""
+    cdt = torch.promote_types(qb.dtype, torch.float32)
+    q_read, o_blk = _delta_block_read_and_local(*(None if x is None else x.transpose(1, 2).to(cdt)
+                                                  for x in (qb, kb, vb, bb, gb)), scale)
+    nb, G, C = q_read.shape[:3]
+    return q_read.transpose(1, 2).reshape(nb * C, -1), o_blk.transpose(1, 2).reshape(nb * C, -1)
+
+
+def _gate_grad_blocks(Qb, Kb, Rb, Vb, gb, Bb, Wb, dOb, scale):
+    """`β_s a_s·u_s` per token of blocks `[nb, H, C, *]` (compute dtype; `Rb` the previous token's read, `gb` may
+    be None): see `_delta_in_block_gate_grad`. Returns `[nb, H, C]`."""
+    Ub = Vb - Rb * (1.0 if gb is None else gb.exp()[..., None])
+    gamma = _causal_decay(gb, Qb)
+    P = _unit_lower_inverse(((Bb * Wb)[..., None] * (Kb @ Kb.transpose(-1, -2)) * gamma).tril(-1))
+    Z = (scale * (Qb @ Kb.transpose(-1, -2)) * gamma).transpose(-1, -2) @ (dOb @ Ub.transpose(-1, -2))
+    return Bb * (P * Z).sum(-2)
+
+
+@_block_math
+def _dense_gate_grad(q_in, k, prev, v, beta, g, w, do, C: int, scale: float):
+    """`_gate_grad_blocks` for dense `[B, T, H, *]` token tensors (`prev`: the previous token's read, the initial
+    state's read at t = 0), blocked here (zero-padded last block). Returns `[B, T, H]`."""
+    B, T, H = q_in.shape[:3]
+    N = (T + C - 1) // C
+    cdt = torch.promote_types(q_in.dtype, torch.float32)
+
+    def blocks(x):
+        if x is None:
+            return None
+        x4 = x if x.dim() == 4 else x[..., None]
+        y = torch.nn.functional.pad(x4, (0, 0, 0, 0, 0, N * C - T)).reshape(B * N, C, H, -1).transpose(1, 2)
+        return y.to(cdt) if x.dim() == 4 else y[..., 0].to(cdt)
+
+    corr = _gate_grad_blocks(*(blocks(x) for x in (q_in, k, prev, v, g, beta, w, do)), scale)
+    return corr.transpose(1, 2).reshape(B, N * C, H)[:, :T]
+
+
+_packed_gate_grad = _block_math(_gate_grad_blocks)
 
 
 def _delta_in_block_gate_grad(c: _Call, q_in, k, v, beta, g, w, o_r, initial_state, do):
@@ -266,20 +332,19 @@ def _delta_in_block_gate_grad(c: _Call, q_in, k, v, beta, g, w, o_r, initial_sta
     `o_r` is the reads pass output (`S_tᵀ k_{t+1}` at token t), so `u_t = v_t − α_t o_r[t−1]` (and `S_0ᵀ k_t` at a
     sequence start). With `P = (I + L)^{-1}` and `X` the block's causal read matrix,
     `β_s a_s·u_s = β_s Σ_t' P_{t's} (Xᵀ D)_{t's}`, `D_{ts} = dO_t·u_s`: only `C×C` products besides `D`."""
-    Qb, Kb = _token_blocks(c, q_in), _token_blocks(c, k)
-    Rb = _token_blocks(c, o_r, prev=True)  # [nb, H, C, V]
+    read0 = None
     if initial_state is not None:
-        k0 = k.reshape(c.B * c.T, c.H, c.K)[c.first_rows].to(c.cdt)
-        Rb[c.first_blocks, :, 0] = torch.einsum("nhk,nhkv->nhv", k0, initial_state.to(c.cdt))
-    gb = None if g is None else _token_blocks(c, g)
-    Ub = _token_blocks(c, v) - Rb * (1.0 if gb is None else gb.exp()[..., None])
-    Bb = _token_blocks(c, beta)
-    gamma = _causal_decay(gb, Qb)
-    P = _unit_lower_inverse(((Bb * _token_blocks(c, w))[..., None] * (Kb @ Kb.transpose(-1, -2)) * gamma).tril(-1))
-    Z = (c.scale * (Qb @ Kb.transpose(-1, -2)) * gamma).transpose(-1, -2) @ (_token_blocks(c, do) @ Ub.transpose(-1, -2))
-    corr = Bb * (P * Z).sum(-2)  # [nb, H, C]
+        k0 = k.reshape(c.B * c.T, c.H, c.K)[c.first_rows]
+        read0 = torch.einsum("nhk,nhkv->nhv", k0.to(c.cdt), initial_state.to(c.cdt))  # [B or N_seq, H, V]
     if c.cu is None:
-        return corr.transpose(1, 2).reshape(c.B, c.lay.N * c.C, c.H)[:, :c.T]
+        first = torch.zeros_like(o_r[:, :1]) if read0 is None else read0[:, None].to(o_r.dtype)
+        prev = torch.cat([first, o_r[:, :-1]], 1)
+        return _dense_gate_grad(q_in, k, prev, v, beta, g, w, do, c.C, c.scale)
+    Qb, Kb, Vb, gb, Bb, Wb, dOb = (_packed_blocks(c, x, c.all_rows) for x in (q_in, k, v, g, beta, w, do))
+    Rb = _packed_blocks(c, o_r, c.all_rows_prev)  # [nN, H, C, V], zero at sequence starts
+    if read0 is not None:
+        Rb[c.first_blocks, :, 0] = read0
+    corr = _packed_gate_grad(Qb, Kb, Rb, Vb, gb, Bb, Wb, dOb, c.scale)  # [nN, H, C]
     return _unblockify(corr.transpose(1, 2)[..., None], c.all_rows, c.B, c.T, 1)[..., 0]
 
 
@@ -328,13 +393,11 @@ def _delta_path(c: _Call, q, k, v, g, beta, w, initial_state, output_final_state
     idx, rows, valid = _rows_of_blocks(c, c.routing.is_softmax())
     R = c.B * c.T * c.Hr
     if rows.numel():
-        qb, kb, vb = (_t(_blockify(x, idx, c.Hr), c) for x in (q, k, v))
-        bb = _t(_blockify(beta[..., None], idx, c.Hr), c)[..., 0]
-        gb = None if g is None else _t(_blockify(g[..., None], idx, c.Hr), c)[..., 0]
-        q_read, o_blk = _delta_block_read_and_local(qb, kb, vb, bb, gb, c.scale)
-        q_read = q_read.transpose(1, 2).reshape(-1, c.G * c.K).index_select(0, valid)
-        q_in = q.reshape(R, c.G * c.K).index_copy(0, rows, q_read.to(q.dtype)).view_as(q)
-        blocks = o_blk.transpose(1, 2).reshape(-1, c.G * c.V).index_select(0, valid)
+        qb, kb, vb = (_blockify(x, idx, c.Hr) for x in (q, k, v))
+        q_read, o_blk = _delta_blocks(qb, kb, vb, _blockify_gate(beta, idx, c.Hr), _blockify_gate(g, idx, c.Hr),
+                                      c.scale)
+        q_in = q.reshape(R, c.G * c.K).index_copy(0, rows, q_read.index_select(0, valid).to(q.dtype)).view_as(q)
+        blocks = o_blk.index_select(0, valid)
     bw = beta * w
     o, final = c.op(q_in, k, v, g, bw, scale=c.scale, initial_state=initial_state,
                     output_final_state=output_final_state, cu_seqlens=c.cu)
