@@ -209,14 +209,18 @@ def main():
     ap.add_argument("--compile-modes", default="auto",
                     help="NATSL_COMPILE values to time the natsl rows under, e.g. 'auto,off' (compiled and eager)")
     ap.add_argument("--no-breakdown", action="store_true", help="skip the parts breakdown and the profile")
+    ap.add_argument("--tf32", action="store_true",
+                    help="torch.backends.cuda.matmul.allow_tf32 = True for the whole run (the correctness gate too)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     modes = args.compile_modes.split(",")
     for m in modes:
         check_choice("--compile-modes", m, br.COMPILE_MODES)
     allow_fla_gated_backward_on_hopper()
+    torch.backends.cuda.matmul.allow_tf32 = args.tf32
     shape_name, shape = next(iter(SHAPES.items()))
-    report = [f"# bench_linear_branch ({env_line()})", f"shape {shape_name}: {shape}, B=1, bf16", ""]
+    report = [f"# bench_linear_branch ({env_line()})", f"shape {shape_name}: {shape}, B=1, bf16, "
+              f"fp32 matmuls in TF32: {args.tf32}", ""]
 
     def emit(line=""):
         print(line, flush=True)  # noqa: T201
