@@ -277,9 +277,10 @@ def _delta_block_read_and_local(qb, kb, vb, bb, gb, scale):
     q_read = qb - (QK @ P0) @ (bcol * kb)
     if gb is None:
         return q_read, scale * (QK @ P0) @ (bcol * vb)
+    # the gated system is the ungated one under the diagonal similarity D = diag(exp(G)): (I + D L D⁻¹)⁻¹ =
+    # D (I + L)⁻¹ D⁻¹, i.e. its inverse is P0 ∘ γ (γ_ts = exp(G_t − G_s) ≤ 1 for s ≤ t): no second inverse
     gamma = _causal_decay(gb, qb)
-    PG = _unit_lower_inverse((bcol * KK * gamma).tril(-1))
-    return q_read, scale * ((QK * gamma) @ PG) @ (bcol * vb)
+    return q_read, scale * ((QK * gamma) @ (P0 * gamma)) @ (bcol * vb)
 
 
 @_block_math
