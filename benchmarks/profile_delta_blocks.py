@@ -13,14 +13,13 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_linear_branch import SHAPES, make_inputs  # noqa: E402
-from utils import bench_ms, env_line, markdown_table  # noqa: E402
+from utils import bench_ms, env_line, host_us_per_call, markdown_table  # noqa: E402
 
 import natsl.layers.linear.branch as br  # noqa: E402
 from natsl.layers.routing import Routing  # noqa: E402
@@ -48,17 +47,6 @@ def parts(T: int, frac: float):
             br._delta_in_block_gate_grad(c, x["q"], x["k"], x["v"], x["beta"], x["g"], w, o_r, None, do)
 
     return {f"WY of {idx.shape[0]} softmax blocks (fwd+bwd)": wy, "router-grad correction (no grad)": correction}
-
-
-def issue_ms(fn, n: int = 30) -> float:
-    fn()
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(n):
-        fn()
-    t1 = time.perf_counter()
-    torch.cuda.synchronize()
-    return (t1 - t0) / n * 1e3
 
 
 def top(prof, key: str, n: int = 10) -> str:
@@ -90,7 +78,7 @@ def main():
             for name, fn in parts(T, args.fraction).items():
                 fn()  # compile
                 rows.append({"T": T, "compile": mode, "part": name, "do_bench ms": bench_ms(fn)[0],
-                             "host issue ms": issue_ms(fn)})
+                             "host issue ms": host_us_per_call(fn, 30, wait_for_gpu=False) / 1e3})
                 print(rows[-1], flush=True)  # noqa: T201
                 if max(ts) == T:
                     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,

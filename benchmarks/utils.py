@@ -30,15 +30,19 @@ def bench_graph_ms(fn, quantiles=(0.5, 0.2, 0.8)) -> tuple[float, float, float]:
     return bench_ms(graph.replay, quantiles)
 
 
-def host_us_per_call(fn, n: int = 200) -> float:
-    """Wall time per call of `n` back-to-back eager calls: max(host overhead, GPU time) per call."""
+def host_us_per_call(fn, n: int = 200, wait_for_gpu: bool = True) -> float:
+    """Wall time per call of `n` back-to-back eager calls: max(host overhead, GPU time) per call, or with
+    `wait_for_gpu=False` the host's issue time alone (no synchronisation before the clock stops)."""
     fn()
     torch.cuda.synchronize()
     start = time.perf_counter()
     for _ in range(n):
         fn()
+    if wait_for_gpu:
+        torch.cuda.synchronize()
+    end = time.perf_counter()
     torch.cuda.synchronize()
-    return (time.perf_counter() - start) / n * 1e6
+    return (end - start) / n * 1e6
 
 
 def gbps(num_bytes: float, ms: float) -> float:
