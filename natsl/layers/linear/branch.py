@@ -305,12 +305,15 @@ def _gate_grad_blocks(Qb, Kb, Rb, Vb, gb, Bb, Wb, dOb, scale):
 
 
 @_block_math
-def _dense_gate_grad(q_in, k, prev, v, beta, g, w, do, C: int, scale: float):
-    """`_gate_grad_blocks` for dense `[B, T, H, *]` token tensors (`prev`: the previous token's read, the initial
-    state's read at t = 0), blocked here (zero-padded last block). Returns `[B, T, H]`."""
+def _dense_gate_grad(q_in, k, o_r, read0, v, beta, g, w, do, C: int, scale: float):
+    """`_gate_grad_blocks` for dense `[B, T, H, *]` token tensors, blocked here (zero-padded last block). The
+    previous token's read is `o_r` shifted by one, with `read0 [B, H, V]` (the initial state's read, in the compute
+    dtype; `None`: zero) at t = 0. Returns `[B, T, H]`."""
     B, T, H = q_in.shape[:3]
     N = (T + C - 1) // C
     cdt = torch.promote_types(q_in.dtype, torch.float32)
+    first = torch.zeros_like(o_r[:, :1], dtype=cdt) if read0 is None else read0[:, None].to(cdt)
+    prev = torch.cat([first, o_r[:, :-1].to(cdt)], 1)
 
     def blocks(x):
         if x is None:
@@ -338,9 +341,7 @@ def _delta_in_block_gate_grad(c: _Call, q_in, k, v, beta, g, w, o_r, initial_sta
         k0 = k.reshape(c.B * c.T, c.H, c.K)[c.first_rows]
         read0 = torch.einsum("nhk,nhkv->nhv", k0.to(c.cdt), initial_state.to(c.cdt))  # [B or N_seq, H, V]
     if c.cu is None:
-        first = torch.zeros_like(o_r[:, :1]) if read0 is None else read0[:, None].to(o_r.dtype)
-        prev = torch.cat([first, o_r[:, :-1]], 1)
-        return _dense_gate_grad(q_in, k, prev, v, beta, g, w, do, c.C, c.scale)
+        return _dense_gate_grad(q_in, k, o_r, read0, v, beta, g, w, do, c.C, c.scale)
     Qb, Kb, Vb, gb, Bb, Wb, dOb = (_packed_blocks(c, x, c.all_rows) for x in (q_in, k, v, g, beta, w, do))
     Rb = _packed_blocks(c, o_r, c.all_rows_prev)  # [nN, H, C, V], zero at sequence starts
     if read0 is not None:
