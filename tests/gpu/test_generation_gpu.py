@@ -6,6 +6,7 @@ and SDPA run on CUDA without extra packages; the `fla` case needs fla (skipped o
 """
 
 import importlib.util
+import warnings
 
 import pytest
 import torch
@@ -77,3 +78,42 @@ def test_generate_greedy_with_cache_gpu():
         for _ in range(40):
             cur = torch.cat([cur, model(cur).logits[:, -1].argmax(-1, keepdim=True)], 1)
     assert torch.equal(out, cur)
+
+
+def _host_syncs(fn) -> list[tuple[str, int]]:
+    """(file, line) of every synchronising CUDA call `fn()` makes (`torch.cuda.set_sync_debug_mode`)."""
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    return [(w.filename.rsplit("/", 1)[-1], w.lineno) for w in caught
+            if "called a synchronizing CUDA operation" in str(w.message)]
+
+
+@pytest.mark.parametrize("paths", ["torch-fp32", "default-bf16"])
+def test_decode_inside_a_block_makes_no_host_sync(paths):
+    """Issue 8: no host syncs per decoded token. Steps that do not complete a block (tokens 102..126 of the
+    64-token block 64..127) are checked; block commits (once per block) may sync."""
+    if paths == "default-bf16":
+        if importlib.util.find_spec("fla") is None:
+            pytest.skip("fla is not installed")
+        layer = make_layer("gdn", torch.bfloat16)
+    else:
+        layer = make_layer("gdn", torch.float32, linear_impl="torch", softmax_backend="sdpa")
+    dtype = next(layer.parameters()).dtype
+    x = torch.randn(1, 128, LAYER["hidden_size"], device=DEV, generator=torch.Generator(DEV).manual_seed(4)).to(dtype)
+    state = {}
+    with torch.no_grad():
+        _, _, state["st"] = layer(x[:, :101], use_cache=True)
+        _, _, state["st"] = layer(x[:, 101:102], past_key_values=state["st"], use_cache=True)  # warm the step
+
+        def steps():
+            for t in range(102, 127):
+                _, _, state["st"] = layer(x[:, t:t + 1], past_key_values=state["st"], use_cache=True)
+
+        syncs = _host_syncs(steps)
+    assert not syncs, f"decode steps inside a block synchronised the host at {sorted(set(syncs))}"
