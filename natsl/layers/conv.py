@@ -81,7 +81,7 @@ class ShortConv(nn.Conv1d):
             conv_state = x.new_zeros(x.shape[0], W - 1, x.shape[-1])
         xc = torch.cat([conv_state.to(x.dtype), x], 1)
         if x.shape[1] == 1:  # decode step: one dot product per channel (few kernels; the host is the bottleneck)
-            y = torch.einsum("bwd,dw->bd", xc, self.weight[:, 0].to(x.dtype))[:, None]
+            y = (xc * self.weight[:, 0].t().to(x.dtype)).sum(1, keepdim=True)  # 2 ops (an einsum dispatches ~13)
             y = F.silu(y if self.bias is None else y + self.bias)
         else:
             y = self.forward(xc)[:, W - 1:]
