@@ -142,26 +142,21 @@ def first_call_s(backend, shape, provider, T=1024) -> float:
     return time.perf_counter() - t0
 
 
-def breakdown(backend, shape, T, frac) -> list[dict]:
-    """Parts of the gdn/deltanet branch at one shape (fwd+bwd where differentiable)."""
-    from natsl.layers.linear.fla_ops import FLA_LINEAR_OPS
-
+def delta_parts(backend, shape, T, frac, op=None) -> dict:
+    """The gdn/deltanet branch's parts at one shape, as zero-argument callables by name (fwd+bwd where
+    differentiable). `op`: the plain fla op, for the main and reads passes; without it only the two fla-free parts
+    (the softmax blocks' WY and the router-gradient correction, fed random reads: its cost does not depend on them)."""
     x, routing = make_inputs(backend, shape, T, frac)
-    op = FLA_LINEAR_OPS[backend]
     route = Routing(routing, shape["C"])
-    B, H, V = shape["B"], shape["H"], shape["V"]
-    do = torch.randn(B, T, H, V, device="cuda", dtype=torch.bfloat16)
-    lay = route.layout(T)
-    c = br._Call(op, backend, route, lay, B, T, H, shape["Hr"], shape["K"], V, shape["K"] ** -0.5, torch.float32, True)
+    B, H, V, K = shape["B"], shape["H"], shape["V"], shape["K"]
+    c = br._Call(op, backend, route, route.layout(T), B, T, H, shape["Hr"], K, V, K ** -0.5, torch.float32, True)
+    idx, _, _ = br._rows_of_blocks(c, route.is_softmax())
     w = torch.ones(B, T, H, device="cuda", dtype=torch.bfloat16)
-    rows = []
+    do = torch.randn(B, T, H, V, device="cuda", dtype=torch.bfloat16)
+    o_r = torch.randn(B, T, H, V, device="cuda", dtype=torch.bfloat16)
 
-    def add(name, fn):
-        rows.append({"part": name, "ms": bench_ms(fn)[0]})
-
-    soft = route.is_softmax()
-    b, r, n = br._selected_blocks(soft)
-    idx = br._block_rows(c, b, r, n)
+    def main():
+        op(x["q"], x["k"], x["v"], x.get("g"), x["beta"] * w)[0].backward(do)
 
     def wy():
         qb, kb, vb = (br._blockify(x[m], idx, c.Hr) for m in ("q", "k", "v"))
@@ -169,22 +164,27 @@ def breakdown(backend, shape, T, frac) -> list[dict]:
                                          br._blockify_gate(x.get("g"), idx, c.Hr), c.scale)
         (q_read.sum() + o_blk.sum()).backward()
 
-    def main():
-        op(x["q"], x["k"], x["v"], x.get("g"), x["beta"] * w)[0].backward(do)
-
-    with torch.no_grad():
-        o_r = br._delta_reads(c, x["k"], x["v"], x.get("g"), x["beta"] * w, None)
-    add("main pass (one fla call, fwd+bwd)", main)
-    add(f"softmax blocks: WY read query + own-block outputs ({n.numel()} blocks, fwd+bwd)", wy)
-    add("router grad: reads pass (fla fwd, no grad)",
-        lambda: br._delta_reads(c, x["k"], x["v"], x.get("g"), x["beta"] * w, None))
+    def reads():
+        br._delta_reads(c, x["k"], x["v"], x.get("g"), x["beta"] * w, None)
 
     def correction():
         with torch.no_grad():
             br._delta_in_block_gate_grad(c, x["q"], x["k"], x["v"], x["beta"], x.get("g"), w, o_r, None, do)
 
-    add("router grad: in-block correction (bwd only)", correction)
-    return rows
+    parts = {"main pass (one fla call, fwd+bwd)": main} if op is not None else {}
+    parts[f"softmax blocks: WY read query + own-block outputs ({idx.shape[0]} blocks, fwd+bwd)"] = wy
+    if op is not None:
+        parts["router grad: reads pass (fla fwd, no grad)"] = reads
+    parts["router grad: in-block correction (bwd only)"] = correction
+    return parts
+
+
+def breakdown(backend, shape, T, frac) -> list[dict]:
+    """do_bench of `delta_parts` with the plain fla op."""
+    from natsl.layers.linear.fla_ops import FLA_LINEAR_OPS
+
+    parts = delta_parts(backend, shape, T, frac, FLA_LINEAR_OPS[backend])
+    return [{"part": name, "ms": bench_ms(fn)[0]} for name, fn in parts.items()]
 
 
 def profile_table(backend, shape, T, frac, top=15) -> str:

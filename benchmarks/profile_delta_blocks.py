@@ -18,35 +18,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_linear_branch import SHAPES, make_inputs  # noqa: E402
+from bench_linear_branch import SHAPES, delta_parts  # noqa: E402
 from utils import bench_ms, env_line, host_us_per_call, markdown_table  # noqa: E402
-
-import natsl.layers.linear.branch as br  # noqa: E402
-from natsl.layers.routing import Routing  # noqa: E402
-
-
-def parts(T: int, frac: float):
-    shape = SHAPES["paper-340M"]
-    x, routing = make_inputs("gdn", shape, T, frac)
-    route = Routing(routing, shape["C"])
-    B, H, V, K = shape["B"], shape["H"], shape["V"], shape["K"]
-    c = br._Call(None, "gdn", route, route.layout(T), B, T, H, shape["Hr"], K, V, K ** -0.5, torch.float32, True)
-    idx, _, _ = br._rows_of_blocks(c, route.is_softmax())
-    w = torch.ones(B, T, H, device="cuda", dtype=torch.bfloat16)
-    do = torch.randn(B, T, H, V, device="cuda", dtype=torch.bfloat16)
-    o_r = torch.randn(B, T, H, V, device="cuda", dtype=torch.bfloat16)
-
-    def wy():
-        qb, kb, vb = (br._blockify(x[m], idx, c.Hr) for m in ("q", "k", "v"))
-        q_read, o_blk = br._delta_blocks(qb, kb, vb, br._blockify_gate(x["beta"], idx, c.Hr),
-                                         br._blockify_gate(x["g"], idx, c.Hr), c.scale)
-        (q_read.sum() + o_blk.sum()).backward()
-
-    def correction():
-        with torch.no_grad():
-            br._delta_in_block_gate_grad(c, x["q"], x["k"], x["v"], x["beta"], x["g"], w, o_r, None, do)
-
-    return {f"WY of {idx.shape[0]} softmax blocks (fwd+bwd)": wy, "router-grad correction (no grad)": correction}
 
 
 def top(prof, key: str, n: int = 10) -> str:
@@ -75,7 +48,7 @@ def main():
     for T in ts:
         for mode in args.modes.split(","):
             os.environ["NATSL_COMPILE"] = mode
-            for name, fn in parts(T, args.fraction).items():
+            for name, fn in delta_parts("gdn", SHAPES["paper-340M"], T, args.fraction).items():
                 fn()  # compile
                 rows.append({"T": T, "compile": mode, "part": name, "do_bench ms": bench_ms(fn)[0],
                              "host issue ms": host_us_per_call(fn, 30, wait_for_gpu=False) / 1e3})

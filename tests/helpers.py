@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 
@@ -47,3 +49,17 @@ def random_cu_seqlens(gn: torch.Generator, T: int, n_seq: int) -> torch.Tensor:
     """`[n_seq + 1]` offsets of `n_seq` non-empty sequences covering `T` tokens."""
     cuts = sorted(torch.randperm(T - 1, generator=gn)[: n_seq - 1].add(1).tolist())
     return torch.tensor([0, *cuts, T])
+
+
+def host_syncs(fn) -> list[tuple[str, int]]:
+    """(file, line) of every synchronising CUDA call that `fn()` makes (`torch.cuda.set_sync_debug_mode("warn")`)."""
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    return [(w.filename.rsplit("/", 1)[-1], w.lineno) for w in caught
+            if "called a synchronizing CUDA operation" in str(w.message)]

@@ -4,11 +4,11 @@ Run on the H200 with `NATSL_TEST_DEVICE=cuda pytest -q -m gpu tests/gpu/test_gat
 `NATSL_TEST_DEVICE=cuda` the conftest turns on the Triton interpreter, and these tests skip).
 """
 
-import warnings
 from unittest import mock
 
 import pytest
 import torch
+from helpers import host_syncs
 
 import natsl.kernels.gather_scatter as gs
 from natsl.kernels import gather_rows, gather_tokens, scatter_add_rows, scatter_rows, scatter_tokens
@@ -131,16 +131,7 @@ def _sync_case():
 def test_token_routes_syncs_once():
     lay, soft, _, _ = _sync_case()
     token_routes(soft, lay)
-    torch.cuda.synchronize()
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        torch.cuda.set_sync_debug_mode("warn")
-        try:
-            token_routes(soft, lay)
-        finally:
-            torch.cuda.set_sync_debug_mode(0)
-    syncs = [(w.filename.rsplit("/", 1)[-1], w.lineno) for w in caught
-             if "called a synchronizing CUDA operation" in str(w.message)]
+    syncs = host_syncs(lambda: token_routes(soft, lay))
     assert len(syncs) == 1, syncs  # the block and token counts, fetched together
 
 

@@ -6,10 +6,10 @@ and SDPA run on CUDA without extra packages; the `fla` case needs fla (skipped o
 """
 
 import importlib.util
-import warnings
 
 import pytest
 import torch
+from helpers import host_syncs
 
 from natsl import NAtSLAttention, NAtSLConfig, NAtSLForCausalLM
 
@@ -80,20 +80,6 @@ def test_generate_greedy_with_cache_gpu():
     assert torch.equal(out, cur)
 
 
-def _host_syncs(fn) -> list[tuple[str, int]]:
-    """(file, line) of every synchronising CUDA call `fn()` makes (`torch.cuda.set_sync_debug_mode`)."""
-    torch.cuda.synchronize()
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        torch.cuda.set_sync_debug_mode("warn")
-        try:
-            fn()
-        finally:
-            torch.cuda.set_sync_debug_mode(0)
-    return [(w.filename.rsplit("/", 1)[-1], w.lineno) for w in caught
-            if "called a synchronizing CUDA operation" in str(w.message)]
-
-
 @pytest.mark.parametrize("paths", ["torch-fp32", "default-bf16"])
 def test_decode_inside_a_block_makes_no_host_sync(paths):
     """Issue 8: no host syncs per decoded token. Steps that do not complete a block (tokens 102..126 of the
@@ -115,5 +101,5 @@ def test_decode_inside_a_block_makes_no_host_sync(paths):
             for t in range(102, 127):
                 _, _, state["st"] = layer(x[:, t:t + 1], past_key_values=state["st"], use_cache=True)
 
-        syncs = _host_syncs(steps)
+        syncs = host_syncs(steps)
     assert not syncs, f"decode steps inside a block synchronised the host at {sorted(set(syncs))}"

@@ -7,6 +7,7 @@ why each is exact (including the router gradient) are in `natsl/layers/README.md
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -49,9 +50,7 @@ def _block_math(fn):
                 torch._dynamo.maybe_mark_dynamic(a, 0)
         return _COMPILED[key](*args)
 
-    call.__wrapped__ = fn
-    call.__doc__ = fn.__doc__
-    return call
+    return functools.wraps(fn)(call)
 
 
 def resolve_linear_op(backend: str, impl: str, device: torch.device):
@@ -212,19 +211,11 @@ def _unblockify(y: torch.Tensor, idx: torch.Tensor, B: int, T: int, Hr: int) -> 
     return _scatter(y.reshape(nb * C, G * D), idx.reshape(-1), B * T * Hr).view(B, T, Hr * G, D)
 
 
-def _selected_blocks(mask: torch.Tensor):
-    """`(b, r, n)` of the blocks where `mask [B, N, Hr]` holds (one host sync)."""
-    b, r, n = mask.permute(0, 2, 1).nonzero(as_tuple=True)
-    return b, r, n
-
-
 def _packed_blocks(c: _Call, x: torch.Tensor | None, idx: torch.Tensor) -> torch.Tensor | None:
     """`[1, T, H, D]` or `[1, T, H]` → `[n, H, C, D]` / `[n, H, C]` in the compute dtype: the token rows `idx
     [n, C]` of packed input (zero where `idx < 0`)."""
-    if x is None:
-        return None
-    y = _blockify(x if x.dim() == 4 else x[..., None], idx, 1).transpose(1, 2).to(c.cdt)
-    return y if x.dim() == 4 else y[..., 0]
+    y = _blockify_gate(x, idx, 1)
+    return None if y is None else y.transpose(1, 2).to(c.cdt)
 
 
 # ---------------------------------------------------------------------------------------------------------------
