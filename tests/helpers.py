@@ -63,3 +63,20 @@ def host_syncs(fn) -> list[tuple[str, int]]:
             torch.cuda.set_sync_debug_mode(0)
     return [(w.filename.rsplit("/", 1)[-1], w.lineno) for w in caught
             if "called a synchronizing CUDA operation" in str(w.message)]
+
+
+class TracedCapture:
+    """CPU stand-in for CUDA-graph capture in `natsl.models.graphs.GraphDecoder` (same protocol as
+    `CUDAGraphCapture`): `make_fx` records the aten ops of one call of the step, running them, with every host value
+    baked in as a constant and every tensor the step does not create kept by reference; a replay runs exactly those
+    ops again on the same tensors, as a CUDA graph replays its kernels on the same memory."""
+
+    def eager(self, fn):
+        return fn()
+
+    def capture(self, fn):
+        from torch.fx.experimental.proxy_tensor import make_fx
+
+        box = []
+        graph = make_fx(lambda: box.append(fn()) or box[-1])()
+        return graph, box[0]

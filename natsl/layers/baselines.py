@@ -156,7 +156,7 @@ class SoftmaxAttention(nn.Module):
             if state.k_rows is not None and state.batch_size != B:
                 raise ValueError(f"the cache holds batch size {state.batch_size}, got hidden_states with batch {B}")
             t0 = state.seen_tokens
-            pos = torch.arange(t0, t0 + T, device=x.device)
+            pos = state.device_position(x.device) + torch.arange(T, device=x.device)  # device counter (graphs)
             q, k = rotary(q, pos, self.rope_theta), rotary(k, pos, self.rope_theta)
             state.append(k, v)
             if t0 == 0:

@@ -260,7 +260,9 @@ class NAtSLAttention(nn.Module):
         q, cq = self.q_conv1d.forward_with_state(self.q_proj(x), state.conv.get("q"))
         k, ck = self.k_conv1d.forward_with_state(self.k_proj(x), state.conv.get("k"))
         v, cv = self.v_conv1d.forward_with_state(self.v_proj(x), state.conv.get("v"))
-        pos = torch.arange(t0, t0 + T, device=x.device) if self.use_rope else None
+        pos = None
+        if self.use_rope:  # from the device counter (a captured decode step stays valid at every position)
+            pos = torch.arange(T, device=x.device) + (state.device_position(x.device) if state.initialized else t0)
         q_s, k_s, v_s, q_l, k_l, v_l = self._heads(x, q, k, v, pos)
         g, beta, dt = self.gates(x)
         v_in = self.gates.value_input(v_l, dt)
@@ -273,8 +275,9 @@ class NAtSLAttention(nn.Module):
             sums = xf.sum(1, keepdim=True)
         else:
             sums = xf.new_zeros(B, nb, D).index_add_(1, (n0 + torch.arange(T, device=x.device)) // C, xf)
-        if n0:
-            sums = torch.cat([sums[:, :1] + state.router_sum[:, None], sums[:, 1:]], 1)
+        if state.initialized:  # the running sum is zero at a block start: no branch on n0 (one captured step)
+            sums = torch.cat([sums[:, :1] + state.router_sum[:, None], sums[:, 1:]], 1) if nb > 1 \
+                else sums + state.router_sum[:, None]
         weights = is_soft = None
         if n_done:
             counts = (n0 + T - C * torch.arange(nb, device=x.device)).clamp(max=C).to(xf.dtype)  # no host copy

@@ -82,6 +82,13 @@ def _round_up(n: int, m: int) -> int:
     return -(-n // m) * m
 
 
+def _device_position(position: torch.Tensor | None, seen_tokens: int, device: torch.device) -> torch.Tensor:
+    """The device copy `[]` int64 of `seen_tokens` (created from the host value the first time: one copy)."""
+    if position is None:
+        position = torch.tensor(seen_tokens, dtype=torch.long, device=device)
+    return position
+
+
 @dataclass
 class NAtSLLayerState:
     """Inference state of one `NAtSLAttention` layer (spec §1.8). Created empty; sized by the first `append`.
@@ -100,6 +107,9 @@ class NAtSLLayerState:
         k_rows, v_rows (torch.Tensor): `[B, H_A, capacity + 1, d]` softmax K/V rows (module docstring).
         lengths (torch.Tensor): `[B, H_R]` int64 committed softmax rows per (batch, router head).
         length_bound (int): host upper bound of `lengths.max()` (avoids a host sync per committed block).
+        position (torch.Tensor or None): `[]` int64, `seen_tokens` on the device. Decode steps index rows and
+            positions with it, not with the host counter, so that a captured step (CUDA graph) stays valid at
+            every position inside a block (`natsl.models.graphs`). Created on first use.
     """
 
     block_size: int
@@ -115,6 +125,7 @@ class NAtSLLayerState:
     v_rows: torch.Tensor | None = None
     lengths: torch.Tensor | None = None
     length_bound: int = 0
+    position: torch.Tensor | None = None
 
     @property
     def block_pos(self) -> int:
@@ -149,6 +160,12 @@ class NAtSLLayerState:
         self.router_sum = torch.zeros_like(router_sum)
         self.log_decay = None if log_decay is None else torch.zeros_like(log_decay)
         self.length_bound = 0
+        self.position = _device_position(self.position, self.seen_tokens, k.device)
+
+    def device_position(self, device: torch.device) -> torch.Tensor:
+        """`[]` int64 tokens seen so far, on the device (module docstring of `natsl.models.graphs`)."""
+        self.position = _device_position(self.position, self.seen_tokens, device)
+        return self.position
 
     def _to_heads(self, x: torch.Tensor) -> torch.Tensor:
         """`[B, H_R, *]` per pair → `[B, H_A, *]` per softmax head."""
@@ -201,12 +218,14 @@ class NAtSLLayerState:
         T, n0 = k.shape[1], self.block_pos
         if n0 + T > self.block_size:
             raise ValueError(f"append got {T} tokens but only {self.block_size - n0} fit in the current block")
-        rows = self.lengths[..., None] + n0
+        position = self.device_position(k.device)
+        rows = self.lengths[..., None] + position % self.block_size  # the block position, from the device counter
         if T > 1:
             rows = rows + torch.arange(T, device=k.device)
         self._write(k, v, rows)
         self.router_sum, self.linear_run, self.log_decay = router_sum, linear_run, log_decay
         self.seen_tokens += T
+        self.position = position + T
 
     def commit(self, is_softmax: torch.Tensor) -> None:
         """Route the just-completed block (spec §1.8). `is_softmax [B, H_R]` bool.
@@ -253,11 +272,13 @@ class NAtSLLayerState:
         self.router_sum = torch.zeros_like(self.router_sum)
         self.log_decay = None if self.log_decay is None else torch.zeros_like(self.log_decay)
         self.seen_tokens += n * C
+        self.position = self.device_position(k.device) + n * C
 
     def attend_current(self, q: torch.Tensor, scale: float) -> torch.Tensor:
         """Softmax branch for the last `T` appended tokens, all in the current block (not yet committed): query
         `j` sees its pair's committed rows and the block's rows up to itself. `q [B, T, H_A, d]` → `[B, T, H_A, d_v]`."""
-        T, n = q.shape[1], self.block_pos or self.block_size
+        T, C = q.shape[1], self.block_size
+        n = (self.device_position(q.device) - 1) % C + 1  # tokens of the current block, from the device counter
         limit = self.head_lengths()[..., None] + (n - T + 1)
         if T > 1:
             limit = limit + torch.arange(T, device=q.device)
@@ -386,11 +407,23 @@ class SoftmaxLayerState:
     Attributes:
         seen_tokens (int): tokens processed so far (= rows in use).
         k_rows, v_rows (torch.Tensor or None): `[B, H, capacity, d]`, grown geometrically.
+        position (torch.Tensor or None): `[]` int64, `seen_tokens` on the device (rows are written and read by it,
+            see `NAtSLLayerState`).
     """
 
     seen_tokens: int = 0
     k_rows: torch.Tensor | None = None
     v_rows: torch.Tensor | None = None
+    position: torch.Tensor | None = None
+
+    @property
+    def capacity(self) -> int:
+        return 0 if self.k_rows is None else self.k_rows.shape[2]
+
+    def device_position(self, device: torch.device) -> torch.Tensor:
+        """`[]` int64 tokens seen so far, on the device."""
+        self.position = _device_position(self.position, self.seen_tokens, device)
+        return self.position
 
     @property
     def batch_size(self) -> int:
@@ -410,14 +443,17 @@ class SoftmaxLayerState:
                     buf[:, :, :self.seen_tokens] = old[:, :, :self.seen_tokens]
                 rows.append(buf)
             self.k_rows, self.v_rows = rows
-        self.k_rows[:, :, self.seen_tokens:end] = k.transpose(1, 2)
-        self.v_rows[:, :, self.seen_tokens:end] = v.transpose(1, 2)
+        position = self.device_position(k.device)
+        rows = position + torch.arange(T, device=k.device) if T > 1 else position[None]
+        self.k_rows.index_copy_(2, rows, k.transpose(1, 2).to(self.k_rows.dtype))
+        self.v_rows.index_copy_(2, rows, v.transpose(1, 2).to(self.v_rows.dtype))
         self.seen_tokens = end
+        self.position = position + T
 
     def attend_last(self, q: torch.Tensor, scale: float) -> torch.Tensor:
         """Causal attention of the last `T` appended tokens' queries `q [B, T, H, d]` → `[B, T, H, d_v]`."""
         B, T, H, _ = q.shape
-        limit = (self.seen_tokens - T + 1 + torch.arange(T, device=q.device)).expand(B, H, T)
+        limit = (self.device_position(q.device) - T + 1 + torch.arange(T, device=q.device)).expand(B, H, T)
         return attend_rows(q, self.k_rows, self.v_rows, limit, scale)
 
     def kv_bytes(self) -> int:

@@ -1,0 +1,216 @@
+"""Decoding with CUDA graphs (spec §1.8, issue 8): one captured model step, replayed for every token inside a block.
+
+Eager decoding is host-bound: a decode step of one natsl layer launches ~200 small kernels, and the host takes longer
+to issue them than the GPU takes to run them (benchmarks/RESULTS.md, "Generation"). A step that does not complete a
+routing block launches the same kernels at every position, because everything that depends on the position comes
+from the states' device counters (`NAtSLLayerState.position`: the row a new key is written to, the rows a query
+reads, RoPE positions) and no decision is taken on the host. `GraphDecoder` captures such a step once and replays it.
+
+- The step that completes a block (router, commit; it may grow the K/V storage, which reads a capacity on the host)
+  runs eagerly, once per `block_size` tokens. So does a step of a plain softmax layer whose storage is full.
+- After an eager step the states' new tensors are copied into the captured buffers, so the graph stays valid. It is
+  captured again only when a buffer changes shape (geometric K/V growth) or the batch changes.
+- Inside the captured step every state update is an in-place copy into the buffer it replaces.
+
+Example::
+
+    decoder = GraphDecoder(model)                     # a CUDA NAtSLForCausalLM in eval mode
+    ids = decoder.generate(prompt_ids, max_new_tokens=256)  # greedy
+
+    cache = NAtSLCache()                              # or step by step with your own sampling:
+    logits = model(prompt_ids, cache=cache).logits
+    for _ in range(n):
+        next_ids = sample(logits[:, -1])              # [B, 1]
+        logits = decoder.step(next_ids, cache)        # [B, 1, vocab]
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from natsl.layers.state import LinearLayerState, NAtSLLayerState, SoftmaxLayerState
+from natsl.models.cache import NAtSLCache
+
+
+class CUDAGraphCapture:
+    """Runs eager steps and captures graphs on one side stream of `device` (what `GraphDecoder` uses on CUDA)."""
+
+    def __init__(self, device: torch.device):
+        self.stream = torch.cuda.Stream(device)
+
+    def eager(self, fn: Callable[[], torch.Tensor]) -> torch.Tensor:
+        self.stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(self.stream):
+            out = fn()
+        torch.cuda.current_stream().wait_stream(self.stream)
+        return out
+
+    def capture(self, fn: Callable[[], torch.Tensor]) -> tuple[Callable[[], torch.Tensor], torch.Tensor | None]:
+        """`(replay, None)`: capturing runs the host code of `fn` but no kernel, so the caller replays once."""
+        graph = torch.cuda.CUDAGraph()
+        self.stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.graph(graph, stream=self.stream):
+            out = fn()
+
+        def replay() -> torch.Tensor:
+            graph.replay()
+            return out
+
+        return replay, None
+
+
+def _state_tensors(states) -> dict:
+    """`{(layer, name) or (layer, "conv", name): tensor}` of every tensor a layer state holds."""
+    out = {}
+    for i, st in enumerate(states):
+        for name, val in vars(st).items():
+            if isinstance(val, torch.Tensor):
+                out[(i, name)] = val
+            elif name == "conv":
+                out.update({(i, "conv", n): x for n, x in val.items()})
+    return out
+
+
+def _set(states, key, val: torch.Tensor) -> None:
+    if len(key) == 3:
+        states[key[0]].conv[key[2]] = val
+    else:
+        setattr(states[key[0]], key[1], val)
+
+
+class GraphDecoder:
+    """Greedy or step-by-step decoding of a `NAtSLForCausalLM` that replays a captured step inside blocks.
+
+    Args:
+        model (NAtSLForCausalLM): in eval mode.
+        capture (Optional): how steps are captured: an object with `eager(fn) -> out` and `capture(fn) -> (replay,
+            out or None)`. Default: `CUDAGraphCapture` on the model's device (CUDA only).
+
+    Attributes:
+        captures, replays, eager_steps (int): counts since construction.
+    """
+
+    def __init__(self, model, capture=None):
+        device = next(model.parameters()).device
+        if capture is None:
+            if device.type != "cuda":
+                raise ValueError(f"GraphDecoder captures CUDA graphs: the model must be on a CUDA device, got {device}")
+            capture = CUDAGraphCapture(device)
+        self.model, self.capturer = model, capture
+        self.captures = self.replays = self.eager_steps = 0
+        self._drop()
+
+    def _drop(self) -> None:
+        self._replay = self._buffers = self._cache = self._ids = None
+
+    def _graphable(self, input_ids: torch.Tensor, cache: NAtSLCache) -> bool:
+        """Whether this step launches the captured kernels: no block completes, nothing grows, all states exist."""
+        states = cache.layers
+        if len(states) != len(self.model.model.layers) or any(s is None for s in states):
+            return False
+        for st in states:
+            if isinstance(st, NAtSLLayerState):
+                if not st.initialized or st.block_pos + 1 >= st.block_size:
+                    return False
+            elif isinstance(st, SoftmaxLayerState):
+                if st.k_rows is None or st.seen_tokens + 1 > st.capacity:
+                    return False
+            elif not isinstance(st, LinearLayerState) or st.state is None:
+                return False
+        return True
+
+    def _adopt(self, states) -> None:
+        """Copy the states' new tensors (after an eager step) into the captured buffers, or drop the graph if one
+        no longer fits."""
+        current = _state_tensors(states)
+        if current.keys() != self._buffers.keys() or any(
+                current[k].shape != b.shape or current[k].dtype != b.dtype for k, b in self._buffers.items()):
+            self._drop()
+            return
+        self._copy_into_buffers(states, current)
+
+    def _copy_into_buffers(self, states, current: dict) -> None:
+        buffer_ids = {id(b) for b in self._buffers.values()}
+        # a new value that is itself some buffer is read before any buffer is written
+        current = {k: (v.clone() if v is not self._buffers[k] and id(v) in buffer_ids else v) for k, v in current.items()}
+        for key, buf in self._buffers.items():
+            if current[key] is not buf:
+                buf.copy_(current[key])
+                _set(states, key, buf)
+
+    def _capture(self, input_ids: torch.Tensor, cache: NAtSLCache) -> torch.Tensor:
+        states = cache.layers
+        seen = set()
+        for key, val in _state_tensors(states).items():  # every buffer its own storage (S and its run alias after
+            if id(val) in seen:                            # a commit)
+                _set(states, key, val.clone())
+            seen.add(id(val))
+        self._buffers, self._cache, self._ids = _state_tensors(states), cache, input_ids.clone()
+
+        def step() -> torch.Tensor:
+            logits = self.model(self._ids, cache=cache).logits
+            current = _state_tensors(states)
+            if current.keys() != self._buffers.keys():
+                raise RuntimeError("a decode step inside a block changed which tensors the cache holds")
+            self._copy_into_buffers(states, current)
+            return logits
+
+        self._replay, out = self.capturer.capture(step)
+        self.captures += 1
+        return self._replay() if out is None else out
+
+    @torch.no_grad()
+    def step(self, input_ids: torch.Tensor, cache: NAtSLCache) -> torch.Tensor:
+        """Continue `cache` by one token per row.
+
+        Args:
+            input_ids (torch.LongTensor): `[B, 1]`.
+            cache (NAtSLCache): the model's cache after at least one (prefill) call.
+
+        Returns:
+            `logits [B, 1, vocab]` (a new tensor; the captured output buffer is reused by the next step).
+        """
+        if not isinstance(cache, NAtSLCache):
+            raise TypeError(f"cache must be a natsl.models.cache.NAtSLCache, got {type(cache).__name__}")
+        if input_ids.dim() != 2 or input_ids.shape[1] != 1 or input_ids.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"input_ids must be an integer [B, 1] tensor, got {input_ids.dtype} {tuple(input_ids.shape)}")
+        if self.model.training:
+            raise ValueError("GraphDecoder needs the model in eval mode (call model.eval())")
+        if cache.get_seq_length() == 0:
+            raise ValueError("the cache is empty: run the prompt through the model with this cache first")
+        if self._cache is not None and (cache is not self._cache or input_ids.shape != self._ids.shape):
+            self._drop()
+        if self._graphable(input_ids, cache) and (self._replay is not None or self.eager_steps):
+            if self._replay is None:
+                return self._capture(input_ids, cache).clone()
+            self._ids.copy_(input_ids)
+            out = self._replay()
+            for st in cache.layers:  # the host counters the captured step advanced when it was captured
+                st.seen_tokens += 1
+            self.replays += 1
+            return out.clone()
+        # eager: a block completes, a buffer may grow, or the first step on the capture stream (its warm-up)
+        def eager() -> torch.Tensor:
+            logits = self.model(input_ids, cache=cache).logits
+            if self._replay is not None:
+                self._adopt(cache.layers)
+            return logits
+
+        self.eager_steps += 1
+        return self.capturer.eager(eager)
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
+        """Greedy decoding (no stop token): `input_ids [B, T]` → `[B, T + max_new_tokens]`."""
+        if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be a non-negative int, got {max_new_tokens!r}")
+        cache = NAtSLCache()
+        logits = self.model(input_ids, cache=cache).logits
+        out = [input_ids]
+        for i in range(max_new_tokens):
+            out.append(logits[:, -1].argmax(-1, keepdim=True).to(input_ids.dtype))
+            if i + 1 < max_new_tokens:
+                logits = self.step(out[-1], cache)
+        return torch.cat(out, 1)

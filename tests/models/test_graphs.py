@@ -1,0 +1,101 @@
+"""`GraphDecoder` (natsl.models.graphs) on CPU: replaying one recorded decode step inside blocks gives the logits of
+eager decoding, through block commits, K/V growth of natsl and softmax layers, every linear backend and RoPE.
+
+Capture is emulated by `helpers.TracedCapture` (make_fx: host values are baked in, state tensors are used by
+reference), which fails the comparison wherever a replayed step depended on a host value that changed since capture.
+The real CUDA-graph path runs in tests/gpu/test_generation_gpu.py.
+"""
+
+import pytest
+import torch
+from helpers import TracedCapture, gen
+
+from natsl import NAtSLConfig, NAtSLForCausalLM
+from natsl.models.cache import NAtSLCache
+from natsl.models.graphs import GraphDecoder
+
+CPU = dict(linear_impl="torch", softmax_backend="sdpa")
+LAYOUT = ["natsl", "linear", "softmax"]
+
+
+def model_of(backend: str, **over) -> NAtSLForCausalLM:
+    torch.manual_seed(0)
+    cfg = NAtSLConfig.preset("tiny", "natsl", linear_backend=backend, num_hidden_layers=3, layer_layout=LAYOUT,
+                             **{**CPU, **over})
+    model = NAtSLForCausalLM(cfg).double().eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():  # routers mix both block types, per batch row and head
+            p.add_(torch.randn(p.shape, generator=gen(p.numel()), dtype=p.dtype) * (3.0 if "router" in name else 0.1))
+    return model
+
+
+def decode_both(model, B: int, prompt: int, steps: int, seed: int = 0):
+    """Logits of `steps` decode steps after a `prompt`-token prefill: eagerly, and through `GraphDecoder`."""
+    ids = torch.randint(1, 256, (B, prompt + steps), generator=gen(seed))
+    eager_cache, graph_cache = NAtSLCache(), NAtSLCache()
+    decoder = GraphDecoder(model, capture=TracedCapture())
+    with torch.no_grad():
+        model(ids[:, :prompt], cache=eager_cache)
+        model(ids[:, :prompt], cache=graph_cache)
+        ref = [model(ids[:, t:t + 1], cache=eager_cache).logits for t in range(prompt, prompt + steps)]
+        out = [decoder.step(ids[:, t:t + 1], graph_cache) for t in range(prompt, prompt + steps)]
+    return torch.cat(ref, 1), torch.cat(out, 1), decoder, eager_cache, graph_cache
+
+
+@pytest.mark.parametrize("backend", ["gdn", "deltanet", "gla", "mamba2", "linear_attn"])
+def test_replayed_steps_equal_eager_decoding(backend):
+    C = NAtSLConfig.preset("tiny").block_size
+    prompt, steps = C + 5, 3 * C + 7  # starts inside a block, crosses three commits and K/V growth
+    ref, out, decoder, eager_cache, graph_cache = decode_both(model_of(backend), 2, prompt, steps)
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+    # the 4 block completions, the first step (warm-up) and growth steps ran eagerly; most steps replayed
+    assert decoder.eager_steps + decoder.captures + decoder.replays == steps
+    assert decoder.eager_steps >= 5 and decoder.replays > steps // 2
+    natsl_eager, natsl_graph = eager_cache.layers[0], graph_cache.layers[0]
+    assert natsl_graph.seen_tokens == natsl_eager.seen_tokens == prompt + steps
+    assert int(natsl_graph.position) == prompt + steps
+    assert torch.equal(natsl_graph.lengths, natsl_eager.lengths)
+    assert 0 < int(natsl_eager.lengths.sum()) < natsl_eager.lengths.numel() * (prompt + steps)  # routing is mixed
+
+
+def test_rope_and_no_decay_through_softmax():
+    C = NAtSLConfig.preset("tiny").block_size
+    model = model_of("gdn", use_rope=True, decay_through_softmax=False)
+    ref, out, decoder, _, _ = decode_both(model, 1, 3, 2 * C, seed=1)
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+    assert decoder.eager_steps + decoder.captures + decoder.replays == 2 * C and decoder.replays >= C // 2
+
+
+def test_generate_is_greedy_decoding():
+    model = model_of("gdn")
+    ids = torch.randint(1, 256, (2, 9), generator=gen(3))
+    out = GraphDecoder(model, capture=TracedCapture()).generate(ids, 40)
+    with torch.no_grad():
+        cache, logits, ref = NAtSLCache(), model(ids, cache=NAtSLCache()).logits, [ids]
+        logits = model(ids, cache=cache).logits
+        for _ in range(40):
+            ref.append(logits[:, -1].argmax(-1, keepdim=True))
+            logits = model(ref[-1], cache=cache).logits
+    assert torch.equal(out, torch.cat(ref, 1))
+
+
+def test_bad_input_is_rejected():
+    model = model_of("gdn")
+    with pytest.raises(ValueError, match="CUDA"):
+        GraphDecoder(model)
+    decoder = GraphDecoder(model, capture=TracedCapture())
+    with pytest.raises(ValueError, match="empty"):
+        decoder.step(torch.ones(1, 1, dtype=torch.long), NAtSLCache())
+    with pytest.raises(ValueError, match="input_ids"):
+        decoder.step(torch.ones(1, 2, dtype=torch.long), NAtSLCache())
+    with pytest.raises(TypeError, match="NAtSLCache"):
+        decoder.step(torch.ones(1, 1, dtype=torch.long), None)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        decoder.generate(torch.ones(1, 1, dtype=torch.long), -1)
+    model.train()
+    cache = NAtSLCache()
+    with torch.no_grad():
+        model(torch.ones(1, 3, dtype=torch.long), cache=cache)
+    with pytest.raises(ValueError, match="eval"):
+        decoder.step(torch.ones(1, 1, dtype=torch.long), cache)
+    model.eval()
