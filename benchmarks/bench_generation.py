@@ -8,8 +8,10 @@ head) pair of a natsl layer holds exactly `round(f·T/C)` softmax blocks, a plai
 decode step = one layer (or model) call on one new token with the cache; it appends to the cache, so the context
 grows by a few hundred tokens over a measurement (< 1% at 32k). Timings: `eager` = `triton.testing.do_bench` of the
 eager call (includes the host's launch overhead whenever the GPU is faster than the host), `graph` = the same step
-replayed as a CUDA graph (GPU time only). `core` = the attention read alone (natsl: `attend_current` over the
-pair's committed rows + current block; dense: `attend_last` over all rows).
+replayed as a CUDA graph at a fixed position (GPU time only), `GraphDecoder ms/token` (models) = wall time per
+token of `natsl.models.GraphDecoder` over 256 tokens (replays inside blocks, eager block completions).
+`core` = the attention read alone (natsl: `attend_current` over the pair's committed rows + current block; dense:
+`attend_last` over all rows).
 Providers (layer level, the paper's 340M layer: H_L=6, d_k=128, d_v=256, H_A=12 × (64, 128), H_R=6, C=64):
 - `natsl f=12.5%`: NAtSLAttention with 12.5% of the blocks of every pair routed to softmax;
 - `natsl f=100%`: the same layer with every block softmax (dense K/V of the same heads);
@@ -22,6 +24,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 
 import torch
 
@@ -32,6 +35,7 @@ from natsl import NAtSLAttention, NAtSLConfig, NAtSLForCausalLM  # noqa: E402
 from natsl.layers.baselines import LinearAttention, SoftmaxAttention  # noqa: E402
 from natsl.layers.state import LinearLayerState, NAtSLLayerState, SoftmaxLayerState  # noqa: E402
 from natsl.models.cache import NAtSLCache  # noqa: E402
+from natsl.models.graphs import GraphDecoder  # noqa: E402
 
 SHAPES = {
     "340m layer": dict(hidden_size=1024, num_heads=6, head_dim=128, expand_v=2, num_softmax_heads=12,
@@ -159,7 +163,35 @@ def setup_model(provider: str, T: int, B: int):
     def step():
         return model(ids, cache=cache).logits
 
-    return step, cache.layers
+    return step, cache.layers, (model, cache, ids)
+
+
+def decoder_ms_per_token(model, cache, ids, tokens: int = 256) -> float:
+    """Wall time per token of `GraphDecoder.step` over `tokens` steps (replays, plus the eager step and re-capture
+    of every block completion), after two warm-up steps (one eager, one capture)."""
+    decoder = GraphDecoder(model)
+    for _ in range(2):
+        decoder.step(ids, cache)
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(tokens):
+        decoder.step(ids, cache)
+    torch.cuda.synchronize()
+    return (time.perf_counter() - start) / tokens * 1e3
+
+
+def profile_step(step, label: str, top: int = 8) -> None:
+    """Print the `top` CUDA kernels of three eager decode steps by GPU time (what a step spends its time on)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(3):
+            step()
+        torch.cuda.synchronize()
+    print(f"profile {label} (3 eager steps):")  # noqa: T201
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=top, max_name_column_width=60))  # noqa: T201
 
 
 def gate() -> float:
@@ -186,6 +218,7 @@ def main():
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--models", action="store_true")
     ap.add_argument("--no-graph", action="store_true")
+    ap.add_argument("--profile", action="store_true", help="profile the eager natsl steps at the largest B and T")
     args = ap.parse_args()
     err = gate()
     print(f"gate: prefill + decode vs full forward (fp32), max rel. error {err:.2e}", flush=True)  # noqa: T201
@@ -209,6 +242,8 @@ def main():
                 base[prov] = row
                 rows.append(row)
                 print(row, flush=True)  # noqa: T201
+                if args.profile and (max(args.batch), max(args.contexts)) == (B, T) and prov.startswith("natsl"):
+                    profile_step(step, f"{prov} B={B} T={T}")
                 del step, core, states
                 torch.cuda.empty_cache()
             ref = base["softmax 16x64"]
@@ -222,15 +257,20 @@ def main():
                 if not args.no_graph:
                     graph = bench_graph_ms(setup_model(prov, T, 1)[0])[0]
                     torch.cuda.empty_cache()
-                step, states = setup_model(prov, T, 1)
+                step, states, _ = setup_model(prov, T, 1)
                 eager = bench_ms(step)[0]
-                row = {"level": "model", "B": 1, "T": T, "provider": prov, "eager ms": eager, "graph ms": graph,
-                       **kv_report(states)}
-                rows.append(row)
-                print(row, flush=True)  # noqa: T201
                 del step, states
                 torch.cuda.empty_cache()
-    cols = ["level", "B", "T", "provider", "eager ms", "graph ms", "core ms", "x vs softmax (eager)",
+                _, states, (model, cache, ids) = setup_model(prov, T, 1)
+                decoder = decoder_ms_per_token(model, cache, ids)
+                row = {"level": "model", "B": 1, "T": T, "provider": prov, "eager ms": eager, "graph ms": graph,
+                       "GraphDecoder ms/token": decoder, **kv_report(states)}
+                rows.append(row)
+                print(row, flush=True)  # noqa: T201
+                del model, cache, states
+                torch.cuda.empty_cache()
+    cols = ["level", "B", "T", "provider", "eager ms", "graph ms", "GraphDecoder ms/token", "core ms",
+            "x vs softmax (eager)",
             "x vs softmax (graph)", "x vs softmax (core)", "KV MiB", "KV alloc MiB", "linear MiB"]
     text = markdown_table(rows, cols)
     print(text)  # noqa: T201

@@ -103,3 +103,31 @@ def test_decode_inside_a_block_makes_no_host_sync(paths):
 
         syncs = host_syncs(steps)
     assert not syncs, f"decode steps inside a block synchronised the host at {sorted(set(syncs))}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_graph_decoder_replays_equal_eager_decoding(dtype):
+    """`GraphDecoder` with real CUDA graphs (issue 8): the logits of 100 decode steps (a natsl, a linear and a softmax
+    layer; block commits, K/V growth, batch 2) equal eager decoding. Capturing fails if a step syncs the host."""
+    from natsl.models.cache import NAtSLCache
+    from natsl.models.graphs import GraphDecoder
+
+    torch.manual_seed(0)
+    cfg = NAtSLConfig.preset("tiny", "natsl", num_hidden_layers=3, layer_layout=["natsl", "linear", "softmax"],
+                             linear_impl="torch", softmax_backend="sdpa")
+    model = NAtSLForCausalLM(cfg).to(DEV)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.add_(torch.randn_like(p) * (3.0 if "router" in name else 0.1))
+    model = model.to(dtype).eval()
+    ids = torch.randint(1, 256, (2, 121), device=DEV, generator=torch.Generator(DEV).manual_seed(5))
+    decoder = GraphDecoder(model)
+    eager_cache, graph_cache = NAtSLCache(), NAtSLCache()
+    with torch.no_grad():
+        model(ids[:, :21], cache=eager_cache)
+        model(ids[:, :21], cache=graph_cache)
+        ref = torch.cat([model(ids[:, t:t + 1], cache=eager_cache).logits for t in range(21, 121)], 1)
+        out = torch.cat([decoder.step(ids[:, t:t + 1], graph_cache) for t in range(21, 121)], 1)
+    assert decoder.replays > 50, (decoder.replays, decoder.captures, decoder.eager_steps)
+    torch.testing.assert_close(out.float(), ref.float(), rtol=0, atol=1e-5 if dtype == torch.float32 else 2e-2)
+    assert torch.equal(graph_cache.layers[0].lengths, eager_cache.layers[0].lengths)
