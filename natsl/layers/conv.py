@@ -1,8 +1,8 @@
 """Causal depthwise short convolution with SiLU (spec §1.1), packed-sequence aware.
 
 Parameters have the layout of `fla.modules.ShortConvolution` (an `nn.Conv1d` with `groups=channels`), so weights
-copy between the two. On CUDA with fla installed the forward calls fla's `causal_conv1d`; elsewhere a pure-PyTorch
-path (a sum over the kernel's shifts, masked at sequence starts).
+copy between the two. On CUDA with fla installed the forward calls fla's `causal_conv1d` (fp16/bf16/fp32);
+elsewhere (and for float64) a pure-PyTorch path (a sum over the kernel's shifts, masked at sequence starts).
 """
 
 from __future__ import annotations
@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+FLA_CONV_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def _fla_causal_conv1d():
@@ -58,7 +60,7 @@ class ShortConv(nn.Conv1d):
 
     def forward(self, x: torch.Tensor, cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
         weight = self.weight.squeeze(1)
-        if x.is_cuda:
+        if x.is_cuda and x.dtype in FLA_CONV_DTYPES:  # fla's Triton kernel fails to compile for float64
             fla_conv = _fla_causal_conv1d()
             if fla_conv is not None:
                 y, _ = fla_conv(x=x, weight=weight, bias=self.bias, activation="silu", cu_seqlens=cu_seqlens)
