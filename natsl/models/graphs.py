@@ -11,6 +11,8 @@ reads, RoPE positions) and no decision is taken on the host. `GraphDecoder` capt
 - After an eager step the states' new tensors are copied into the captured buffers, so the graph stays valid. It is
   captured again only when a buffer changes shape (geometric K/V growth) or the batch changes.
 - Inside the captured step every state update is an in-place copy into the buffer it replaces.
+- If the cache is changed outside the decoder between steps (`reorder_cache`, an eager model call), the next step
+  copies the new tensors into the buffers first (or captures again if their shapes changed).
 
 Example::
 
@@ -121,6 +123,10 @@ class GraphDecoder:
                 return False
         return True
 
+    def _holds_buffers(self, states) -> bool:
+        current = _state_tensors(states)
+        return current.keys() == self._buffers.keys() and all(current[k] is b for k, b in self._buffers.items())
+
     def _adopt(self, states) -> None:
         """Copy the states' new tensors (after an eager step) into the captured buffers, or drop the graph if one
         no longer fits."""
@@ -182,7 +188,11 @@ class GraphDecoder:
             raise ValueError("the cache is empty: run the prompt through the model with this cache first")
         if self._cache is not None and (cache is not self._cache or input_ids.shape != self._ids.shape):
             self._drop()
-        if self._graphable(input_ids, cache) and (self._replay is not None or self.eager_steps):
+        graphable = self._graphable(input_ids, cache)
+        if graphable and self._replay is not None and not self._holds_buffers(cache.layers):
+            # the cache changed outside this decoder (reorder_cache, an eager model call): adopt its new tensors
+            self.capturer.eager(lambda: self._adopt(cache.layers))
+        if graphable and (self._replay is not None or self.eager_steps):
             if self._replay is None:
                 return self._capture(input_ids, cache).clone()
             self._ids.copy_(input_ids)

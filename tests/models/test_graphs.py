@@ -99,3 +99,27 @@ def test_bad_input_is_rejected():
     with pytest.raises(ValueError, match="eval"):
         decoder.step(torch.ones(1, 1, dtype=torch.long), cache)
     model.eval()
+
+
+def test_cache_changed_between_steps():
+    """A beam-style reorder and an eager call on the cache between decoder steps are seen by the next replay."""
+    model = model_of("gla")
+    C = NAtSLConfig.preset("tiny").block_size
+    ids = torch.randint(1, 256, (2, 4 * C), generator=gen(4))
+    perm = torch.tensor([1, 0])
+    eager_cache, graph_cache = NAtSLCache(), NAtSLCache()
+    decoder = GraphDecoder(model, capture=TracedCapture())
+    ref, out = [], []
+    with torch.no_grad():
+        for cache, run, logits in ((eager_cache, lambda i, c: model(i, cache=c).logits, ref),
+                                   (graph_cache, decoder.step, out)):
+            model(ids[:, :C + 2], cache=cache)
+            for t in range(C + 2, 2 * C + 20):
+                if t == C + 10:
+                    cache.reorder_cache(perm)
+                if t == C + 30:  # an eager call from outside the decoder
+                    logits.append(model(ids[:, t:t + 1], cache=cache).logits)
+                    continue
+                logits.append(run(ids[:, t:t + 1], cache))
+    torch.testing.assert_close(torch.cat(out, 1), torch.cat(ref, 1), rtol=1e-10, atol=1e-10)
+    assert decoder.replays > C // 2
