@@ -262,7 +262,7 @@ class NAtSLAttention(nn.Module):
         v, cv = self.v_conv1d.forward_with_state(self.v_proj(x), state.conv.get("v"))
         pos = None
         if self.use_rope:  # from the device counter (a captured decode step stays valid at every position)
-            pos = torch.arange(T, device=x.device) + (state.device_position(x.device) if state.initialized else t0)
+            pos = torch.arange(T, device=x.device) + state.device_position(x.device)
         q_s, k_s, v_s, q_l, k_l, v_l = self._heads(x, q, k, v, pos)
         g, beta, dt = self.gates(x)
         v_in = self.gates.value_input(v_l, dt)

@@ -82,15 +82,19 @@ def _round_up(n: int, m: int) -> int:
     return -(-n // m) * m
 
 
-def _device_position(position: torch.Tensor | None, seen_tokens: int, device: torch.device) -> torch.Tensor:
-    """The device copy `[]` int64 of `seen_tokens` (created from the host value the first time: one copy)."""
-    if position is None:
-        position = torch.tensor(seen_tokens, dtype=torch.long, device=device)
-    return position
+class _DevicePosition:
+    """`position`: the device copy `[]` int64 of the host counter `seen_tokens` (states with K/V rows)."""
+
+    def device_position(self, device: torch.device) -> torch.Tensor:
+        """`[]` int64 tokens seen so far, on the device; created from `seen_tokens` the first time (one copy).
+        Module docstring of `natsl.models.graphs`."""
+        if self.position is None:
+            self.position = torch.tensor(self.seen_tokens, dtype=torch.long, device=device)
+        return self.position
 
 
 @dataclass
-class NAtSLLayerState:
+class NAtSLLayerState(_DevicePosition):
     """Inference state of one `NAtSLAttention` layer (spec §1.8). Created empty; sized by the first `append`.
 
     Attributes:
@@ -160,12 +164,7 @@ class NAtSLLayerState:
         self.router_sum = torch.zeros_like(router_sum)
         self.log_decay = None if log_decay is None else torch.zeros_like(log_decay)
         self.length_bound = 0
-        self.position = _device_position(self.position, self.seen_tokens, k.device)
-
-    def device_position(self, device: torch.device) -> torch.Tensor:
-        """`[]` int64 tokens seen so far, on the device (module docstring of `natsl.models.graphs`)."""
-        self.position = _device_position(self.position, self.seen_tokens, device)
-        return self.position
+        self.device_position(k.device)
 
     def _to_heads(self, x: torch.Tensor) -> torch.Tensor:
         """`[B, H_R, *]` per pair → `[B, H_A, *]` per softmax head."""
@@ -401,7 +400,7 @@ class LinearLayerState:
 
 
 @dataclass
-class SoftmaxLayerState:
+class SoftmaxLayerState(_DevicePosition):
     """Inference state of a plain softmax layer: the full K/V of every past token.
 
     Attributes:
@@ -419,11 +418,6 @@ class SoftmaxLayerState:
     @property
     def capacity(self) -> int:
         return 0 if self.k_rows is None else self.k_rows.shape[2]
-
-    def device_position(self, device: torch.device) -> torch.Tensor:
-        """`[]` int64 tokens seen so far, on the device."""
-        self.position = _device_position(self.position, self.seen_tokens, device)
-        return self.position
 
     @property
     def batch_size(self) -> int:

@@ -107,7 +107,7 @@ class GraphDecoder:
     def _drop(self) -> None:
         self._replay = self._buffers = self._cache = self._ids = None
 
-    def _graphable(self, input_ids: torch.Tensor, cache: NAtSLCache) -> bool:
+    def _graphable(self, cache: NAtSLCache) -> bool:
         """Whether this step launches the captured kernels: no block completes, nothing grows, all states exist."""
         states = cache.layers
         if len(states) != len(self.model.model.layers) or any(s is None for s in states):
@@ -188,7 +188,7 @@ class GraphDecoder:
             raise ValueError("the cache is empty: run the prompt through the model with this cache first")
         if self._cache is not None and (cache is not self._cache or input_ids.shape != self._ids.shape):
             self._drop()
-        graphable = self._graphable(input_ids, cache)
+        graphable = self._graphable(cache)
         if graphable and self._replay is not None and not self._holds_buffers(cache.layers):
             # the cache changed outside this decoder (reorder_cache, an eager model call): adopt its new tensors
             self.capturer.eager(lambda: self._adopt(cache.layers))
