@@ -84,9 +84,10 @@ def max_err(a, b):
     return (a.double() - b.double()).abs().max().item()
 
 
-# every case with the default `NATSL_COMPILE=auto` (the delta rule's block maths compiled by Inductor on CUDA), and
-# the delta-rule cases eager as well
-RUNS = [(name, "auto") for name in CASES] + [(name, "off") for name in ("gdn", "deltanet", "gdn-packed")]
+# every case with the default `NATSL_COMPILE=auto` (the delta rule's block maths compiled by Inductor on CUDA), the
+# delta-rule cases eager as well, and gdn with the compiled block maths replayed as CUDA graphs
+RUNS = ([(name, "auto") for name in CASES] + [(name, "off") for name in ("gdn", "deltanet", "gdn-packed")]
+        + [(name, "cudagraphs") for name in ("gdn", "gdn-packed")])
 
 
 @pytest.mark.parametrize("name,compile_mode", RUNS, ids=[f"{n}-compile-{m}" for n, m in RUNS])

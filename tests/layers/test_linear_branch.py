@@ -286,6 +286,36 @@ def test_compiled_block_maths(packed, monkeypatch):
     assert {"_delta_blocks", "_dense_gate_grad" if not packed else "_gate_grad_blocks"} <= used
 
 
+def test_bucket_blocks_pads_at_most_a_quarter_or_seven_blocks():
+    from natsl.layers.linear.branch import bucket_blocks
+
+    sizes = [bucket_blocks(n) for n in range(1, 5000)]
+    assert all(n <= b <= max(n + 7, n * 1.25) and b % 8 == 0 for n, b in zip(range(1, 5000), sizes))
+    for lo in (32, 64, 1024, 2048):  # the sizes used for (lo, 2·lo]
+        assert len({b for n, b in zip(range(1, 5000), sizes) if lo < n <= 2 * lo}) == 4
+
+
+def test_cudagraphs_mode_pads_the_block_batch_and_stays_exact(monkeypatch):
+    """`NATSL_COMPILE=cudagraphs` pads the softmax-block batch to `bucket_blocks` rows of −1 (zero blocks) before the
+    WY solve (on CPU the solve runs eager): outputs and gradients, router gradient included, equal the reference."""
+    import natsl.layers.linear.branch as br
+
+    seen = []
+    real = br._delta_blocks
+
+    def spy(qb, *rest):
+        seen.append(qb.shape[0])
+        return real(qb, *rest)
+
+    monkeypatch.setattr(br, "_delta_blocks", spy)
+    monkeypatch.setenv("NATSL_COMPILE", "cudagraphs")
+    x, w, cu = make_case(23, "gdn", 2, 330, 2, 1, 4, 3, 16, 0.5, init=True)
+    n_soft = int(w[..., 0].sum())
+    out, ref = run_both("gdn", x, w, cu, 16, router_grad="both")
+    check(out, ref, ratio=1e-9, atol=1e-11)
+    assert seen and seen[0] == br.bucket_blocks(n_soft) > n_soft
+
+
 def test_compile_mode_is_checked(monkeypatch):
     monkeypatch.setenv("NATSL_COMPILE", "yes")
     x, w, cu = make_case(1, "gdn", 1, 20, 1, 1, 4, 3, 8, 0.5)

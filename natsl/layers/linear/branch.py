@@ -18,10 +18,26 @@ from natsl.utils import LINEAR_BACKENDS, ROUTER_GRADS, check_choice
 
 LINEAR_IMPLS = ("auto", "fla", "torch")
 DELTA_BACKENDS = ("gdn", "deltanet")
-COMPILE_MODES = ("auto", "on", "off")
+COMPILE_MODES = ("auto", "on", "off", "cudagraphs")
 #: Inductor backend of the compiled block maths; tests set `"aot_eager"` to check the traced graphs on CPU.
 COMPILE_BACKEND = "inductor"
 _COMPILED: dict = {}
+
+
+def compile_mode() -> str:
+    """The validated `NATSL_COMPILE` value (default `"auto"`)."""
+    mode = os.environ.get("NATSL_COMPILE", "auto")
+    check_choice("NATSL_COMPILE", mode, COMPILE_MODES)
+    return mode
+
+
+def bucket_blocks(n: int) -> int:
+    """`n` rounded up to a multiple of `max(2**floor(log2 n) / 4, 8)`: at most 25% (or 7 blocks) of padding and
+    four sizes per power of two, so `NATSL_COMPILE=cudagraphs` records few CUDA graphs across routings."""
+    if n <= 8:
+        return 8
+    step = max((1 << (n.bit_length() - 1)) // 4, 8)
+    return -(-n // step) * step
 
 
 def _block_math(fn):
@@ -31,20 +47,23 @@ def _block_math(fn):
     The delta-rule branch does a few hundred small torch ops per call on 64×64 blocks; eager, they are bound by
     host launches (benchmarks/RESULTS.md, "Linear branch"). Compiled, Inductor fuses the element-wise work and
     one graph replaces the per-op autograd records. `NATSL_COMPILE`: `"auto"` (default: CUDA tensors only),
-    `"on"` (any device; needs a working Inductor backend, e.g. a C++ compiler on CPU) or `"off"`. The first call
-    per shape family compiles (seconds); the block count is marked dynamic so changing routings do not recompile.
+    `"on"` (any device; needs a working Inductor backend, e.g. a C++ compiler on CPU), `"cudagraphs"` (CUDA
+    only: Inductor with `mode="reduce-overhead"`, i.e. the compiled kernels replayed as CUDA graphs, and the block
+    count padded to `bucket_blocks` sizes; eager with the same padding on CPU) or `"off"`. The first call per
+    shape family compiles (seconds); the block count is marked dynamic so changing routings do not recompile.
     Inside an outer `torch.compile` the eager function is traced as part of the outer graph.
     """
 
     def call(*args):
-        mode = os.environ.get("NATSL_COMPILE", "auto")
-        check_choice("NATSL_COMPILE", mode, COMPILE_MODES)
+        mode = compile_mode()
         t0 = args[0]
-        if mode == "off" or (mode == "auto" and not t0.is_cuda) or torch.compiler.is_compiling():
+        if (mode == "off" or (mode in ("auto", "cudagraphs") and not t0.is_cuda)
+                or torch.compiler.is_compiling()):
             return fn(*args)
-        key = (fn, COMPILE_BACKEND)
+        key = (fn, COMPILE_BACKEND, mode)
         if key not in _COMPILED:
-            _COMPILED[key] = torch.compile(fn, fullgraph=True, backend=COMPILE_BACKEND)
+            opts = {"mode": "reduce-overhead"} if mode == "cudagraphs" else {}
+            _COMPILED[key] = torch.compile(fn, fullgraph=True, backend=COMPILE_BACKEND, **opts)
         for a in args:
             if isinstance(a, torch.Tensor):
                 torch._dynamo.maybe_mark_dynamic(a, 0)
@@ -386,6 +405,8 @@ def _delta_path(c: _Call, q, k, v, g, beta, w, initial_state, output_final_state
     idx, rows, valid = _rows_of_blocks(c, c.routing.is_softmax())
     R = c.B * c.T * c.Hr
     if rows.numel():
+        if compile_mode() == "cudagraphs":  # padding blocks (rows -1) gather as zeros; `valid` skips their outputs
+            idx = torch.nn.functional.pad(idx, (0, 0, 0, bucket_blocks(idx.shape[0]) - idx.shape[0]), value=-1)
         qb, kb, vb = (_blockify(x, idx, c.Hr) for x in (q, k, v))
         q_read, o_blk = _delta_blocks(qb, kb, vb, _blockify_gate(beta, idx, c.Hr), _blockify_gate(g, idx, c.Hr),
                                       c.scale)
