@@ -187,18 +187,19 @@ def breakdown(backend, shape, T, frac) -> list[dict]:
     return [{"part": name, "ms": bench_ms(fn)[0]} for name, fn in parts.items()]
 
 
-def profile_table(backend, shape, T, frac, top=15) -> str:
-    """The `top` GPU kernels (by total device time) of one training fwd+bwd of the branch."""
-    fn, _ = setup(backend, shape, T, frac, "natsl-branch", "fwd+bwd")
+def profile_table(backend, shape, T, frac, provider="natsl-branch", top=15) -> str:
+    """The `top` GPU kernels (by total device time) of one fwd+bwd of the branch, and the sum over all kernels."""
+    fn, _ = setup(backend, shape, T, frac, provider, "fwd+bwd")
     fn()
     torch.cuda.synchronize()
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         fn()
         torch.cuda.synchronize()
-    rows = []
-    for e in sorted(prof.key_averages(), key=lambda e: -e.device_time_total)[:top]:
-        rows.append({"kernel": e.key[:70], "calls": e.count, "ms": e.device_time_total / 1e3})
-    return markdown_table(rows, ["kernel", "calls", "ms"])
+    events = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
+    rows = [{"kernel": e.key[:70], "calls": e.count, "ms": e.device_time_total / 1e3}
+            for e in sorted(events, key=lambda e: -e.device_time_total)[:top]]
+    total = sum(e.self_device_time_total for e in events) / 1e3
+    return markdown_table(rows, ["kernel", "calls", "ms"]) + f"\nsum of all GPU kernels: {total:.2f} ms"
 
 
 def main():
@@ -268,9 +269,10 @@ def main():
                 os.environ["NATSL_COMPILE"] = mode
                 emit(f"\nbreakdown at T={T}, 12.5% softmax blocks, NATSL_COMPILE={mode} (ms):")
                 emit(markdown_table(breakdown(backend, shape, T, 0.125), ["part", "ms"]))
-                emit(f"\ntop GPU kernels of one training fwd+bwd at T={T}, 12.5% softmax blocks, "
-                     f"NATSL_COMPILE={mode} (torch.profiler):")
-                emit(profile_table(backend, shape, T, 0.125))
+                for p, tag in (("natsl-branch-frozen-routing", "frozen"), ("natsl-branch", "training")):
+                    emit(f"\ntop GPU kernels of one {tag} fwd+bwd at T={T}, 12.5% softmax blocks, "
+                         f"NATSL_COMPILE={mode} (torch.profiler):")
+                    emit(profile_table(backend, shape, T, 0.125, p))
         emit()
 
 

@@ -38,9 +38,8 @@ T_LIST = (4096, 16384, 65536)
 FRACTIONS = (0.125, 0.25, 0.5)
 # measured in this order (the issue's target first, flash-attn-4's compile-heavy kernels last); also selectable:
 # "natsl-flex64" (64-token BlockMask blocks: fails to lower on torch 2.11)
-PROVIDERS = ["dense-sdpa-cudnn", "natsl-flash-cudnn", "natsl-flash", "natsl-flex", "dense-fa4", "natsl-flash-fa4"]
-NATSL = {"natsl-flash": lambda: FlashSoftmax("varlen"), "natsl-flash-cudnn": lambda: FlashSoftmax("cudnn"),
-         "natsl-flex": lambda: SOFTMAX_BACKENDS["flex"],
+PROVIDERS = ["dense-sdpa-cudnn", "natsl-flash", "natsl-flex", "dense-fa4", "natsl-flash-fa4"]
+NATSL = {"natsl-flash": lambda: FlashSoftmax("varlen"), "natsl-flex": lambda: SOFTMAX_BACKENDS["flex"],
          "natsl-flex64": lambda: FlexSoftmax(mask_block=64), "natsl-flash-fa4": lambda: FlashSoftmax("fa4")}
 
 
@@ -176,8 +175,7 @@ def main() -> None:
     parser.add_argument("--providers", nargs="+", default=PROVIDERS)
     parser.add_argument("--name", default="bench_softmax_backends", help="report file stem under $OUT")
     parser.add_argument("--profile", action="store_true",
-                        help="also print the CUDA-kernel time breakdown of natsl-flash(-cudnn) fwd+bwd at the first "
-                             "T, f")
+                        help="also print the CUDA-kernel time breakdown of natsl-flash fwd+bwd at the first T, f")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("needs a CUDA device")
@@ -235,9 +233,8 @@ def main() -> None:
                         row[f"{mode} x dense"] = best / r[f"{mode} ms"][0]
                 rows.append(row)
                 say(f"{row} ({time.time() - t0:.1f} s)")
-    for p in ("natsl-flash-cudnn", "natsl-flash"):
-        if args.profile and p in ok:
-            say(profile(p, make_inputs(args.T[0], args.fractions[0])))
+    if args.profile and "natsl-flash" in ok:
+        say(profile("natsl-flash", make_inputs(args.T[0], args.fractions[0])))
     cols = ["T", "f", "provider", "fwd ms", "fwd TF/s", "fwd x dense", "fwd+bwd ms", "fwd+bwd TF/s", "fwd+bwd x dense",
             "fwd+bwd peak MiB"]
     text = "\n".join([f"Softmax branch, {DTYPE}, B=1 H_A=12 H_R=6 d=64 d_v=128 block=64, {env_line()}",

@@ -1,6 +1,12 @@
-"""Probe natsl's cuDNN varlen adapter (`CudnnVarlen`) on this GPU: exactness, shape-key cost, speed vs FA2.
+"""Probe cuDNN's ragged (varlen) attention through torch as a natsl varlen kernel: exactness, per-call cost, speed.
 
     PYTHONPATH=$PWD python3 benchmarks/probe_cudnn_varlen.py
+
+`CudnnVarlen` below has natsl's varlen-kernel interface (`natsl.layers.softmax.flash`), so it can be tried as
+`FlashSoftmax(kernel=CudnnVarlen())`. It is not part of natsl: on the H200 (torch 2.11.0+cu130, cuDNN 9.19) its
+backward gave wrong dq/dk whenever q and k lengths differ, its forward returned NaN next to an empty sequence, and
+every call took 50-180 ms (benchmarks/RESULTS.md, "Softmax branch: cuDNN ragged kernels"). Run this again on a newer
+torch / cuDNN before reconsidering it.
 
 1. out / lse / dq / dk / dv of a few varlen cases (d_qk=72, d_v=128; causal and not; empty sequences) against a
    float64 dense reference, next to torch's flash-attention 2 varlen kernels (q/k padded to 128) in bf16.
@@ -12,12 +18,77 @@ import time
 import torch
 from triton.testing import do_bench
 
-from natsl.layers.softmax.flash import CudnnVarlen, TorchFlashVarlen, TorchVarlen
+from natsl.layers.softmax.flash import TorchFlashVarlen, TorchVarlen
+
+_HAS_CUDNN_VARLEN = hasattr(torch.ops.aten, "_cudnn_attention_forward") and \
+    hasattr(torch.ops.aten, "_cudnn_attention_backward")
+CUDNN_MIN_VERSION = 90000  # ragged (varlen) fused attention; verified with cuDNN 9.19 on the H200 (sm90)
+
+
+def _bucket(n: int) -> int:
+    """`n` rounded up to a power of two (at least 64): fewer distinct cuDNN graphs across routings."""
+    return max(64, 1 << (max(int(n), 1) - 1).bit_length())
+
+
+class CudnnVarlen:
+    """cuDNN's fused attention over ragged sequences (`aten._cudnn_attention_forward/backward` with
+    `cum_seq_q/k`, the kernels under SDPA-cuDNN on nested tensors), fp16/bf16 on sm80+.
+
+    Unlike flash-attn 2 it takes `Dq != Dv` (any multiple of 8 up to 256), so q/k are not padded to `d_v`. cuDNN
+    builds one execution graph per shape key (batch of sequences, maximum lengths, heads, dims) and caches it: the
+    maximum lengths passed to it are rounded up to powers of two so that routings with similar shapes share graphs.
+    Its LSE comes as `[Tq, H, 1]`; the adapter converts to and from the interface's `[H, Tq]`.
+    """
+
+    name = "cudnn"
+    equal_head_dims = False
+
+    def __init__(self, bucket: bool = True):
+        self.bucket = bucket
+
+    def _max(self, n: int) -> int:
+        return _bucket(n) if self.bucket else int(n)
+
+    def reasons(self, device: torch.device, dtype: torch.dtype, needs_grad: bool = False) -> list[str]:
+        out = []
+        if device.type != "cuda":
+            out.append("cuDNN attention needs a CUDA device")
+        elif torch.cuda.get_device_capability(device) < (8, 0):
+            out.append("cuDNN attention needs compute capability >= 8.0")
+        if not _HAS_CUDNN_VARLEN:
+            out.append(f"torch {torch.__version__} has no ragged cuDNN attention ops (aten._cudnn_attention_forward)")
+        elif device.type == "cuda":
+            if not torch.backends.cudnn.is_available():
+                out.append("this torch build has no cuDNN")
+            elif (torch.backends.cudnn.version() or 0) < CUDNN_MIN_VERSION:
+                out.append(f"ragged cuDNN attention needs cuDNN >= 9.0, found {torch.backends.cudnn.version()}")
+        if dtype not in (torch.float16, torch.bfloat16):
+            out.append(f"cuDNN attention needs float16/bfloat16 inputs, got {dtype}")
+        return out
+
+    def fwd(self, q, k, v, cu_q, cu_k, max_q, max_k, causal, scale):
+        res = torch.ops.aten._cudnn_attention_forward(q, k, v, None, cu_q, cu_k, self._max(max_q), self._max(max_k), True,
+                                                      0.0, causal, False, scale=scale)
+        out, lse = res[0], res[1]
+        if lse.numel() != q.shape[0] * q.shape[1]:
+            raise RuntimeError(f"torch {torch.__version__}: unexpected cuDNN varlen LSE shape {tuple(lse.shape)}, "
+                               f"want [total_q, H, 1] = {[q.shape[0], q.shape[1], 1]}")
+        return out, lse.view(q.shape[0], q.shape[1]).T
+
+    def bwd(self, do, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, causal, scale):
+        seed = torch.zeros((), dtype=torch.int64, device=q.device)  # no dropout: the philox state is unused
+        lse_c = lse.T.contiguous().unsqueeze(-1)  # [Tq, H, 1]
+        dq, dk, dv = torch.ops.aten._cudnn_attention_backward(do.contiguous(), q, k, v, out.contiguous(), lse_c, seed,
+                                                              seed, None, cu_q, cu_k, self._max(max_q), self._max(max_k),
+                                                              0.0, causal, scale=scale)
+        return dq, dk, dv
+
 
 torch.manual_seed(0)
 dev = "cuda"
 H, D72, Dv = 12, 72, 128
-KERNELS = {"cudnn": (CudnnVarlen(), D72), "fa2-pad128": (TorchFlashVarlen(), 128)}
+KERNELS = {"cudnn": (CudnnVarlen(), D72), "cudnn-exact-max": (CudnnVarlen(bucket=False), D72),
+           "fa2-pad128": (TorchFlashVarlen(), 128)}
 
 
 def cu(lens):
@@ -62,8 +133,8 @@ for args in [([64, 64, 32], [64, 64, 32], True), ([100, 7, 64], [256, 128, 64], 
              ([128, 0, 64], [128, 192, 192], False), ([1, 64, 1], [64, 0, 640], False), ([300], [2000], False)]:
     check(*args)
 
-print("first call of a new shape key vs cached (cudnn fwd+bwd, ms):")
-kern = CudnnVarlen()
+print("first call of a new shape key vs cached (cudnn fwd+bwd, exact maxima, ms):")
+kern = CudnnVarlen(bucket=False)
 for n_seq, lq, lk in [(8, 256, 1024), (9, 256, 1024), (8, 300, 1024), (8, 256, 1500), (16, 300, 1500)]:
     q, k, v, do = (x.bfloat16() for x in inputs([lq] * n_seq, [lk] * n_seq, D72))
     cq, ck = cu([lq] * n_seq), cu([lk] * n_seq)

@@ -148,3 +148,49 @@ def test_linear_branch_bf16_vs_reference(name, compile_mode, monkeypatch):
     print(f"\n[{name}] " + "  ".join(f"{n}: {e:.2e} (plain {b:.2e})" for n, e, b, _, _ in report))  # noqa: T201
     bad = [f"{n}: err {e:.3e} > bound {bd:.3e} (plain fla {b:.3e})" for n, e, b, bd, ok in report if not ok]
     assert not bad, f"{name}: " + "; ".join(bad)
+
+
+def test_cudagraphs_mode_survives_several_calls_before_backward_and_changing_routings(monkeypatch):
+    """`NATSL_COMPILE=cudagraphs` (CUDA graphs of the compiled WY maths, replayed from a shared memory pool) gives
+    the outputs and gradients of `NATSL_COMPILE=auto` when two "layers" call the branch before one backward and the
+    routing (hence the padded block count) changes between iterations: a replay that overwrote an earlier call's
+    outputs or saved tensors would differ by O(1)."""
+    backend, B, T, Hr, G, K, V, C = "gdn", 2, 1024, 2, 2, 64, 128, 64
+    H = Hr * G
+    gn = torch.Generator(device=DEV).manual_seed(5)
+    N = T // C
+
+    def rand_inputs():
+        return dict(q=F.normalize(torch.randn(B, T, H, K, generator=gn, device=DEV), dim=-1).bfloat16(),
+                    k=F.normalize(torch.randn(B, T, H, K, generator=gn, device=DEV), dim=-1).bfloat16(),
+                    v=torch.randn(B, T, H, V, generator=gn, device=DEV).bfloat16(),
+                    g=F.logsigmoid(torch.randn(B, T, H, generator=gn, device=DEV) + 3).bfloat16(),
+                    beta=torch.rand(B, T, H, generator=gn, device=DEV).sigmoid().bfloat16())
+
+    def routing(p):
+        soft = torch.rand(B, N, Hr, generator=gn, device=DEV) < p
+        return torch.stack([soft, ~soft], -1).float()
+
+    layers = [rand_inputs(), rand_inputs()]
+    # per iteration, the routing of each layer: the block counts fall into different buckets
+    plan = [(routing(0.25), routing(0.6)), (routing(0.6), routing(0.25)), (routing(0.1), routing(0.6))]
+    cots = [torch.randn(B, T, H, V, generator=gn, device=DEV) for _ in layers]
+
+    def run(mode):
+        monkeypatch.setenv("NATSL_COMPILE", mode)
+        results = []
+        for routings in plan:
+            leaves = [{n: t.clone().requires_grad_() for n, t in x.items()} for x in layers]
+            ws = [r.clone().requires_grad_() for r in routings]
+            outs = [linear_branch(xs["q"], xs["k"], xs["v"], Routing(w, C), backend=backend, g=xs["g"],
+                                  beta=xs["beta"], impl="fla")[0] for xs, w in zip(leaves, ws)]
+            loss = sum((o.float() * c).sum() for o, c in zip(outs, cots))
+            flat = [t for xs in leaves for t in xs.values()] + ws
+            results.append([o.detach().float() for o in outs] + [g.float() for g in torch.autograd.grad(loss, flat)])
+        return results
+
+    want, got = run("auto"), run("cudagraphs")
+    for it, (a, b) in enumerate(zip(want, got)):
+        for i, (x, y) in enumerate(zip(a, b)):
+            err, scale = max_err(x, y), max(1.0, x.abs().max().item())
+            assert err <= 2e-2 * scale, f"iteration {it}, tensor {i}: cudagraphs vs auto differ by {err:.3e}"

@@ -133,64 +133,6 @@ class TorchFlashVarlen:
         return dq, dk, dv
 
 
-_HAS_CUDNN_VARLEN = hasattr(torch.ops.aten, "_cudnn_attention_forward") and \
-    hasattr(torch.ops.aten, "_cudnn_attention_backward")
-CUDNN_MIN_VERSION = 90000  # ragged (varlen) fused attention; verified with cuDNN 9.19 on the H200 (sm90)
-
-
-def _bucket(n: int) -> int:
-    """`n` rounded up to a power of two (at least 64): fewer distinct cuDNN graphs across routings."""
-    return max(64, 1 << (max(int(n), 1) - 1).bit_length())
-
-
-class CudnnVarlen:
-    """cuDNN's fused attention over ragged sequences (`aten._cudnn_attention_forward/backward` with
-    `cum_seq_q/k`, the kernels under SDPA-cuDNN on nested tensors), fp16/bf16 on sm80+.
-
-    Unlike flash-attn 2 it takes `Dq != Dv` (any multiple of 8 up to 256), so q/k are not padded to `d_v`. cuDNN
-    builds one execution graph per shape key (batch of sequences, maximum lengths, heads, dims) and caches it: the
-    maximum lengths passed to it are rounded up to powers of two so that routings with similar shapes share graphs.
-    Its LSE comes as `[Tq, H, 1]`; the adapter converts to and from the interface's `[H, Tq]`.
-    """
-
-    name = "cudnn"
-    equal_head_dims = False
-
-    def reasons(self, device: torch.device, dtype: torch.dtype, needs_grad: bool = False) -> list[str]:
-        out = []
-        if device.type != "cuda":
-            out.append("cuDNN attention needs a CUDA device")
-        elif torch.cuda.get_device_capability(device) < (8, 0):
-            out.append("cuDNN attention needs compute capability >= 8.0")
-        if not _HAS_CUDNN_VARLEN:
-            out.append(f"torch {torch.__version__} has no ragged cuDNN attention ops (aten._cudnn_attention_forward)")
-        elif device.type == "cuda":
-            if not torch.backends.cudnn.is_available():
-                out.append("this torch build has no cuDNN")
-            elif (torch.backends.cudnn.version() or 0) < CUDNN_MIN_VERSION:
-                out.append(f"ragged cuDNN attention needs cuDNN >= 9.0, found {torch.backends.cudnn.version()}")
-        if dtype not in (torch.float16, torch.bfloat16):
-            out.append(f"cuDNN attention needs float16/bfloat16 inputs, got {dtype}")
-        return out
-
-    def fwd(self, q, k, v, cu_q, cu_k, max_q, max_k, causal, scale):
-        res = torch.ops.aten._cudnn_attention_forward(q, k, v, None, cu_q, cu_k, _bucket(max_q), _bucket(max_k), True,
-                                                      0.0, causal, False, scale=scale)
-        out, lse = res[0], res[1]
-        if lse.numel() != q.shape[0] * q.shape[1]:
-            raise RuntimeError(f"torch {torch.__version__}: unexpected cuDNN varlen LSE shape {tuple(lse.shape)}, "
-                               f"want [total_q, H, 1] = {[q.shape[0], q.shape[1], 1]}")
-        return out, lse.view(q.shape[0], q.shape[1]).T
-
-    def bwd(self, do, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, causal, scale):
-        seed = torch.zeros((), dtype=torch.int64, device=q.device)  # no dropout: the philox state is unused
-        lse_c = lse.T.contiguous().unsqueeze(-1)  # [Tq, H, 1]
-        dq, dk, dv = torch.ops.aten._cudnn_attention_backward(do.contiguous(), q, k, v, out.contiguous(), lse_c, seed,
-                                                              seed, None, cu_q, cu_k, _bucket(max_q), _bucket(max_k),
-                                                              0.0, causal, scale=scale)
-        return dq, dk, dv
-
-
 class FA4Varlen:
     """flash-attn-4 (`flash_attn.cute`, CuTe DSL) varlen forward/backward, fp16/bf16 on sm90/sm100."""
 
@@ -226,7 +168,7 @@ class FA4Varlen:
         return res[0], res[1], res[2]
 
 
-VARLEN_KERNELS = {"cudnn": CudnnVarlen, "fa4": FA4Varlen, "varlen": TorchFlashVarlen, "torch": TorchVarlen}
+VARLEN_KERNELS = {"fa4": FA4Varlen, "varlen": TorchFlashVarlen, "torch": TorchVarlen}
 # "auto" on CUDA takes the first of these that can run (the pure-torch twin is never chosen automatically);
 # torch's flash kernels first: the only GPU kernels that passed the bf16 forward + backward checks on the H200
 KERNEL_PREFERENCE = ("varlen", "fa4")
