@@ -67,7 +67,8 @@ def make_inputs(backend, shape, T, frac, seed=0, device="cuda", dtype=torch.bflo
 
 
 def setup(backend, shape, T, frac, provider, mode):
-    """`fn()` running `provider` once (`mode` "fwd" or "fwd+bwd"), and the tensors whose grads to reset."""
+    """`fn()` running `provider` once (`mode` "inference" (fwd under `torch.no_grad()`), "fwd" (inputs requiring
+    grad) or "fwd+bwd"), and the tensors whose grads to reset."""
     x, routing = make_inputs(backend, shape, T, frac)
     C = shape["C"]
     do = torch.randn(shape["B"], T, shape["H"], shape["V"], device="cuda", dtype=torch.bfloat16)
@@ -89,6 +90,11 @@ def setup(backend, shape, T, frac, provider, mode):
         leaves = list(x.values()) + ([r] if r.requires_grad else [])
     if mode == "fwd":
         return fwd, leaves
+    if mode == "inference":
+        def inference():
+            with torch.no_grad():
+                return fwd()
+        return inference, leaves
 
     def fn():
         fwd().backward(do)
@@ -245,11 +251,13 @@ def main():
             continue
         rows = []
         for T in map(int, args.ts.split(",")):
-            plain = {m: bench_ms(setup(backend, shape, T, 0.0, "fla-plain", m)[0])[0] for m in ("fwd", "fwd+bwd")}
+            plain = {m: bench_ms(setup(backend, shape, T, 0.0, "fla-plain", m)[0])[0]
+                     for m in ("inference", "fwd", "fwd+bwd")}
             for frac, mode in itertools.product(map(float, args.fractions.split(",")), modes):
                 os.environ["NATSL_COMPILE"] = mode
-                row = {"T": T, "softmax": f"{frac:.1%}", "compile": mode, "plain fwd": plain["fwd"],
-                       "plain fwd+bwd": plain["fwd+bwd"]}
+                row = {"T": T, "softmax": f"{frac:.1%}", "compile": mode, "plain no-grad fwd": plain["inference"],
+                       "no-grad fwd": bench_ms(setup(backend, shape, T, frac, "natsl-branch", "inference")[0])[0],
+                       "plain fwd": plain["fwd"], "plain fwd+bwd": plain["fwd+bwd"]}
                 for p, tag in (("natsl-branch-frozen-routing", "frozen"), ("natsl-branch", "train")):
                     for m in ("fwd", "fwd+bwd"):
                         row[f"{tag} {m}"] = bench_ms(setup(backend, shape, T, frac, p, m)[0])[0]
@@ -260,7 +268,8 @@ def main():
                 row["peak MiB (train)"] = torch.cuda.max_memory_allocated() / 2**20
                 rows.append(row)
                 print(row, flush=True)  # noqa: T201
-        emit(markdown_table(rows, ["T", "softmax", "compile", "plain fwd", "plain fwd+bwd", "frozen fwd", "frozen fwd+bwd",
+        emit(markdown_table(rows, ["T", "softmax", "compile", "plain no-grad fwd", "no-grad fwd", "plain fwd",
+                                   "plain fwd+bwd", "frozen fwd", "frozen fwd+bwd",
                                    "train fwd", "train fwd+bwd", "frozen fwd+bwd / plain", "train fwd+bwd / plain",
                                    "peak MiB (train)"]))
         if backend in ("gdn", "deltanet") and not args.no_breakdown:

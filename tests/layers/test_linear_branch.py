@@ -295,9 +295,10 @@ def test_bucket_blocks_pads_at_most_a_quarter_or_seven_blocks():
         assert len({b for n, b in zip(range(1, 5000), sizes) if lo < n <= 2 * lo}) == 4
 
 
-def test_cudagraphs_mode_pads_the_block_batch_and_stays_exact(monkeypatch):
-    """`NATSL_COMPILE=cudagraphs` pads the softmax-block batch to `bucket_blocks` rows of −1 (zero blocks) before the
-    WY solve (on CPU the solve runs eager): outputs and gradients, router gradient included, equal the reference."""
+def test_cudagraphs_mode_pads_the_block_batch_without_autograd_only(monkeypatch):
+    """`NATSL_COMPILE=cudagraphs`: without autograd the softmax-block batch is padded to `bucket_blocks` rows of −1
+    (zero blocks) before the WY solve (on CPU the solve runs eager) and the output equals the reference; with
+    autograd nothing is padded (the `"auto"` path) and outputs and gradients, router gradient included, equal it."""
     import natsl.layers.linear.branch as br
 
     seen = []
@@ -311,9 +312,21 @@ def test_cudagraphs_mode_pads_the_block_batch_and_stays_exact(monkeypatch):
     monkeypatch.setenv("NATSL_COMPILE", "cudagraphs")
     x, w, cu = make_case(23, "gdn", 2, 330, 2, 1, 4, 3, 16, 0.5, init=True)
     n_soft = int(w[..., 0].sum())
+    assert br.bucket_blocks(n_soft) > n_soft
     out, ref = run_both("gdn", x, w, cu, 16, router_grad="both")
     check(out, ref, ratio=1e-9, atol=1e-11)
-    assert seen and seen[0] == br.bucket_blocks(n_soft) > n_soft
+    assert seen and set(seen) == {n_soft}
+    route = Routing(w, 16)
+    gx = {n: x.get(n) for n in ("g", "beta", "initial_state")}
+    with torch.no_grad():
+        o_pad = linear_branch(x["q"], x["k"], x["v"], route, backend="gdn", impl="torch", scale=0.7, **gx)[0]
+    assert seen[-1] == br.bucket_blocks(n_soft)
+    monkeypatch.setenv("NATSL_COMPILE", "off")
+    with torch.no_grad():
+        o_eager = linear_branch(x["q"], x["k"], x["v"], route, backend="gdn", impl="torch", scale=0.7, **gx)[0]
+    assert seen[-1] == n_soft
+    torch.testing.assert_close(o_pad, ref["o"], rtol=1e-9, atol=1e-11)
+    torch.testing.assert_close(o_pad, o_eager, rtol=1e-12, atol=1e-12)
 
 
 def test_compile_mode_is_checked(monkeypatch):

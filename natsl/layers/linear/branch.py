@@ -40,18 +40,29 @@ def bucket_blocks(n: int) -> int:
     return -(-n // step) * step
 
 
-def _block_math(fn):
+def graphs_wanted(*tensors) -> bool:
+    """Whether `NATSL_COMPILE=cudagraphs` replays the WY block maths as CUDA graphs for a call on `tensors`: only
+    without autograd (inference, prefill). Under autograd, CUDA-graph trees failed on the H200 when two calls with
+    different block counts preceded one backward ("accessing tensor output of CUDAGraphs that has been overwritten"),
+    the pattern of a multi-layer model, so calls that need gradients take the `"auto"` path."""
+    if compile_mode() != "cudagraphs":
+        return False
+    return not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors))
+
+
+def _block_math(fn, graphs: bool = False):
     """`fn` (pure tensor maths of the per-block WY solves) compiled with `torch.compile` where `NATSL_COMPILE`
     allows it, eager otherwise.
 
     The delta-rule branch does a few hundred small torch ops per call on 64×64 blocks; eager, they are bound by
     host launches (benchmarks/RESULTS.md, "Linear branch"). Compiled, Inductor fuses the element-wise work and
     one graph replaces the per-op autograd records. `NATSL_COMPILE`: `"auto"` (default: CUDA tensors only),
-    `"on"` (any device; needs a working Inductor backend, e.g. a C++ compiler on CPU), `"cudagraphs"` (CUDA
-    only: Inductor with `mode="reduce-overhead"`, i.e. the compiled kernels replayed as CUDA graphs, and the block
-    count padded to `bucket_blocks` sizes; eager with the same padding on CPU) or `"off"`. The first call per
-    shape family compiles (seconds); the block count is marked dynamic so changing routings do not recompile.
-    Inside an outer `torch.compile` the eager function is traced as part of the outer graph.
+    `"on"` (any device; needs a working Inductor backend, e.g. a C++ compiler on CPU), `"cudagraphs"` (as `"auto"`,
+    and for calls without autograd (`graphs_wanted`) of a function made with `graphs=True`, Inductor's
+    `mode="reduce-overhead"`: the compiled kernels replayed as CUDA graphs; the caller pads the block count to
+    `bucket_blocks` sizes) or `"off"`. The first call per shape family compiles (seconds); the block count is marked
+    dynamic so changing routings do not recompile. Inside an outer `torch.compile` the eager function is traced as
+    part of the outer graph.
     """
 
     def call(*args):
@@ -60,9 +71,10 @@ def _block_math(fn):
         if (mode == "off" or (mode in ("auto", "cudagraphs") and not t0.is_cuda)
                 or torch.compiler.is_compiling()):
             return fn(*args)
-        key = (fn, COMPILE_BACKEND, mode)
+        replay = graphs and graphs_wanted(*(a for a in args if isinstance(a, torch.Tensor)))
+        key = (fn, COMPILE_BACKEND, replay)
         if key not in _COMPILED:
-            opts = {"mode": "reduce-overhead"} if mode == "cudagraphs" else {}
+            opts = {"mode": "reduce-overhead"} if replay else {}
             _COMPILED[key] = torch.compile(fn, fullgraph=True, backend=COMPILE_BACKEND, **opts)
         for a in args:
             if isinstance(a, torch.Tensor):
@@ -293,7 +305,7 @@ def _delta_block_read_and_local(qb, kb, vb, bb, gb, scale):
     return q_read, scale * ((QK * gamma) @ (P0 * gamma)) @ (bcol * vb)
 
 
-@_block_math
+@functools.partial(_block_math, graphs=True)
 def _delta_blocks(qb, kb, vb, bb, gb, scale: float):
     """Gathered softmax blocks `q, k [nb, C, G, K]`, `v [nb, C, G, V]`, `β, g [nb, C, G]` (g may be None) →
     `(q_read [nb·C, G·K], o_blk [nb·C, G·V])` in the compute dtype (`_delta_block_read_and_local`)."""
@@ -405,7 +417,7 @@ def _delta_path(c: _Call, q, k, v, g, beta, w, initial_state, output_final_state
     idx, rows, valid = _rows_of_blocks(c, c.routing.is_softmax())
     R = c.B * c.T * c.Hr
     if rows.numel():
-        if compile_mode() == "cudagraphs":  # padding blocks (rows -1) gather as zeros; `valid` skips their outputs
+        if graphs_wanted(q, k, v, g, beta):  # padding blocks (rows -1) gather as zeros; `valid` skips their outputs
             idx = torch.nn.functional.pad(idx, (0, 0, 0, bucket_blocks(idx.shape[0]) - idx.shape[0]), value=-1)
         qb, kb, vb = (_blockify(x, idx, c.Hr) for x in (q, k, v))
         q_read, o_blk = _delta_blocks(qb, kb, vb, _blockify_gate(beta, idx, c.Hr), _blockify_gate(g, idx, c.Hr),
