@@ -15,6 +15,16 @@ from dataclasses import dataclass
 import torch
 
 
+def nonzero_static(x: torch.Tensor, size: int, fill_value: int = -1) -> torch.Tensor:
+    """`x.nonzero()` as `[size, x.dim()]` for a known count `size` (rows past the true entries are `fill_value`): no
+    host sync where `torch.nonzero_static` runs (its fallback, `x.nonzero()`, syncs)."""
+    try:
+        return torch.nonzero_static(x, size=size, fill_value=fill_value)
+    except (NotImplementedError, RuntimeError, AttributeError):
+        nz = x.nonzero()[:size]
+        return torch.cat([nz, nz.new_full((size - nz.shape[0], x.dim()), fill_value)])
+
+
 @dataclass(frozen=True)
 class BlockLayout:
     """Where the blocks of a (dense or packed) sequence batch lie.

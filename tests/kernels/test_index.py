@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 
 from natsl.kernels.index import (
     block_layout,
+    nonzero_static,
     num_blocks,
     softmax_blocks,
     token_destination,
@@ -126,3 +127,15 @@ def test_token_routes_packed_partial_blocks():
     assert routes.num_tokens == 7
     assert routes.src.tolist() == [0, 1, 2, 3, 4, 69, 70]
     assert routes.blocks.cu_block_tokens.tolist() == [0, 5, 6, 7]
+
+
+@pytest.mark.parametrize("native", [True, False], ids=["nonzero_static", "fallback"])
+def test_nonzero_static_equals_nonzero_and_pads_with_the_fill_value(native, monkeypatch):
+    if not native:  # a torch / device without torch.nonzero_static
+        monkeypatch.setattr(torch, "nonzero_static", lambda *a, **k: (_ for _ in ()).throw(NotImplementedError()))
+    x = torch.rand(3, 5, 4, generator=gen(3)) < 0.4
+    n = int(x.sum())
+    assert torch.equal(nonzero_static(x, n), x.nonzero())
+    padded = nonzero_static(x, n + 2, fill_value=7)
+    assert padded.shape == (n + 2, 3) and torch.equal(padded[:n], x.nonzero()) and (padded[n:] == 7).all()
+    assert (nonzero_static(x, n + 1)[n:] == -1).all()

@@ -12,6 +12,7 @@ import os
 
 import torch
 
+from natsl.kernels.index import nonzero_static
 from natsl.kernels.naive import naive_gather_rows, naive_scatter_rows
 from natsl.layers.routing import Routing
 from natsl.utils import LINEAR_BACKENDS, ROUTER_GRADS, check_choice
@@ -207,14 +208,6 @@ def _scatter(y2d: torch.Tensor, idx: torch.Tensor, num_rows: int) -> torch.Tenso
     return naive_scatter_rows(y2d, idx, num_rows)
 
 
-def _nonzero_static(x: torch.Tensor, size: int) -> torch.Tensor:
-    """`x.nonzero()` with a known count (no host sync where `torch.nonzero_static` is available)."""
-    try:
-        return torch.nonzero_static(x, size=size)
-    except (NotImplementedError, RuntimeError):
-        return x.nonzero()[:size]
-
-
 def _block_rows(c: _Call, b, r, n, Hr: int | None = None) -> torch.Tensor:
     """`[nb, C]` rows of the tokens of blocks `(b, r, n)` in the `[B*T*Hr]` row space, `-1` past a partial block."""
     Hr = c.Hr if Hr is None else Hr
@@ -403,10 +396,10 @@ def _rows_of_blocks(c: _Call, mask: torch.Tensor):
     `[n_tok]` and their positions in `idx.view(-1)`. One host sync (both sizes)."""
     sel = mask.permute(0, 2, 1)
     nb, n_tok = torch.stack([sel.sum(), (sel * c.lay.block_len).sum()]).tolist()
-    b, r, n = _nonzero_static(sel, size=nb).unbind(-1)
+    b, r, n = nonzero_static(sel, size=nb).unbind(-1)
     idx = _block_rows(c, b, r, n)
     flat = idx.reshape(-1)
-    valid = _nonzero_static(flat >= 0, size=n_tok).squeeze(-1)
+    valid = nonzero_static(flat >= 0, size=n_tok).squeeze(-1)
     return idx, flat[valid], valid
 
 

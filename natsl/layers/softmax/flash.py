@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from natsl.kernels import gather_rows, scatter_add_rows
+from natsl.kernels.index import nonzero_static
 from natsl.layers.routing import Routing
 
 # --------------------------------------------------------------------------------------------------------------
@@ -206,12 +207,8 @@ class _Plan:
 
 
 def _nonzero(mask: torch.Tensor, size: int) -> torch.Tensor:
-    """Flat indices of the `size` true entries of `mask` (no host sync where `nonzero_static` runs)."""
-    flat = mask.reshape(-1)
-    try:
-        return torch.nonzero_static(flat, size=size, fill_value=0).view(-1)
-    except (RuntimeError, NotImplementedError, AttributeError):
-        return flat.nonzero().view(-1)
+    """Flat indices of the `size` true entries of `mask`."""
+    return nonzero_static(mask.reshape(-1), size, fill_value=0).view(-1)
 
 
 def _cu_from_groups(gid: torch.Tensor, num_groups: int) -> torch.Tensor:
