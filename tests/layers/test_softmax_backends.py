@@ -3,7 +3,8 @@
 - `sdpa`: outputs and gradients of q, k, v and the routing (`router_grad` "selected" and "both").
 - `flash`: the whole algorithm (dyadic decomposition, LSE merge, custom backward, gate gradient) with the
   pure-torch varlen kernel standing in for flash-attn (both head-dim conventions), same checks ("selected").
-- `flex`: forward (FlexAttention has no CPU backward), and its BlockMask tiles against the dense mask.
+- `flex`: forward through FlexAttention (CPU, no autograd); outputs and gradients, gate gradient included, through
+  the same compacted layout and mask as dense attention (FlexAttention has no CPU backward); its BlockMask tiles.
 - `flash_decode`, the torch varlen kernel itself, `resolve` / `softmax_branch` errors.
 """
 
@@ -20,7 +21,7 @@ from natsl.kernels.index import num_blocks
 from natsl.layers.routing import Routing
 from natsl.layers.softmax import SOFTMAX_BACKENDS, flash_decode, resolve, softmax_branch
 from natsl.layers.softmax.flash import FlashSoftmax, TorchVarlen, build_plan
-from natsl.layers.softmax.flex import FlexSoftmax, block_mask_tensors
+from natsl.layers.softmax.flex import FlexSoftmax, _layout, _mask_fn, block_mask_tensors, gate_key_sums
 from natsl.reference import softmax_branch_reference
 
 ROUTINGS = ["random", "all_softmax", "all_linear", "one_head_softmax"]
@@ -168,19 +169,78 @@ def test_router_gradient_is_not_vacuous():
 @pytest.mark.parametrize("packed", [False, True], ids=["dense", "packed"])
 @pytest.mark.parametrize("diagonal", ["both", "linear"])
 def test_flex_block_mask_covers_exactly(M, packed, diagonal):
-    """Every visible (query, key) pair lies in a listed tile; every `full` tile is visible in every pair."""
+    """Over queries × [compact | own] keys: the mask equals the reference's visibility (mapped through the compact
+    slots), every visible pair lies in a listed tile, every `full` tile is visible in every pair."""
+    C = 8
     for seed in range(4):
-        (q, k, v, w), cu = make_case(seed, 1 if packed else 2, 61, 2, 1, 4, 4, 8, packed, diagonal, "random")
-        route = Routing(w.detach(), 8, diagonal, cu)
+        (q, k, v, w), cu = make_case(seed, 1 if packed else 2, 61, 2, 1, 4, 4, C, packed, diagonal, "random")
+        route = Routing(w.detach(), C, diagonal, cu)
         T = q.shape[1]
+        p, lo, tok, valid, inv, NC = _layout(route, T, M)
+        assert NC % M == 0 and NC >= route.N * C
+        own_on = diagonal != "linear"
+        L = NC + T if own_on else NC
+        mm = _mask_fn(route, T, 1, NC, p, lo, valid, own_on)
+        B = q.shape[0]
+        ar = torch.arange
+        vis = mm(ar(B).view(B, 1, 1, 1), ar(2).view(1, 2, 1, 1), ar(T).view(1, 1, T, 1), ar(L).view(1, 1, 1, L))
+        # back to token space: compact slot -> its source token, own key -> itself
+        dense = route.dense_mask(T)  # [B, Hr, T, T]
+        mapped = torch.zeros_like(dense)
+        src = torch.cat([tok, ar(T).expand(B, 2, T)], -1)[..., :L] if own_on else tok
+        for b in range(B):
+            for r in range(2):
+                mapped[b, r].index_put_((ar(T)[:, None].expand(T, L), src[b, r][None, :].expand(T, L)), vis[b, r],
+                                        accumulate=True)
+        assert torch.equal(mapped, dense), "compact + own visibility differs from the reference mask"
+        assert int(vis.sum()) == int(dense.sum()), "a key is visible twice (compact and own)"
         partial, full = block_mask_tensors(route, T, M)
         assert not (partial & full).any()
-        dense = route.dense_mask(T)  # [B, Hr, T, T]
-        tile = torch.arange(T) // M
-        listed = (partial | full)[:, :, tile][:, :, :, tile]
-        assert not (dense & ~listed).any(), "a visible pair falls in a skipped tile"
-        full_tok = full[:, :, tile][:, :, :, tile]
-        assert not (full_tok & ~dense).any(), "a full tile holds an invisible pair"
+        tq, tk = ar(T) // M, ar(L) // M
+        listed = (partial | full)[:, :, tq][:, :, :, tk]
+        assert not (vis & ~listed).any(), "a visible pair falls in a skipped tile"
+        assert not (full[:, :, tq][:, :, :, tk] & ~vis).any(), "a full tile holds an invisible pair"
+
+
+def test_gate_key_sums_flex_equals_dense_and_the_direct_sum():
+    """The transposed gate pass: FlexAttention (as on CUDA, here its CPU forward) and the dense twin both give
+    `Σ_t exp(q_t·k_s·scale − lse_t) Δ_t` over visible pairs; a query without keys (lse −inf) adds nothing."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    g = gen(4)
+    B, H, NC, T, d, scale = 1, 2, 24, 40, 8, 0.3
+    kc, qt = torch.randn(B, H, NC, d, generator=g), torch.randn(B, H, T, d, generator=g)
+    delta, lse = torch.randn(B, H, T, generator=g), torch.randn(B, H, T, generator=g) + 3
+    lse[0, 1, 5] = float("-inf")
+
+    def t_mask(b, h, s_idx, t_idx):
+        return (s_idx + h) % 3 <= t_idx % 4
+
+    block = create_block_mask(t_mask, B, H, NC, T, device="cpu", BLOCK_SIZE=8)
+    ar = torch.arange
+    vis = t_mask(0, ar(H).view(H, 1, 1), ar(NC).view(1, NC, 1), ar(T).view(1, 1, T))[None]
+    vis = vis & torch.isfinite(lse)[:, :, None, :]
+    e = torch.exp(kc.double() @ qt.double().transpose(-1, -2) * scale - lse.double()[:, :, None, :])
+    direct = torch.where(vis, e * delta.double()[:, :, None, :], 0.0).sum(-1)
+    dense = gate_key_sums(kc, qt, delta, lse, t_mask, block, scale, use_flex=False)
+    flex = gate_key_sums(kc, qt, delta, lse, t_mask, block, scale, use_flex=True)
+    torch.testing.assert_close(dense, direct, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(flex.double(), direct, rtol=1e-4, atol=1e-4)
+
+
+@given(c=case_st)
+@example(c=EX_PACKED)
+@example(c=EX_DENSE)
+@example(c={**EX_LINEAR_DIAG, "router_grad": "selected"})
+def test_flex_layout_matches_reference_with_gradients(c):
+    """The flex backend's compacted layout, mask and gate-gradient taps (dense attention on CPU, with autograd):
+    outputs and gradients of q, k, v and the routing (`selected`)."""
+    case, c = _build({**c, "router_grad": "selected"})
+    backend = FlexSoftmax(mask_block=16)
+
+    def fn(q, k, v, route, scale, router_grad):
+        return backend.forward(q, k, v, route, scale=scale, router_grad=router_grad)
+    check_backend(fn, case, torch.float64, c["seed"])
 
 
 @pytest.mark.parametrize("radix_bits", [1, 2, 3, 4])
@@ -292,11 +352,11 @@ def test_explicit_flash_on_cpu_lists_every_reason():
         assert part in msg, part
 
 
-def test_explicit_flex_backward_on_cpu_raises():
-    q, k, v, route = _small_inputs(requires_grad=True)
-    with pytest.raises(ValueError, match="no backward on CPU"):
-        softmax_branch(q, k, v, route, backend="flex")
-    assert SOFTMAX_BACKENDS["flex"].not_supported_reasons(q.detach(), k, v, route) == []
+def test_explicit_flex_router_grad_both_raises():
+    q, k, v, route = _small_inputs(requires_grad=True, router_requires_grad=True)
+    with pytest.raises(ValueError, match="router_grad='both'"):
+        softmax_branch(q, k, v, route, backend="flex", router_grad="both")
+    assert SOFTMAX_BACKENDS["flex"].not_supported_reasons(q, k, v, route, "selected") == []
 
 
 def test_backend_options_validated():
