@@ -21,7 +21,7 @@ from natsl.kernels.index import num_blocks
 from natsl.layers.routing import Routing
 from natsl.layers.softmax import SOFTMAX_BACKENDS, flash_decode, resolve, softmax_branch
 from natsl.layers.softmax.flash import FlashSoftmax, TorchVarlen, build_plan
-from natsl.layers.softmax.flex import FlexSoftmax, _layout, _mask_fn, block_mask_tensors, gate_key_sums
+from natsl.layers.softmax.flex import FlexSoftmax, _block_mask, _layout, _mask_fn, block_mask_tensors, gate_key_sums
 from natsl.reference import softmax_branch_reference
 
 ROUTINGS = ["random", "all_softmax", "all_linear", "one_head_softmax"]
@@ -200,6 +200,23 @@ def test_flex_block_mask_covers_exactly(M, packed, diagonal):
         listed = (partial | full)[:, :, tq][:, :, :, tk]
         assert not (vis & ~listed).any(), "a visible pair falls in a skipped tile"
         assert not (full[:, :, tq][:, :, :, tk] & ~vis).any(), "a full tile holds an invisible pair"
+
+
+@pytest.mark.parametrize("G", [1, 3])
+def test_flex_block_lists_round_trip(G):
+    """The BlockMask built from the tile tensors (kv lists by stable argsort, per head) lists exactly the `partial`
+    and `full` tiles, for the attention and for the transposed gate pass."""
+    (q, k, v, w), cu = make_case(2, 2, 150, 2, G, 4, 4, 8, False, "both", "random")
+    route = Routing(w.detach(), 8, "both", cu)
+    partial, full = block_mask_tensors(route, 150, 16)
+    for part, fl in ((partial, full), (partial[..., :-10].transpose(-1, -2), full[..., :-10].transpose(-1, -2))):
+        bm = _block_mask(part, fl, G, 16, None, (part.shape[-2] * 16, part.shape[-1] * 16))
+        dense_part = torch.zeros_like(part.repeat_interleave(G, 1))
+        n, i = bm.kv_num_blocks, bm.kv_indices
+        for idx in torch.cartesian_prod(*(torch.arange(x) for x in n.shape)).tolist():
+            dense_part[tuple(idx)][i[tuple(idx)][:n[tuple(idx)]].long()] = True
+        assert torch.equal(dense_part, part.repeat_interleave(G, 1))
+        assert torch.equal(bm.to_dense().bool(), (part | fl).repeat_interleave(G, 1))
 
 
 def test_gate_key_sums_flex_equals_dense_and_the_direct_sum():

@@ -373,8 +373,10 @@ def gate_key_sums(kc, qt, delta, lse, t_mask, t_block, scale: float, use_flex: b
     lse_safe = torch.where(fin, lse, torch.zeros_like(lse))
     vals = torch.nn.functional.pad(torch.where(fin, delta, torch.zeros_like(delta))[..., None], (0, 15))
     if use_flex:
+        T = lse.shape[-1]
+
         def score_mod(score, b, h, q_idx, kv_idx):
-            return score - lse_safe[b, h, kv_idx]
+            return score - lse_safe[b, h, kv_idx.clamp(max=T - 1)]
 
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*flex_attention called without torch.compile.*")
