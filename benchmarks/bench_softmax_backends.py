@@ -7,8 +7,9 @@ Run on a GPU (one process; every provider is checked against the float64 referen
 Paper head config (340M): H_A=12 softmax heads of d=64 (q/k) and d_v=128, H_R=6 router heads, block 64, bf16,
 B=1. Routing: exactly a fraction f of the blocks of every router head is softmax (random positions).
 `fwd` is timed under `torch.no_grad()` (prefill); `fwd+bwd` with q, k, v and the routing requiring grad
-(router_grad="selected", the training setting). TFLOP/s count only visible (query, key) pairs:
-fwd = 2·pairs·(d + d_v), fwd+bwd = 3.5 × fwd. "x dense" = the fastest dense provider's time / this time.
+(router_grad="selected", the training setting; `natsl-flex-frozen-router`: the routing without grad). TFLOP/s
+count only visible (query, key) pairs: fwd = 2·pairs·(d + d_v), fwd+bwd = 3.5 × fwd. "x dense" = the fastest dense
+provider's time / this time.
 """
 
 from __future__ import annotations
@@ -40,7 +41,12 @@ FRACTIONS = (0.125, 0.25, 0.5)
 # "natsl-flex64" (64-token BlockMask blocks: fails to lower on torch 2.11)
 PROVIDERS = ["dense-sdpa-cudnn", "natsl-flash", "natsl-flex", "dense-fa4", "natsl-flash-fa4"]
 NATSL = {"natsl-flash": lambda: FlashSoftmax("varlen"), "natsl-flex": lambda: SOFTMAX_BACKENDS["flex"],
+         "natsl-flex-frozen-router": lambda: SOFTMAX_BACKENDS["flex"],
          "natsl-flex64": lambda: FlexSoftmax(mask_block=64), "natsl-flash-fa4": lambda: FlashSoftmax("fa4")}
+
+
+# natsl providers timed with the routing not requiring grad (no softmax-gate gradient: a frozen router)
+FROZEN_ROUTER = {"natsl-flex-frozen-router"}
 
 
 def make_inputs(T: int, frac: float, seed: int = 0) -> dict:
@@ -100,7 +106,7 @@ def forward(provider: str, q, k, v, w):
 def setup(inp: dict, provider: str, train: bool) -> tuple[Callable, list[torch.Tensor]]:
     """`(fn, leaves)`: one forward (`train=False`, no grad) or forward+backward (`train=True`) of `provider`."""
     leaves = [inp[x].detach().requires_grad_(train) for x in ("q", "k", "v", "w")]
-    if provider not in NATSL:
+    if provider not in NATSL or provider in FROZEN_ROUTER:
         leaves = leaves[:3] + [leaves[3].detach()]
     if not train:
         def fwd():
