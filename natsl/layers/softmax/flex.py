@@ -313,7 +313,7 @@ class FlexSoftmax:
                 return call(q, k, v, **kw, kernel_options={"BACKEND": "FLASH"})
             except Exception as e:  # any lowering failure: fall back to the Triton kernels, once
                 _disable_fa4_backend(e)
-        if q.device.type == "cuda" and q.dtype != torch.float32:
+        if q.device.type == "cuda":
             kw["kernel_options"] = self.kernel_options
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*flex_attention called without torch.compile.*")
