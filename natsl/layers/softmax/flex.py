@@ -185,9 +185,9 @@ def _kv_lists(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def _block_mask(partial, full, G, M, mask_mod, lengths):
     from torch.nn.attention.flex_attention import BlockMask
 
-    partial, full = (x.repeat_interleave(G, dim=1) for x in (partial, full))  # [B, H, nq, nk]
-    kv_num, kv_idx = _kv_lists(partial)
-    full_num, full_idx = _kv_lists(full)
+    # lists per router head, then repeated for its G heads: [B, H, nq(, nk)]
+    kv_num, kv_idx, full_num, full_idx = (x.repeat_interleave(G, dim=1) for x in (*_kv_lists(partial),
+                                                                                 *_kv_lists(full)))
     return BlockMask.from_kv_blocks(kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=M, mask_mod=mask_mod,
                                     seq_lengths=lengths)
 
