@@ -219,6 +219,32 @@ def test_flex_block_lists_round_trip(G):
         assert torch.equal(bm.to_dense().bool(), (part | fl).repeat_interleave(G, 1))
 
 
+@pytest.mark.parametrize("packed", [False, True], ids=["dense", "packed"])
+def test_flex_compiled_kernels_on_cpu(packed, monkeypatch):
+    """The backend's FlexAttention call compiled by Inductor for the CPU (inference only there, and without LSE
+    output, so not the gate pass): its BlockMask lists (compiled, skipped and full tiles are honoured, unlike eager
+    CPU FlexAttention) and `mask_mod` with its clamped indices give the reference output."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    import natsl.layers.softmax.flex as fx
+
+    compiled = torch.compile(flex_attention, dynamic=False)
+    monkeypatch.setattr(fx, "_flex_fn", lambda device: compiled)
+    B, T, Hr, G, C, M = (1 if packed else 2), 300, 2, 2, 16, 32
+    (q, k, v, w), cu = make_case(6, B, T, Hr, G, 16, 16, C, packed, "both", "random", p_soft=0.4,
+                                 dtype=torch.float32)
+    q, k, v, w = (x.detach() for x in (q, k, v, w))
+    route = Routing(w, C, "both", cu)
+    scale = 0.25
+    with torch.no_grad():
+        out = FlexSoftmax(mask_block=M).forward(q, k, v, route, scale=scale)
+    ref = reference(q, k, v, w, C, "both", cu, "selected", scale)
+    assert_close("o", ref, out, 2e-5, atol=2e-5)
+
+    partial, full = block_mask_tensors(route, T, M)
+    assert full.any() and partial.any()  # both kinds of tiles were exercised
+
+
 def test_gate_key_sums_flex_equals_dense_and_the_direct_sum():
     """The transposed gate pass: FlexAttention (as on CUDA, here its CPU forward) and the dense twin both give
     `Σ_t exp(q_t·k_s·scale − lse_t) Δ_t` over visible pairs; a query without keys (lse −inf) adds nothing."""
