@@ -109,6 +109,24 @@ def test_layer_matches_recomposition(backend, router_grad, decay_through):
     assert stats.softmax_fraction.shape == (2,)
 
 
+@pytest.mark.parametrize("packed", [False, True], ids=["dense", "packed"])
+def test_layer_with_flex_softmax_equals_sdpa(packed):
+    """The layer with `softmax_backend="flex"` (its compacted layout and gate-gradient taps, as dense attention on
+    CPU) gives the `sdpa` layer's output and parameter gradients, the router's included."""
+    x = x_of(1 if packed else 2, 37)
+    cu = torch.tensor([0, 12, 37]) if packed else None
+    outs, grads = [], []
+    for sb in ("sdpa", "flex"):
+        layer = make_layer("gdn", softmax_backend=sb)
+        out = layer(x, cu_seqlens=cu)[0] if packed else layer(x)[0]
+        outs.append(out)
+        grads.append(param_grads(layer, out))
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-9, atol=1e-9)
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-8, atol=1e-9, msg=name)
+    assert grads[1]["router.proj.weight"].abs().sum() > 0
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_packed_equals_per_sequence(backend):
     layer = make_layer(backend)

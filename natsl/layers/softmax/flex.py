@@ -250,7 +250,10 @@ class _GateTap(torch.autograd.Function):
         vc, inv = ctx.saved_tensors
         B, N, Hr = ctx.gate_shape
         with torch.no_grad():
-            per_slot = (dvc.double() * vc.double()).sum(-1) - ctx.shared.term2.double()  # [B, H, NC]
+            # dv_s·v_s per head (float32 temporaries of one head at a time; float64 for float64 inputs)
+            dt = torch.float64 if vc.dtype == torch.float64 else torch.float32
+            dot = torch.stack([(dvc[:, h].to(dt) * vc[:, h].to(dt)).sum(-1) for h in range(vc.shape[1])], 1)
+            per_slot = dot.double() - ctx.shared.term2.double()  # [B, H, NC]
             H, NC = per_slot.shape[1:]
             per_rank = torch.nn.functional.pad(per_slot, (0, inv.shape[-1] * ctx.C - NC))
             per_rank = per_rank.view(B, Hr, ctx.G, -1, ctx.C).sum((2, 4))  # [B, Hr, R]
