@@ -230,7 +230,7 @@ class _GateOut(torch.autograd.Function):
         o, lse = ctx.saved_tensors
         with torch.no_grad():
             dt = torch.float64 if o.dtype == torch.float64 else torch.float32
-            delta = (do.to(dt) * o.to(dt)).sum(-1)  # [B, H, T]
+            delta = torch.stack([(do[:, h].to(dt) * o[:, h].to(dt)).sum(-1) for h in range(o.shape[1])], 1)  # [B, H, T]
             ctx.shared.term2 = ctx.transposed(delta, lse.to(dt))  # [B, H, NC]
         return do, None, None, None
 
