@@ -210,6 +210,13 @@ def _dense_attention(q, k, v, mask_mod, scale, key_bias=None):
     return pr @ v, lse
 
 
+def _head_dots(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """`Σ_d a·b` of `[B, H, L, D]` tensors → `[B, H, L]` in at least float32, one head at a time (no full-size
+    float32 temporaries)."""
+    dt = torch.promote_types(a.dtype, torch.float32)
+    return torch.stack([(a[:, h].to(dt) * b[:, h].to(dt)).sum(-1) for h in range(a.shape[1])], 1)
+
+
 class _Shared:
     """What the two gate-gradient taps pass each other within one backward."""
 
@@ -229,9 +236,8 @@ class _GateOut(torch.autograd.Function):
     def backward(ctx, do):
         o, lse = ctx.saved_tensors
         with torch.no_grad():
-            dt = torch.float64 if o.dtype == torch.float64 else torch.float32
-            delta = torch.stack([(do[:, h].to(dt) * o[:, h].to(dt)).sum(-1) for h in range(o.shape[1])], 1)  # [B, H, T]
-            ctx.shared.term2 = ctx.transposed(delta, lse.to(dt))  # [B, H, NC]
+            delta = _head_dots(do, o)  # [B, H, T]
+            ctx.shared.term2 = ctx.transposed(delta, lse.to(delta.dtype))  # [B, H, NC]
         return do, None, None, None
 
 
@@ -250,11 +256,8 @@ class _GateTap(torch.autograd.Function):
         vc, inv = ctx.saved_tensors
         B, N, Hr = ctx.gate_shape
         with torch.no_grad():
-            # dv_s·v_s per head (float32 temporaries of one head at a time; float64 for float64 inputs)
-            dt = torch.float64 if vc.dtype == torch.float64 else torch.float32
-            dot = torch.stack([(dvc[:, h].to(dt) * vc[:, h].to(dt)).sum(-1) for h in range(vc.shape[1])], 1)
-            per_slot = dot.double() - ctx.shared.term2.double()  # [B, H, NC]
-            H, NC = per_slot.shape[1:]
+            per_slot = _head_dots(dvc, vc).double() - ctx.shared.term2.double()  # dv_s·v_s − Σ_t P_ts Δ_t [B, H, NC]
+            NC = per_slot.shape[-1]
             per_rank = torch.nn.functional.pad(per_slot, (0, inv.shape[-1] * ctx.C - NC))
             per_rank = per_rank.view(B, Hr, ctx.G, -1, ctx.C).sum((2, 4))  # [B, Hr, R]
             dgate = torch.zeros(B, Hr, N + 1, dtype=torch.float64, device=dvc.device)
