@@ -180,8 +180,9 @@ def main() -> None:
     parser.add_argument("--fractions", type=float, nargs="+", default=list(FRACTIONS))
     parser.add_argument("--providers", nargs="+", default=PROVIDERS)
     parser.add_argument("--name", default="bench_softmax_backends", help="report file stem under $OUT")
-    parser.add_argument("--profile", action="store_true",
-                        help="also print the CUDA-kernel time breakdown of natsl-flash fwd+bwd at the first T, f")
+    parser.add_argument("--profile", nargs="*", default=None, metavar="PROVIDER",
+                        help="also print the CUDA-kernel time breakdown of these natsl providers' fwd+bwd at the "
+                             "first T and fraction (no names: natsl-flash)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("needs a CUDA device")
@@ -239,8 +240,9 @@ def main() -> None:
                         row[f"{mode} x dense"] = best / r[f"{mode} ms"][0]
                 rows.append(row)
                 say(f"{row} ({time.time() - t0:.1f} s)")
-    if args.profile and "natsl-flash" in ok:
-        say(profile("natsl-flash", make_inputs(args.T[0], args.fractions[0])))
+    for p in (args.profile or ["natsl-flash"]) if args.profile is not None else []:
+        if p in ok and p in NATSL:
+            say(profile(p, make_inputs(args.T[0], args.fractions[0])))
     cols = ["T", "f", "provider", "fwd ms", "fwd TF/s", "fwd x dense", "fwd+bwd ms", "fwd+bwd TF/s", "fwd+bwd x dense",
             "fwd+bwd peak MiB"]
     text = "\n".join([f"Softmax branch, {DTYPE}, B=1 H_A=12 H_R=6 d=64 d_v=128 block=64, {env_line()}",
@@ -251,9 +253,9 @@ def main() -> None:
         f.write(text + "\n")
 
 
-def profile(provider: str, inp: dict) -> str:
-    """Top CUDA kernels of one forward+backward (torch.profiler), to see where the time goes."""
-    fn, _ = setup(inp, provider, True)
+def profile(provider: str, inp: dict, train: bool = True) -> str:
+    """Top CUDA kernels of one forward+backward (or forward, `train=False`) (torch.profiler): where the time goes."""
+    fn, _ = setup(inp, provider, train)
     fn()
     torch.cuda.synchronize()
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA,
@@ -261,7 +263,7 @@ def profile(provider: str, inp: dict) -> str:
         fn()
         torch.cuda.synchronize()
     table = prof.key_averages().table(sort_by="device_time_total", row_limit=18, max_name_column_width=60)
-    return f"profile {provider} T={inp['T']} f={inp['frac']} fwd+bwd:\n{table}"
+    return f"profile {provider} T={inp['T']} f={inp['frac']} {'fwd+bwd' if train else 'fwd'}:\n{table}"
 
 
 def _times(r: dict, flops: float) -> dict:

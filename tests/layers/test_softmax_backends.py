@@ -21,7 +21,7 @@ from natsl.kernels.index import num_blocks
 from natsl.layers.routing import Routing
 from natsl.layers.softmax import SOFTMAX_BACKENDS, flash_decode, resolve, softmax_branch
 from natsl.layers.softmax.flash import FlashSoftmax, TorchVarlen, build_plan
-from natsl.layers.softmax.flex import FlexSoftmax, _block_mask, _layout, _mask_fn, block_mask_tensors, gate_key_sums
+from natsl.layers.softmax.flex import FlexSoftmax, _block_masks, _layout, _mask_fn, block_mask_tensors, gate_key_sums
 from natsl.reference import softmax_branch_reference
 
 ROUTINGS = ["random", "all_softmax", "all_linear", "one_head_softmax"]
@@ -176,8 +176,13 @@ def test_flex_block_mask_covers_exactly(M, packed, diagonal):
         (q, k, v, w), cu = make_case(seed, 1 if packed else 2, 61, 2, 1, 4, 4, C, packed, diagonal, "random")
         route = Routing(w.detach(), C, diagonal, cu)
         T = q.shape[1]
-        p, lo, tok, valid, inv, NC = _layout(route, T, M)
+        p, lo, tok, valid, inv, tok_slot, NC = _layout(route, T, M)
         assert NC % M == 0 and NC >= route.N * C
+        # every softmax token has one slot, which reads it back (the compact gather's backward relies on it)
+        has = tok_slot >= 0
+        assert torch.equal(has, route.token_mask(T).permute(0, 2, 1))
+        assert int(has.sum()) == int(valid.sum())
+        assert torch.equal(torch.gather(tok, 2, tok_slot.clamp(min=0))[has], torch.arange(T).expand_as(has)[has])
         own_on = diagonal != "linear"
         L = NC + T if own_on else NC
         mm = _mask_fn(route, T, 1, NC, p, lo, valid, own_on)
@@ -202,21 +207,38 @@ def test_flex_block_mask_covers_exactly(M, packed, diagonal):
         assert not (full[:, :, tq][:, :, :, tk] & ~vis).any(), "a full tile holds an invisible pair"
 
 
+def _dense_of(num, idx, ncols):
+    """The dense tile mask `[.., R, ncols]` listed by `(num [.., R], idx [.., R, *])`."""
+    out = torch.zeros(*num.shape, ncols, dtype=torch.bool)
+    for pos in torch.cartesian_prod(*(torch.arange(x) for x in num.shape)).tolist():
+        pos = tuple(pos)
+        cols = idx[pos][:num[pos]].long()
+        assert cols.unique().numel() == cols.numel() and bool((cols[1:] > cols[:-1]).all()), "not sorted/unique"
+        out[pos][cols] = True
+    return out
+
+
 @pytest.mark.parametrize("G", [1, 3])
-def test_flex_block_lists_round_trip(G):
-    """The BlockMask built from the tile tensors (kv lists by stable argsort, per head) lists exactly the `partial`
-    and `full` tiles, for the attention and for the transposed gate pass."""
-    (q, k, v, w), cu = make_case(2, 2, 150, 2, G, 4, 4, 8, False, "both", "random")
-    route = Routing(w.detach(), 8, "both", cu)
-    partial, full = block_mask_tensors(route, 150, 16)
-    for part, fl in ((partial, full), (partial[..., :-10].transpose(-1, -2), full[..., :-10].transpose(-1, -2))):
-        bm = _block_mask(part, fl, G, 16, None, (part.shape[-2] * 16, part.shape[-1] * 16))
-        dense_part = torch.zeros_like(part.repeat_interleave(G, 1))
-        n, i = bm.kv_num_blocks, bm.kv_indices
-        for idx in torch.cartesian_prod(*(torch.arange(x) for x in n.shape)).tolist():
-            dense_part[tuple(idx)][i[tuple(idx)][:n[tuple(idx)]].long()] = True
-        assert torch.equal(dense_part, part.repeat_interleave(G, 1))
-        assert torch.equal(bm.to_dense().bool(), (part | fl).repeat_interleave(G, 1))
+@pytest.mark.parametrize("diagonal", ["both", "linear"])
+def test_flex_block_lists_round_trip(G, diagonal):
+    """The BlockMasks built from the tile tensors (lists by cumsum + scatter, per router head, repeated for its G heads)
+    list exactly the `partial` and `full` tiles, in both directions (kv lists per query tile, q lists per key tile),
+    for the attention and for the transposed gate pass (compact tiles as queries)."""
+    (q, k, v, w), cu = make_case(2, 2, 150, 2, G, 4, 4, 8, False, diagonal, "random")
+    route = Routing(w.detach(), 8, diagonal, cu)
+    M = 16
+    NC = _layout(route, 150, M)[-1]
+    nkc = NC // M
+    partial, full = block_mask_tensors(route, 150, M)
+    main, t = _block_masks(partial, full, G, M, None, (150, partial.shape[-1] * M), lambda *a: None, nkc)
+    rep = [x.repeat_interleave(G, 1) for x in (partial, full)]
+    for bm, (part, fl) in ((main, rep), (t, [x[..., :nkc].transpose(-1, -2) for x in rep])):
+        nq, nk = part.shape[-2:]
+        assert torch.equal(_dense_of(bm.kv_num_blocks, bm.kv_indices, nk), part)
+        assert torch.equal(_dense_of(bm.full_kv_num_blocks, bm.full_kv_indices, nk), fl)
+        assert torch.equal(_dense_of(bm.q_num_blocks, bm.q_indices, nq), part.transpose(-1, -2))
+        assert torch.equal(_dense_of(bm.full_q_num_blocks, bm.full_q_indices, nq), fl.transpose(-1, -2))
+    assert rep[0].any() and rep[1][..., :nkc].any()
 
 
 @pytest.mark.parametrize("packed", [False, True], ids=["dense", "packed"])

@@ -32,20 +32,31 @@ from natsl.layers.routing import Routing
 
 logger = logging.getLogger(__name__)
 MASK_BLOCK = 128
-# Triton tiles for the CUDA kernels: torch 2.11's default forward tiles for (d=64, d_v=128) ask for 234 KB of
-# shared memory on the H200 (limit 227 KB); these run (bf16 fwd + bwd checked against the reference there).
-KERNEL_OPTIONS = {"BLOCK_M": 64, "BLOCK_N": 64, "num_stages": 2, "num_warps": 4,
-                  "BLOCK_M1": 32, "BLOCK_N1": 64, "BLOCK_M2": 64, "BLOCK_N2": 32}
+# Triton tiles for the CUDA kernels (`fwd_` keys: forward only). torch 2.11's default forward tiles for (d=64,
+# d_v=128) ask for 234 KB of shared memory on the H200 (limit 227 KB); the backward tiles are the fastest of seven
+# sets measured there at T=64k (benchmarks/probe_flex_options.py; all checked against the reference).
+KERNEL_OPTIONS = {"fwd_BLOCK_M": 64, "fwd_BLOCK_N": 64, "fwd_num_stages": 2, "fwd_num_warps": 4,
+                  "BLOCK_M1": 64, "BLOCK_N1": 64, "BLOCK_M2": 64, "BLOCK_N2": 64,
+                  "bwd_num_stages": 3, "bwd_num_warps": 4}
+# FlexAttention compiles once per (T, grad mode, output kind): dynamo's default limit of 8 recompiles is reached by
+# two sequence lengths in training, after which it runs flex_attention eagerly (dense scores: 40 GB at T=16k)
+RECOMPILE_LIMIT = 256
 _compiled_flex = None
 
 
 def _flex_fn(device: torch.device):
+    """FlexAttention: compiled (`dynamic=False`, under `RECOMPILE_LIMIT`) on CUDA, eager elsewhere."""
     global _compiled_flex
     from torch.nn.attention.flex_attention import flex_attention
     if device.type != "cuda":
         return flex_attention
     if _compiled_flex is None:
-        _compiled_flex = torch.compile(flex_attention, dynamic=False)
+        compiled = torch.compile(flex_attention, dynamic=False)
+
+        def call(*args, **kwargs):
+            with torch._dynamo.config.patch(recompile_limit=max(RECOMPILE_LIMIT, torch._dynamo.config.recompile_limit)):
+                return compiled(*args, **kwargs)
+        _compiled_flex = call
     return _compiled_flex
 
 
@@ -86,7 +97,8 @@ def _tile_reduce(x: torch.Tensor, M: int, op: str, pad_value) -> torch.Tensor:
 def _layout(routing: Routing, T: int, M: int):
     """Compact-segment metadata (no host sync): per (batch, router head) `p`, `lo [B, Hr, T]` (softmax blocks before
     the token's block, and before its sequence's first block), the compact slots' source tokens `tok` and validity
-    `valid [B, Hr, NC]`, the slot ranks' blocks `inv [B, Hr, NC // C + 1]` (`N` = padding) and `NC`."""
+    `valid [B, Hr, NC]`, the slot ranks' blocks `inv [B, Hr, NC // C + 1]` (`N` = padding), every token's compact
+    slot `slot [B, Hr, T]` (`-1` for tokens of linear blocks) and `NC`."""
     lay = routing.layout(T)
     soft = routing.is_softmax()  # [B, N, Hr]
     B, N, Hr = soft.shape
@@ -110,7 +122,9 @@ def _layout(routing: Routing, T: int, M: int):
     tb = lay.token_block
     p = excl[:, tb].permute(0, 2, 1).contiguous()  # [B, Hr, T]
     lo = excl[:, first][:, tb].permute(0, 2, 1).contiguous()
-    return p, lo, tok, valid, inv, NC
+    tok_slot = p * C + (torch.arange(T, device=dev) - lay.block_start[tb])
+    tok_slot = torch.where(soft[:, tb].permute(0, 2, 1), tok_slot, -1)
+    return p, lo, tok, valid, inv, tok_slot, NC
 
 
 def _mask_fn(routing: Routing, T: int, G: int, NC: int, p, lo, valid, own_on: bool):
@@ -139,7 +153,7 @@ def block_mask_tensors(routing: Routing, T: int, M: int, p=None, lo=None, valid=
     ceil(T/M)`, `nk = NC/M + ceil(T/M)` (`NC/M` without the own segment, `diagonal="linear"`).
     """
     if p is None:
-        p, lo, _, valid, _, NC = _layout(routing, T, M)
+        p, lo, _, valid, _, _, NC = _layout(routing, T, M)
     lay = routing.layout(T)
     C = routing.block_size
     big = torch.iinfo(torch.long).max
@@ -176,20 +190,40 @@ def _flex_lse(flex, q, k, v, **kw):
 
 
 def _kv_lists(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """`(num [.., Tq] int32, indices [.., Tq, Tk] int32)`: the true columns of every row first, in order."""
-    num = mask.sum(-1, dtype=torch.int32)
-    idx = torch.argsort((~mask).to(torch.uint8), dim=-1, stable=True).to(torch.int32)
-    return num, idx
+    """`(num [.., R] int32, indices [.., R, n] int32)`: the true columns of every row of `mask [.., R, n]` first, in
+    order (the rest 0). A cumsum and a scatter: no sort."""
+    n = mask.shape[-1]
+    pos = torch.cumsum(mask, -1, dtype=torch.int32)
+    num = pos[..., -1].contiguous()
+    idx = torch.zeros(*mask.shape[:-1], n + 1, dtype=torch.int32, device=mask.device)
+    cols = torch.arange(n, dtype=torch.int32, device=mask.device).expand(mask.shape)
+    idx.scatter_(-1, torch.where(mask, pos - 1, n).long(), cols)  # the false entries all land in column n
+    return num, idx[..., :n]
 
 
-def _block_mask(partial, full, G, M, mask_mod, lengths):
+def _block_masks(partial, full, G, M, mask_mod, lengths, t_mask=None, nkc=None):
+    """The BlockMask of `partial`/`full` `[B, Hr, nq, nk]` tiles (lists per router head, repeated for its `G` heads),
+    and with `t_mask` also that of the transposed gate pass over the first `nkc` key tiles (the same lists, cut)."""
     from torch.nn.attention.flex_attention import BlockMask
 
-    # lists per router head, then repeated for its G heads: [B, H, nq(, nk)]
-    kv_num, kv_idx, full_num, full_idx = (x.repeat_interleave(G, dim=1) for x in (*_kv_lists(partial),
-                                                                                 *_kv_lists(full)))
-    return BlockMask.from_kv_blocks(kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=M, mask_mod=mask_mod,
-                                    seq_lengths=lengths)
+    kv = _kv_lists(partial) + _kv_lists(full)
+    qs = _kv_lists(partial.transpose(-1, -2)) + _kv_lists(full.transpose(-1, -2))
+    kv, qs = [[x.repeat_interleave(G, dim=1) for x in lists] for lists in (kv, qs)]
+
+    def make(kv, qs, mm, seq):
+        return BlockMask(seq_lengths=seq, kv_num_blocks=kv[0], kv_indices=kv[1], full_kv_num_blocks=kv[2],
+                         full_kv_indices=kv[3], q_num_blocks=qs[0], q_indices=qs[1], full_q_num_blocks=qs[2],
+                         full_q_indices=qs[3], BLOCK_SIZE=(M, M), mask_mod=mm)
+    main = make(kv, qs, mask_mod, lengths)
+    if t_mask is None:
+        return main
+    # transposed: queries = the compact tiles (rows :nkc of the q lists), keys = the query tiles; its q lists are
+    # the kv lists cut to the compact columns (they come first in each sorted row)
+    c_num = [partial[..., :nkc].sum(-1, dtype=torch.int32), full[..., :nkc].sum(-1, dtype=torch.int32)]
+    c_num = [x.repeat_interleave(G, dim=1) for x in c_num]
+    t_kv = [qs[0][..., :nkc], qs[1][..., :nkc, :], qs[2][..., :nkc], qs[3][..., :nkc, :]]
+    t_qs = [c_num[0], kv[1][..., :nkc], c_num[1], kv[3][..., :nkc]]
+    return main, make(t_kv, t_qs, t_mask, (nkc * M, lengths[0]))
 
 
 def _dense_attention(q, k, v, mask_mod, scale, key_bias=None):
@@ -210,11 +244,65 @@ def _dense_attention(q, k, v, mask_mod, scale, key_bias=None):
     return pr @ v, lse
 
 
-def _head_dots(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """`Σ_d a·b` of `[B, H, L, D]` tensors → `[B, H, L]` in at least float32, one head at a time (no full-size
-    float32 temporaries)."""
+def _dots(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     dt = torch.promote_types(a.dtype, torch.float32)
-    return torch.stack([(a[:, h].to(dt) * b[:, h].to(dt)).sum(-1) for h in range(a.shape[1])], 1)
+    return (a.to(dt) * b.to(dt)).sum(-1)
+
+
+_compiled_dots = None
+
+
+def _head_dots(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """`Σ_d a·b` of `[.., D]` tensors → `[..]` in at least float32: one fused kernel on CUDA (torch.compile, dynamic
+    shapes; no full-size float32 temporaries), eager elsewhere."""
+    global _compiled_dots
+    if a.device.type != "cuda":
+        return _dots(a, b)
+    if _compiled_dots is None:
+        _compiled_dots = torch.compile(_dots, dynamic=True)
+    return _compiled_dots(a, b)
+
+
+class _Rows(torch.autograd.Function):
+    """`x [B, T, H, D]` → `[B, H, L, D]`: row `src[(b·H + h)·L + l]` of `x` viewed as `[B·T·H, D]` (one index_select
+    for the compact and own segments). Each row of `x` lands in at most one compact slot (`back_comp`, `-1`: none)
+    and at most once in the own segment (`back_own`, or `None`), so the backward is two gathers, not torch.gather's
+    scatter-add (which serialises on the padding slots that all read token 0: 19.7 ms at T=64k on the H200)."""
+
+    @staticmethod
+    def forward(ctx, x, src, back_comp, back_own, L):
+        B, T, H, D = x.shape
+        ctx.save_for_backward(back_comp, back_own)
+        ctx.x_shape = x.shape
+        return x.reshape(-1, D).index_select(0, src).view(B, H, L, D)
+
+    @staticmethod
+    def backward(ctx, dout):
+        back_comp, back_own = ctx.saved_tensors
+        d = dout.reshape(-1, dout.shape[-1])
+        dx = torch.where((back_comp >= 0)[:, None], d.index_select(0, back_comp.clamp(min=0)), 0)
+        if back_own is not None:
+            dx = dx.add_(d.index_select(0, back_own))
+        return dx.view(ctx.x_shape), None, None, None, None
+
+
+def _row_plan(tok, tok_slot, T: int, H: int, G: int, own_on: bool):
+    """Row indices of `_Rows` for `[compact | own]` keys: `(src [B·H·L], back_comp [B·T·H], back_own [B·T·H] | None,
+    L)` from the compact slots' tokens `tok [B, Hr, NC]` and the tokens' slots `tok_slot [B, Hr, T]`."""
+    B, _, NC = tok.shape
+    dev = tok.device
+    L = NC + T if own_on else NC
+    b = torch.arange(B, device=dev).view(B, 1, 1)
+    h = torch.arange(H, device=dev).view(1, H, 1)
+    t = torch.arange(T, device=dev)
+    seg = tok.repeat_interleave(G, 1)  # [B, H, NC]
+    if own_on:
+        seg = torch.cat([seg, t.expand(B, H, T)], -1)
+    src = ((b * T + seg) * H + h).reshape(-1)
+    slot = tok_slot.repeat_interleave(G, 1)  # [B, H, T]
+    back_comp = torch.where(slot >= 0, (b * H + h) * L + slot, -1).transpose(1, 2).reshape(-1)
+    back_own = ((b * H + h) * L + NC + t).transpose(1, 2).reshape(-1) if own_on else None
+    return src, back_comp, back_own, L
 
 
 class _Shared:
@@ -242,29 +330,30 @@ class _GateOut(torch.autograd.Function):
 
 
 class _GateTap(torch.autograd.Function):
-    """Identity on the compact values; its backward (run after the attention's) forms the softmax gate gradient
+    """Identity on the `[compact | own]` values; its backward (run after the attention's) forms the softmax gate gradient
     `Σ_{s∈j} (dv_s·v_s − Σ_t P_ts Δ_t)` per (batch, block, router head)."""
 
     @staticmethod
-    def forward(ctx, vc, gate, shared, inv, G, C):
-        ctx.save_for_backward(vc, inv)
-        ctx.shared, ctx.G, ctx.C, ctx.gate_shape, ctx.gate_dtype = shared, G, C, gate.shape, gate.dtype
-        return vc.view_as(vc)
+    def forward(ctx, v_all, gate, shared, inv, G, C, NC):
+        ctx.save_for_backward(v_all, inv)
+        ctx.shared, ctx.G, ctx.C, ctx.NC, ctx.gate_shape, ctx.gate_dtype = shared, G, C, NC, gate.shape, gate.dtype
+        return v_all.view_as(v_all)
 
     @staticmethod
-    def backward(ctx, dvc):
-        vc, inv = ctx.saved_tensors
+    def backward(ctx, dv_all):
+        v_all, inv = ctx.saved_tensors
         B, N, Hr = ctx.gate_shape
+        NC = ctx.NC
         with torch.no_grad():
-            per_slot = _head_dots(dvc, vc).double() - ctx.shared.term2.double()  # dv_s·v_s − Σ_t P_ts Δ_t [B, H, NC]
-            NC = per_slot.shape[-1]
+            # dv_s·v_s − Σ_t P_ts Δ_t over the compact slots [B, H, NC]
+            per_slot = _head_dots(dv_all[:, :, :NC], v_all[:, :, :NC]).double() - ctx.shared.term2.double()
             per_rank = torch.nn.functional.pad(per_slot, (0, inv.shape[-1] * ctx.C - NC))
             per_rank = per_rank.view(B, Hr, ctx.G, -1, ctx.C).sum((2, 4))  # [B, Hr, R]
-            dgate = torch.zeros(B, Hr, N + 1, dtype=torch.float64, device=dvc.device)
+            dgate = torch.zeros(B, Hr, N + 1, dtype=torch.float64, device=dv_all.device)
             dgate.scatter_add_(2, inv, per_rank)
             dgate = dgate[..., :N].permute(0, 2, 1).to(ctx.gate_dtype)
         ctx.shared.term2 = None
-        return dvc, dgate, None, None, None, None
+        return dv_all, dgate, None, None, None, None, None
 
 
 class FlexSoftmax:
@@ -329,38 +418,30 @@ class FlexSoftmax:
                 router_grad: str = "selected") -> torch.Tensor:
         """`q, k: [B, T, H_A, d]`, `v: [B, T, H_A, d_v]` → `o [B, T, H_A, d_v]` (no host sync)."""
         B, T, H, d = q.shape
-        dv = v.shape[-1]
         Hr = routing.num_router_heads
         G = H // Hr
         C = routing.block_size
         M = self.mask_block or mask_block_size(C)
         own_on = routing.diagonal != "linear"
-        p, lo, tok, valid, inv, NC = _layout(routing, T, M)
+        p, lo, tok, valid, inv, tok_slot, NC = _layout(routing, T, M)
         mask_mod = _mask_fn(routing, T, G, NC, p, lo, valid, own_on)
         partial, full = block_mask_tensors(routing, T, M, p, lo, valid, NC)
-        L = NC + T if own_on else NC
-        block_mask = _block_mask(partial, full, G, M, mask_mod, (T, L))
         gate = routing.gates(router_grad)[0]
         gate_grad = torch.is_grad_enabled() and gate.requires_grad
         needs_grad = torch.is_grad_enabled() and (gate_grad or any(x.requires_grad for x in (q, k, v)))
+        src, back_comp, back_own, L = _row_plan(tok, tok_slot, T, H, G, own_on)
+        t_mask = _transposed_mask(mask_mod) if gate_grad else None
+        masks = _block_masks(partial, full, G, M, mask_mod, (T, L), t_mask, NC // M)
+        block_mask, t_block = masks if gate_grad else (masks, None)
 
-        qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))  # [B, H, T, *]
-        idx = tok.repeat_interleave(G, dim=1)[..., None]  # [B, H, NC, 1]
-        kc = torch.gather(kt, 2, idx.expand(-1, -1, -1, d))
-        vc = torch.gather(vt, 2, idx.expand(-1, -1, -1, dv))
+        qt = q.transpose(1, 2)  # [B, H, T, d]
+        k_all, v_all = (_Rows.apply(x, src, back_comp, back_own, L) for x in (k, v))  # [B, H, L, *]
         shared = _Shared()
-        if gate_grad:
-            vc = _GateTap.apply(vc, gate, shared, inv, G, C)
-        k_all = torch.cat([kc, kt], 2) if own_on else kc
-        v_all = torch.cat([vc, vt], 2) if own_on else vc
         if not gate_grad:
             return self._attend(qt, k_all, v_all, mask_mod, block_mask, scale, needs_grad).transpose(1, 2)
-
+        v_all = _GateTap.apply(v_all, gate, shared, inv, G, C, NC)
         o, lse = self._attend(qt, k_all, v_all, mask_mod, block_mask, scale, needs_grad, return_lse=True)
-        t_mask = _transposed_mask(mask_mod)
-        t_block = _block_mask(partial[..., :NC // M].transpose(-1, -2), full[..., :NC // M].transpose(-1, -2), G, M,
-                              t_mask, (NC, T))
-        kc_d, qt_d = kc.detach(), qt.detach()
+        kc_d, qt_d = k_all[:, :, :NC].detach(), qt.detach()
         use_flex = q.device.type == "cuda"
 
         def transposed(delta, lse_f):

@@ -1,0 +1,113 @@
+"""Probe (issue 5): the `flex` softmax backend's Triton kernel options and where its time goes, on the H200.
+
+    PYTHONPATH=$PWD python3 benchmarks/probe_flex_options.py [--T 65536] [--frac 0.125] [--variants NAME ...]
+
+Every option set is a `FlexSoftmax(kernel_options=...)`, registered as a provider of `bench_softmax_backends.py`:
+checked there against the float64 reference at T=4096 (outputs, q/k/v and routing gradients, 2x rule) before it is
+timed (fwd no-grad, fwd+bwd with the router gradient) at `--T` next to dense causal SDPA-cuDNN. Then for the base
+options: the time of building the layout and BlockMask alone, and the host time of one call without a sync.
+(The earlier probe of this design with a hand-built mask, `benchmarks/probe_flex_compact.py`, is at 29e19b0.)
+"""
+import argparse
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import bench_softmax_backends as bench  # noqa: E402
+
+from natsl.layers.routing import Routing  # noqa: E402
+from natsl.layers.softmax.flex import (  # noqa: E402
+    KERNEL_OPTIONS,
+    FlexSoftmax,
+    _block_masks,
+    _layout,
+    _mask_fn,
+    _row_plan,
+    block_mask_tensors,
+)
+
+FWD = {"fwd_BLOCK_M": 64, "fwd_BLOCK_N": 64, "fwd_num_stages": 2, "fwd_num_warps": 4}
+VARIANTS = {
+    "base": dict(KERNEL_OPTIONS),  # backward (64, 64, 64, 64), stages 3, warps 4
+    # the options of natsl 29e19b0 (num_stages / num_warps shared by forward and backward)
+    "natsl-29e19b0": {"BLOCK_M": 64, "BLOCK_N": 64, "num_stages": 2, "num_warps": 4,
+                      "BLOCK_M1": 32, "BLOCK_N1": 64, "BLOCK_M2": 64, "BLOCK_N2": 32},
+    # backward: torch's sm90 default (64, 128, 128, 64, stages 3, warps 8)
+    "bwd-default": dict(FWD),
+    "bwd-64-128-s2w8": {**FWD, "BLOCK_M1": 64, "BLOCK_N1": 128, "BLOCK_M2": 128, "BLOCK_N2": 64,
+                        "bwd_num_stages": 2, "bwd_num_warps": 8},
+    "bwd-64-64-s2w4": {**FWD, "BLOCK_M1": 64, "BLOCK_N1": 64, "BLOCK_M2": 64, "BLOCK_N2": 64,
+                       "bwd_num_stages": 2, "bwd_num_warps": 4},
+    "bwd-64-64-s4w4": {**FWD, "BLOCK_M1": 64, "BLOCK_N1": 64, "BLOCK_M2": 64, "BLOCK_N2": 64,
+                       "bwd_num_stages": 4, "bwd_num_warps": 4},
+    "bwd-32-128-s3w4": {**FWD, "BLOCK_M1": 32, "BLOCK_N1": 128, "BLOCK_M2": 128, "BLOCK_N2": 32,
+                        "bwd_num_stages": 3, "bwd_num_warps": 4},
+    "bwd-32-64-s3w4": {**FWD, "BLOCK_M1": 32, "BLOCK_N1": 64, "BLOCK_M2": 64, "BLOCK_N2": 32,
+                       "bwd_num_stages": 3, "bwd_num_warps": 4},
+    "fwd-128-64-s2w8": {**{k: v for k, v in KERNEL_OPTIONS.items() if not k.startswith("fwd_")},
+                        "fwd_BLOCK_M": 128, "fwd_BLOCK_N": 64, "fwd_num_stages": 2, "fwd_num_warps": 8},
+    "tma": {**KERNEL_OPTIONS, "USE_TMA": True},
+}
+
+
+def plan_time(w: torch.Tensor, T: int, G: int) -> float:
+    """ms of building the layout, mask_mod, BlockMask and row indices of one call (the backend's work before the
+    kernel, router frozen)."""
+    import triton
+    M = 128
+
+    def build():
+        route = Routing(w, bench.SHAPE["block_size"])
+        p, lo, tok, valid, inv, tok_slot, NC = _layout(route, T, M)
+        mm = _mask_fn(route, T, G, NC, p, lo, valid, True)
+        partial, full = block_mask_tensors(route, T, M, p, lo, valid, NC)
+        rows = _row_plan(tok, tok_slot, T, G * route.num_router_heads, G, True)
+        return _block_masks(partial, full, G, M, mm, (T, NC + T)), rows
+    return triton.testing.do_bench(build)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--T", type=int, default=65536)
+    ap.add_argument("--frac", type=float, default=0.125)
+    ap.add_argument("--variants", nargs="+", default=list(VARIANTS))
+    args = ap.parse_args()
+    inp = bench.make_inputs(args.T, args.frac)
+    dense = bench.measure(bench.make_inputs(args.T, 1.0), "dense-sdpa-cudnn")
+    print(f"T={args.T} dense-sdpa-cudnn: fwd {dense['fwd ms'][0]:.2f} ms, fwd+bwd {dense['fwd+bwd ms'][0]:.2f} ms",
+          flush=True)
+    for name in args.variants:
+        p = f"natsl-flex-{name}"
+        bench.NATSL[p] = (lambda o: lambda: FlexSoftmax(kernel_options=o))(VARIANTS[name])
+        t0 = time.time()
+        try:
+            err = bench.verify(p)
+            if err is None:
+                r = bench.measure(inp, p)
+                fwd, fb = r["fwd ms"][0], r["fwd+bwd ms"][0]
+                print(f"{name}: fwd {fwd:.2f} ms ({dense['fwd ms'][0] / fwd:.2f}x dense), fwd+bwd {fb:.2f} ms "
+                      f"({dense['fwd+bwd ms'][0] / fb:.2f}x dense), {time.time() - t0:.0f} s", flush=True)
+            else:
+                print(f"{name}: FAILED the reference check: {err}", flush=True)
+        except Exception as e:  # an option set that does not compile is reported, not fatal
+            print(f"{name}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300], flush=True)
+    G = bench.SHAPE["H"] // bench.SHAPE["Hr"]
+    print(f"layout + BlockMask alone: {plan_time(inp['w'], args.T, G):.3f} ms", flush=True)
+    fn, _ = bench.setup(inp, "natsl-flex-base", False)
+    fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(10):
+        fn()
+    host = (time.perf_counter() - t0) / 10 * 1e3
+    torch.cuda.synchronize()
+    print(f"fwd no-grad host time per call (no sync): {host:.2f} ms", flush=True)
+    print(bench.profile("natsl-flex-base", inp, train=False), flush=True)
+    print(bench.profile("natsl-flex-base", inp), flush=True)
+
+
+if __name__ == "__main__":
+    main()
