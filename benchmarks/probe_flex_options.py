@@ -50,6 +50,9 @@ VARIANTS = {
     "fwd-128-64-s2w8": {**{k: v for k, v in KERNEL_OPTIONS.items() if not k.startswith("fwd_")},
                         "fwd_BLOCK_M": 128, "fwd_BLOCK_N": 64, "fwd_num_stages": 2, "fwd_num_warps": 8},
     "tma": {**KERNEL_OPTIONS, "USE_TMA": True},
+    "tma-fwd": {**KERNEL_OPTIONS, "fwd_USE_TMA": True},
+    "fwd-64-128-s2w4": {**KERNEL_OPTIONS, "fwd_BLOCK_N": 128},
+    "fwd-64-64-s3w4": {**KERNEL_OPTIONS, "fwd_num_stages": 3},
 }
 
 
@@ -74,6 +77,7 @@ def main():
     ap.add_argument("--T", type=int, default=65536)
     ap.add_argument("--frac", type=float, default=0.125)
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS))
+    ap.add_argument("--no-profile", action="store_true")
     args = ap.parse_args()
     inp = bench.make_inputs(args.T, args.frac)
     dense = bench.measure(bench.make_inputs(args.T, 1.0), "dense-sdpa-cudnn")
@@ -81,19 +85,23 @@ def main():
           flush=True)
     for name in args.variants:
         p = f"natsl-flex-{name}"
-        bench.NATSL[p] = (lambda o: lambda: FlexSoftmax(kernel_options=o))(VARIANTS[name])
+        bench.NATSL[p] = bench.NATSL[p + "-frozen"] = (lambda o: lambda: FlexSoftmax(kernel_options=o))(VARIANTS[name])
+        bench.FROZEN_ROUTER.add(p + "-frozen")
         t0 = time.time()
         try:
             err = bench.verify(p)
-            if err is None:
-                r = bench.measure(inp, p)
-                fwd, fb = r["fwd ms"][0], r["fwd+bwd ms"][0]
-                print(f"{name}: fwd {fwd:.2f} ms ({dense['fwd ms'][0] / fwd:.2f}x dense), fwd+bwd {fb:.2f} ms "
-                      f"({dense['fwd+bwd ms'][0] / fb:.2f}x dense), {time.time() - t0:.0f} s", flush=True)
-            else:
+            if err is not None:
                 print(f"{name}: FAILED the reference check: {err}", flush=True)
+                continue
+            r, rf = bench.measure(inp, p), bench.measure(inp, p + "-frozen")
+            fwd, fb, fbf = r["fwd ms"][0], r["fwd+bwd ms"][0], rf["fwd+bwd ms"][0]
+            print(f"{name}: fwd {fwd:.2f} ms ({dense['fwd ms'][0] / fwd:.2f}x dense), fwd+bwd {fb:.2f} ms "
+                  f"({dense['fwd+bwd ms'][0] / fb:.2f}x), router frozen {fbf:.2f} ms "
+                  f"({dense['fwd+bwd ms'][0] / fbf:.2f}x), {time.time() - t0:.0f} s", flush=True)
         except Exception as e:  # an option set that does not compile is reported, not fatal
             print(f"{name}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300], flush=True)
+    if args.no_profile:
+        return
     G = bench.SHAPE["H"] // bench.SHAPE["Hr"]
     print(f"layout + BlockMask alone: {plan_time(inp['w'], args.T, G):.3f} ms", flush=True)
     fn, _ = bench.setup(inp, "natsl-flex-base", False)

@@ -96,7 +96,8 @@ def _tile_reduce(x: torch.Tensor, M: int, op: str, pad_value) -> torch.Tensor:
 
 def _layout(routing: Routing, T: int, M: int):
     """Compact-segment metadata (no host sync): per (batch, router head) `p`, `lo [B, Hr, T]` (softmax blocks before
-    the token's block, and before its sequence's first block), the compact slots' source tokens `tok` and validity
+    the token's block, and before its sequence's first block), the compact slots' source tokens `tok` (any token for
+    padding slots) and validity
     `valid [B, Hr, NC]`, the slot ranks' blocks `inv [B, Hr, NC // C + 1]` (`N` = padding), every token's compact
     slot `slot [B, Hr, T]` (`-1` for tokens of linear blocks) and `NC`."""
     lay = routing.layout(T)
@@ -118,7 +119,8 @@ def _layout(routing: Routing, T: int, M: int):
     blk_c = blk.clamp(max=N - 1)
     off = slot % C
     valid = (blk < N) & (off < lay.block_len[blk_c])
-    tok = torch.where(valid, lay.block_start[blk_c] + off, torch.zeros_like(blk))
+    # padding slots read distinct tokens (never visible): one shared source row serialises the gather on the GPU
+    tok = torch.where(valid, lay.block_start[blk_c] + off, slot % T)
     tb = lay.token_block
     p = excl[:, tb].permute(0, 2, 1).contiguous()  # [B, Hr, T]
     lo = excl[:, first][:, tb].permute(0, 2, 1).contiguous()
@@ -249,18 +251,24 @@ def _dots(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a.to(dt) * b.to(dt)).sum(-1)
 
 
-_compiled_dots = None
+_compiled: dict = {}
+
+
+def _cuda_compiled(fn):
+    """`fn` fused by torch.compile (dynamic shapes) for CUDA tensors; `fn` itself elsewhere."""
+    def call(*args):
+        if args[0].device.type != "cuda":
+            return fn(*args)
+        if fn not in _compiled:
+            _compiled[fn] = torch.compile(fn, dynamic=True)
+        return _compiled[fn](*args)
+    return call
 
 
 def _head_dots(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """`Σ_d a·b` of `[.., D]` tensors → `[..]` in at least float32: one fused kernel on CUDA (torch.compile, dynamic
-    shapes; no full-size float32 temporaries), eager elsewhere."""
-    global _compiled_dots
-    if a.device.type != "cuda":
-        return _dots(a, b)
-    if _compiled_dots is None:
-        _compiled_dots = torch.compile(_dots, dynamic=True)
-    return _compiled_dots(a, b)
+    """`Σ_d a·b` of `[.., D]` tensors → `[..]` in at least float32: one fused kernel on CUDA (no full-size float32
+    temporaries), eager elsewhere."""
+    return _cuda_compiled(_dots)(a, b)
 
 
 class _Rows(torch.autograd.Function):
@@ -279,11 +287,14 @@ class _Rows(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout):
         back_comp, back_own = ctx.saved_tensors
-        d = dout.reshape(-1, dout.shape[-1])
-        dx = torch.where((back_comp >= 0)[:, None], d.index_select(0, back_comp.clamp(min=0)), 0)
-        if back_own is not None:
-            dx = dx.add_(d.index_select(0, back_own))
+        dx = _cuda_compiled(_rows_back)(dout.reshape(-1, dout.shape[-1]), back_comp, back_own)
         return dx.view(ctx.x_shape), None, None, None, None
+
+
+def _rows_back(d, back_comp, back_own):
+    """`d [R, D]` → `[R', D]`: `d[back_comp]` (zero where `-1`) `+ d[back_own]` (where not `None`)."""
+    dx = torch.where((back_comp >= 0)[:, None], d[back_comp.clamp(min=0)], 0)
+    return dx if back_own is None else dx + d[back_own]
 
 
 def _row_plan(tok, tok_slot, T: int, H: int, G: int, own_on: bool):
