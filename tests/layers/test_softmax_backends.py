@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 
 from natsl.kernels.index import num_blocks
 from natsl.layers.routing import Routing
-from natsl.layers.softmax import SOFTMAX_BACKENDS, flash_decode, resolve, softmax_branch
+from natsl.layers.softmax import AUTO_ORDER, SOFTMAX_BACKENDS, auto_kind, flash_decode, resolve, softmax_branch
 from natsl.layers.softmax.flash import FlashSoftmax, TorchVarlen, build_plan
 from natsl.layers.softmax.flex import FlexSoftmax, _block_masks, _layout, _mask_fn, block_mask_tensors, gate_key_sums
 from natsl.reference import softmax_branch_reference
@@ -397,6 +397,15 @@ def test_resolve_auto_on_cpu_is_sdpa(caplog):
         assert resolve("auto", q, k, v, route).name == "sdpa"
         assert resolve("auto", q, k, v, route).name == "sdpa"
     assert len([r for r in caplog.records if "auto" in r.getMessage()]) <= 1  # logged once
+
+
+def test_auto_order_kinds():
+    """CUDA training calls (autograd recording) prefer flex, CUDA inference prefers flash (no per-T compile), CPU sdpa;
+    every order lists real backends."""
+    assert auto_kind("cuda", True) == "cuda-train" and auto_kind("cuda", False) == "cuda"
+    assert auto_kind("cpu", True) == auto_kind("cpu", False) == "cpu"
+    assert AUTO_ORDER["cuda-train"][0] == "flex" and AUTO_ORDER["cuda"][0] == "flash" and AUTO_ORDER["cpu"] == ("sdpa",)
+    assert all(set(order) <= set(SOFTMAX_BACKENDS) for order in AUTO_ORDER.values())
 
 
 def test_unknown_backend_raises():

@@ -20,8 +20,10 @@ from natsl.utils import ROUTER_GRADS, check_choice
 logger = logging.getLogger(__name__)
 
 SOFTMAX_BACKENDS = {"flash": FlashSoftmax(), "flex": FlexSoftmax(), "sdpa": SdpaSoftmax()}
-# "auto" takes the first backend that supports the call, per device type (fastest first)
-AUTO_ORDER = {"cuda": ("flash", "flex", "sdpa"), "cpu": ("sdpa",)}
+# "auto" takes the first backend that supports the call, per device type (fastest first, measured on the H200:
+# benchmarks/RESULTS.md). "cuda-train" (autograd on): flex is fastest at T >= 16k and compiles once per T, which
+# training amortises; "cuda" (inference, e.g. prefill of varying prompt lengths): flash, which never compiles
+AUTO_ORDER = {"cuda-train": ("flex", "flash", "sdpa"), "cuda": ("flash", "flex", "sdpa"), "cpu": ("sdpa",)}
 _INSTALL_HINT = {
     "flash": "use torch >= 2.10 (torch.nn.attention.varlen) on a CUDA GPU with fp16/bf16 inputs, or for inference "
              "install flash-attn-4 (`pip install flash-attn-4`, or `pip install natsl[flash4]`)",
@@ -31,11 +33,16 @@ _INSTALL_HINT = {
 _logged: set = set()
 
 
+def auto_kind(device_type: str, train: bool) -> str:
+    """The `AUTO_ORDER` key of a call: `"cuda-train"` on CUDA with autograd recording, else the device type."""
+    return "cuda-train" if device_type == "cuda" and train else device_type
+
+
 def resolve(name: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, routing: Routing,
             router_grad: str = "selected"):
     """The backend object for `name` (`"auto"`, `"flash"`, `"flex"`, `"sdpa"`) that runs this call.
 
-    `"auto"` takes the first supporting backend of `AUTO_ORDER[device type]` and logs its choice once per
+    `"auto"` takes the first supporting backend of `AUTO_ORDER[auto_kind(...)]` and logs its choice once per
     (device, choice, reasons). An explicitly named backend that cannot run raises `ValueError` with every reason.
     """
     if name != "auto":
@@ -47,7 +54,8 @@ def resolve(name: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, routin
             raise ValueError(f"softmax backend {name!r} cannot run this call: " + "; ".join(reasons) + hint)
         return backend
     skipped = []
-    for cand in AUTO_ORDER.get(q.device.type, ("sdpa",)):
+    train = torch.is_grad_enabled() and (routing.weights.requires_grad or any(x.requires_grad for x in (q, k, v)))
+    for cand in AUTO_ORDER.get(auto_kind(q.device.type, train), ("sdpa",)):
         backend = SOFTMAX_BACKENDS[cand]
         reasons = backend.not_supported_reasons(q, k, v, routing, router_grad)
         if not reasons:
@@ -107,5 +115,5 @@ def softmax_branch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, routing: R
     return impl.forward(q, k, v, routing, scale=scale, router_grad=router_grad).to(q.dtype)
 
 
-__all__ = ["SOFTMAX_BACKENDS", "AUTO_ORDER", "FlashSoftmax", "FlexSoftmax", "SdpaSoftmax", "flash_decode", "resolve",
-           "softmax_branch"]
+__all__ = ["SOFTMAX_BACKENDS", "AUTO_ORDER", "auto_kind", "FlashSoftmax", "FlexSoftmax", "SdpaSoftmax", "flash_decode",
+           "resolve", "softmax_branch"]

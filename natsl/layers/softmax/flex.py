@@ -33,9 +33,10 @@ from natsl.layers.routing import Routing
 logger = logging.getLogger(__name__)
 MASK_BLOCK = 128
 # Triton tiles for the CUDA kernels (`fwd_` keys: forward only). torch 2.11's default forward tiles for (d=64,
-# d_v=128) ask for 234 KB of shared memory on the H200 (limit 227 KB); the backward tiles are the fastest of seven
-# sets measured there at T=64k (benchmarks/probe_flex_options.py; all checked against the reference).
-KERNEL_OPTIONS = {"fwd_BLOCK_M": 64, "fwd_BLOCK_N": 64, "fwd_num_stages": 2, "fwd_num_warps": 4,
+# d_v=128) ask for 234 KB of shared memory on the H200 (limit 227 KB); TMA loads in the forward (-0.3 ms at T=64k)
+# and the backward tiles are the fastest of the sets measured there (benchmarks/probe_flex_options.py; each checked
+# against the reference). Where TMA cannot be used (alignment), Inductor falls back to plain loads.
+KERNEL_OPTIONS = {"fwd_BLOCK_M": 64, "fwd_BLOCK_N": 64, "fwd_num_stages": 2, "fwd_num_warps": 4, "fwd_USE_TMA": True,
                   "BLOCK_M1": 64, "BLOCK_N1": 64, "BLOCK_M2": 64, "BLOCK_N2": 64,
                   "bwd_num_stages": 3, "bwd_num_warps": 4}
 # FlexAttention compiles once per (T, grad mode, output kind): dynamo's default limit of 8 recompiles is reached by
@@ -273,8 +274,8 @@ def _head_dots(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 class _Rows(torch.autograd.Function):
     """`x [B, T, H, D]` → `[B, H, L, D]` (a transposed view of `[B, L, H, D]`): row `src[(b·L + l)·H + h]` of `x`
-    viewed as `[B·T·H, D]`, one index_select for the compact and own segments. Token-major rows read `x` nearly
-    contiguously (head-major rows ran at ~0.6 TB/s on the H200). Each row of `x` lands in at most one compact slot
+    viewed as `[B·T·H, D]`, one gather for the compact and own segments (token-major, so `x` is read nearly
+    contiguously). Each row of `x` lands in at most one compact slot
     (`back_comp`, `-1`: none) and at most once in the own segment (`back_own`, or `None`), so the backward is two
     gathers, not torch.gather's scatter-add (which serialised on padding slots: 19.7 ms at T=64k on the H200)."""
 
@@ -283,13 +284,19 @@ class _Rows(torch.autograd.Function):
         B, T, H, D = x.shape
         ctx.save_for_backward(back_comp, back_own)
         ctx.x_shape = x.shape
-        return x.reshape(-1, D).index_select(0, src).view(B, L, H, D).transpose(1, 2)
+        return _cuda_compiled(_rows_fwd)(x, src).view(B, L, H, D).transpose(1, 2)
 
     @staticmethod
     def backward(ctx, dout):
         back_comp, back_own = ctx.saved_tensors
         dx = _cuda_compiled(_rows_back)(dout.transpose(1, 2), back_comp, back_own)
         return dx.view(ctx.x_shape), None, None, None, None
+
+
+def _rows_fwd(x, src):
+    """Rows `src` of `x [.., D]` viewed as `[R, D]` (fused by Inductor on CUDA: aten's index_select ran at ~0.6 TB/s
+    here on the H200)."""
+    return x.reshape(-1, x.shape[-1])[src]
 
 
 def _rows_back(d, back_comp, back_own):
