@@ -129,3 +129,43 @@ def test_flash_decode_gpu(kernel):
     finite = torch.isfinite(ref_lse)
     assert torch.equal(torch.isfinite(lse), finite)
     assert max_err(lse[finite], ref_lse[finite]) < 2e-2
+
+
+def test_layer_auto_training_under_autocast_takes_flex(monkeypatch):
+    """A training step of the layer on CUDA (fp32 weights, bf16 autocast, `softmax_backend="auto"`) resolves to
+    `flex` (AUTO_ORDER["cuda-train"]) and matches the same layer with `sdpa` under the 2x rule against the float64
+    layer: output and the router's gradient (T=200: a partial last block)."""
+    from natsl import NAtSLAttention
+    from natsl.layers.softmax.flex import FlexSoftmax
+
+    calls = []
+    flex_forward = FlexSoftmax.forward
+    monkeypatch.setattr(FlexSoftmax, "forward", lambda self, *a, **kw: calls.append(1) or flex_forward(self, *a, **kw))
+
+    def layer_of(sb, dtype=torch.float32):
+        torch.manual_seed(0)
+        layer = NAtSLAttention(hidden_size=256, num_heads=2, head_dim=64, expand_v=2, num_softmax_heads=4,
+                               num_router_heads=2, block_size=64, linear_backend="gdn", linear_impl="torch",
+                               softmax_backend=sb).to(DEV)
+        with torch.no_grad():
+            for name, p in layer.named_parameters():
+                p.add_(torch.randn_like(p) * (1.0 if "router" in name else 0.02))
+        return layer.to(dtype)
+
+    x = torch.randn(2, 200, 256, generator=torch.Generator(device=DEV).manual_seed(3), device=DEV)
+    results = {}
+    for sb, dtype in (("auto", torch.float32), ("sdpa", torch.float32), ("sdpa", torch.float64)):
+        calls.clear()
+        layer = layer_of(sb, dtype)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=dtype == torch.float32):
+            out = layer(x.to(dtype))[0]
+        out.float().pow(2).mean().backward()
+        results[(sb, dtype)] = (out.double(), layer.router.proj.weight.grad.double())
+        assert (len(calls) > 0) == (sb == "auto"), f"{sb}: flex called {len(calls)} times"
+    ref = results[("sdpa", torch.float64)]
+    for i, name in enumerate(("out", "router grad")):
+        e_auto = max_err(results[("auto", torch.float32)][i], ref[i])
+        e_sdpa = max_err(results[("sdpa", torch.float32)][i], ref[i])
+        atol = 1e-3 * ref[i].abs().max().item()
+        assert torch.isfinite(results[("auto", torch.float32)][i]).all()
+        assert e_auto <= 2 * e_sdpa + atol, f"{name}: auto {e_auto:.3e} vs sdpa {e_sdpa:.3e}"
