@@ -448,3 +448,23 @@ def test_input_validation():
         softmax_branch(q[:, :, :1], k[:, :, :1], v[:, :, :1], route)
     with pytest.raises(ValueError, match="blocks"):
         softmax_branch(q[:, :9], k[:, :9], v[:, :9], route)
+
+
+@pytest.mark.parametrize("diagonal", ["both", "linear"])
+def test_flex_plan_compiles_to_the_eager_result(diagonal):
+    """The flex call's routing-derived tensors (`_plan`: layout, tile lists both ways, gather rows), compiled by
+    Inductor as on CUDA (here for the CPU), equal the eager ones bit for bit; packed sequences and a partial block."""
+    from natsl.layers.softmax import flex as fx
+
+    (q, k, v, w), cu = make_case(3, 1, 150, 2, 2, 4, 4, 8, True, diagonal, "random", p_soft=0.4)
+    route = Routing(w.detach(), 8, diagonal, cu)
+    lay = route.layout(150)
+    args = (route.is_softmax(), lay.block_first, lay.block_len, lay.block_start, lay.token_block, 150, 16, 8, 4,
+            diagonal != "linear", True)
+    eager = fx._plan(*args)
+    compiled = torch.compile(fx._plan, dynamic=False)(*args)
+    flat_e, flat_c = torch.utils._pytree.tree_leaves(eager), torch.utils._pytree.tree_leaves(compiled)
+    assert len(flat_e) == len(flat_c)
+    for a, b in zip(flat_e, flat_c):
+        assert (a is None and b is None) or torch.equal(a, b)
+    assert sum(a is None for a in flat_e) == (1 if diagonal == "linear" else 0)  # back_own: no own segment

@@ -48,23 +48,25 @@ KERNEL_OPTIONS = {"fwd_BLOCK_M": 64, "fwd_BLOCK_N": 64, "fwd_num_stages": 2, "fw
 # FlexAttention compiles once per (T, grad mode, output kind): dynamo's default limit of 8 recompiles is reached by
 # two sequence lengths in training, after which it runs flex_attention eagerly (dense scores: 40 GB at T=16k)
 RECOMPILE_LIMIT = 256
-_compiled_flex = None
+_static: dict = {}
 
 
-def _flex_fn(device: torch.device):
-    """FlexAttention: compiled (`dynamic=False`, under `RECOMPILE_LIMIT`) on CUDA, eager elsewhere."""
-    global _compiled_flex
-    from torch.nn.attention.flex_attention import flex_attention
-    if device.type != "cuda":
-        return flex_attention
-    if _compiled_flex is None:
-        compiled = torch.compile(flex_attention, dynamic=False)
+def _static_compiled(fn):
+    """`fn` compiled by torch.compile with static shapes (one graph per T), under `RECOMPILE_LIMIT`."""
+    if fn not in _static:
+        compiled = torch.compile(fn, dynamic=False)
 
         def call(*args, **kwargs):
             with torch._dynamo.config.patch(recompile_limit=max(RECOMPILE_LIMIT, torch._dynamo.config.recompile_limit)):
                 return compiled(*args, **kwargs)
-        _compiled_flex = call
-    return _compiled_flex
+        _static[fn] = call
+    return _static[fn]
+
+
+def _flex_fn(device: torch.device):
+    """FlexAttention: compiled (static shapes) on CUDA, eager elsewhere."""
+    from torch.nn.attention.flex_attention import flex_attention
+    return _static_compiled(flex_attention) if device.type == "cuda" else flex_attention
 
 
 _fa4_backend = None  # None: not tried yet; False: unavailable or failed once
@@ -104,19 +106,28 @@ def _tile_reduce(x: torch.Tensor, M: int, op: str, pad_value) -> torch.Tensor:
 def _layout(routing: Routing, T: int, M: int):
     """Compact-segment metadata (no host sync): per (batch, router head) `p`, `lo [B, Hr, T]` (softmax blocks before
     the token's block, and before its sequence's first block), the compact slots' source tokens `tok` (any token for
-    padding slots) and validity
-    `valid [B, Hr, NC]`, the slot ranks' blocks `inv [B, Hr, NC // C + 1]` (`N` = padding), every token's compact
-    slot `slot [B, Hr, T]` (`-1` for tokens of linear blocks) and `NC`."""
+    padding slots) and validity `valid [B, Hr, NC]`, the slot ranks' blocks `inv [B, Hr, NC // C + 1]` (`N` =
+    padding), every token's compact slot `slot [B, Hr, T]` (`-1` for tokens of linear blocks) and `NC`."""
     lay = routing.layout(T)
-    soft = routing.is_softmax()  # [B, N, Hr]
+    NC = _compact_len(lay.N, routing.block_size, M)
+    return (*_layout_t(routing.is_softmax(), lay.block_first, lay.block_len, lay.block_start, lay.token_block, T, M,
+                       routing.block_size), NC)
+
+
+def _compact_len(N: int, C: int, M: int) -> int:
+    """Compact slots `NC = ceil(N·C / M)·M`: static (depends on T only)."""
+    return -(-N * C // M) * M
+
+
+def _layout_t(soft, block_first, block_len, block_start, token_block, T: int, M: int, C: int):
+    """`_layout` on tensors: `soft [B, N, Hr]` and the routing's `BlockLayout` fields."""
     B, N, Hr = soft.shape
-    C = routing.block_size
     dev = soft.device
     si = soft.long()
     excl = torch.cumsum(si, 1) - si  # [B, N, Hr] softmax blocks before n in its batch row
     nb = torch.arange(N, device=dev)
-    first = torch.where(lay.block_first, nb, torch.zeros_like(nb)).cummax(0).values  # first block of n's sequence
-    NC = -(-N * C // M) * M
+    first = torch.where(block_first, nb, torch.zeros_like(nb)).cummax(0).values  # first block of n's sequence
+    NC = _compact_len(N, C, M)
     R = -(-NC // C)  # slot ranks
     inv = torch.full((B, Hr, R + 1), N, dtype=torch.long, device=dev)
     inv.scatter_(2, torch.where(soft, excl, R).permute(0, 2, 1), nb.view(1, 1, N).expand(B, Hr, N).contiguous())
@@ -125,15 +136,15 @@ def _layout(routing: Routing, T: int, M: int):
     blk = inv[..., slot // C]  # [B, Hr, NC]
     blk_c = blk.clamp(max=N - 1)
     off = slot % C
-    valid = (blk < N) & (off < lay.block_len[blk_c])
+    valid = (blk < N) & (off < block_len[blk_c])
     # padding slots read distinct tokens (never visible): one shared source row serialises the gather on the GPU
-    tok = torch.where(valid, lay.block_start[blk_c] + off, slot % T)
-    tb = lay.token_block
+    tok = torch.where(valid, block_start[blk_c] + off, slot % T)
+    tb = token_block
     p = excl[:, tb].permute(0, 2, 1).contiguous()  # [B, Hr, T]
     lo = excl[:, first][:, tb].permute(0, 2, 1).contiguous()
-    tok_slot = p * C + (torch.arange(T, device=dev) - lay.block_start[tb])
+    tok_slot = p * C + (torch.arange(T, device=dev) - block_start[tb])
     tok_slot = torch.where(soft[:, tb].permute(0, 2, 1), tok_slot, -1)
-    return p, lo, tok, valid, inv, tok_slot, NC
+    return p, lo, tok, valid, inv, tok_slot
 
 
 def _mask_fn(routing: Routing, T: int, G: int, NC: int, p, lo, valid, own_on: bool):
@@ -164,7 +175,12 @@ def block_mask_tensors(routing: Routing, T: int, M: int, p=None, lo=None, valid=
     if p is None:
         p, lo, _, valid, _, _, NC = _layout(routing, T, M)
     lay = routing.layout(T)
-    C = routing.block_size
+    return _tiles_t(p, lo, valid, lay.block_start, lay.token_block, T, M, routing.block_size, NC,
+                    routing.diagonal != "linear")
+
+
+def _tiles_t(p, lo, valid, block_start, token_block, T: int, M: int, C: int, NC: int, own_on: bool):
+    """`block_mask_tensors` on tensors."""
     big = torch.iinfo(torch.long).max
     dev = p.device
     nq, nkc = -(-T // M), NC // M
@@ -177,8 +193,8 @@ def block_mask_tensors(routing: Routing, T: int, M: int, p=None, lo=None, valid=
     anyv = (r0 < p_max[..., None]) & (r1 >= lo_min[..., None]) & v_any[:, :, None, :]
     full = ((r0 >= lo_max[..., None]) & (r1 < p_min[..., None]) & v_all[:, :, None, :]
             & complete[None, None, :, None])
-    if routing.diagonal != "linear":
-        first_tile = lay.block_start[_tile_reduce(lay.token_block, M, "min", big)] // M  # [nq]
+    if own_on:
+        first_tile = block_start[_tile_reduce(token_block, M, "min", big)] // M  # [nq]
         k = torch.arange(nq, device=dev)
         own = (k[None, :] <= k[:, None]) & (k[None, :] >= first_tile[:, None])  # [q tile, own tile]
         B, Hr = p.shape[:2]
@@ -210,29 +226,52 @@ def _kv_lists(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return num, idx[..., :n]
 
 
-def _block_masks(partial, full, G, M, mask_mod, lengths, t_mask=None, nkc=None):
-    """The BlockMask of `partial`/`full` `[B, Hr, nq, nk]` tiles (lists per router head, repeated for its `G` heads),
-    and with `t_mask` also that of the transposed gate pass over the first `nkc` key tiles (the same lists, cut)."""
-    from torch.nn.attention.flex_attention import BlockMask
-
+def _tile_lists(partial, full, G: int, nkc: int, with_t: bool):
+    """The BlockMask lists of `partial`/`full` `[B, Hr, nq, nk]` tiles, per router head and repeated for its `G`
+    heads: `kv` and `qs` (`[num, idx, full_num, full_idx]` each direction) and, with `with_t`, those of the transposed
+    gate pass over the first `nkc` key tiles (cut from the same lists), else `None, None`."""
     kv = _kv_lists(partial) + _kv_lists(full)
     qs = _kv_lists(partial.transpose(-1, -2)) + _kv_lists(full.transpose(-1, -2))
     kv, qs = [[x.repeat_interleave(G, dim=1) for x in lists] for lists in (kv, qs)]
-
-    def make(kv, qs, mm, seq):
-        return BlockMask(seq_lengths=seq, kv_num_blocks=kv[0], kv_indices=kv[1], full_kv_num_blocks=kv[2],
-                         full_kv_indices=kv[3], q_num_blocks=qs[0], q_indices=qs[1], full_q_num_blocks=qs[2],
-                         full_q_indices=qs[3], BLOCK_SIZE=(M, M), mask_mod=mm)
-    main = make(kv, qs, mask_mod, lengths)
-    if t_mask is None:
-        return main
+    if not with_t:
+        return kv, qs, None, None
     # transposed: queries = the compact tiles (rows :nkc of the q lists), keys = the query tiles; its q lists are
     # the kv lists cut to the compact columns (they come first in each sorted row)
     c_num = [partial[..., :nkc].sum(-1, dtype=torch.int32), full[..., :nkc].sum(-1, dtype=torch.int32)]
     c_num = [x.repeat_interleave(G, dim=1) for x in c_num]
     t_kv = [qs[0][..., :nkc], qs[1][..., :nkc, :], qs[2][..., :nkc], qs[3][..., :nkc, :]]
     t_qs = [c_num[0], kv[1][..., :nkc], c_num[1], kv[3][..., :nkc]]
-    return main, make(t_kv, t_qs, t_mask, (nkc * M, lengths[0]))
+    return kv, qs, t_kv, t_qs
+
+
+def _make_block_mask(kv, qs, M: int, mask_mod, seq_lengths):
+    from torch.nn.attention.flex_attention import BlockMask
+
+    return BlockMask(seq_lengths=seq_lengths, kv_num_blocks=kv[0], kv_indices=kv[1], full_kv_num_blocks=kv[2],
+                     full_kv_indices=kv[3], q_num_blocks=qs[0], q_indices=qs[1], full_q_num_blocks=qs[2],
+                     full_q_indices=qs[3], BLOCK_SIZE=(M, M), mask_mod=mask_mod)
+
+
+def _block_masks(partial, full, G, M, mask_mod, lengths, t_mask=None, nkc=None):
+    """The BlockMask of `partial`/`full` tiles and, with `t_mask`, also that of the transposed gate pass."""
+    kv, qs, t_kv, t_qs = _tile_lists(partial, full, G, nkc or 0, t_mask is not None)
+    main = _make_block_mask(kv, qs, M, mask_mod, lengths)
+    if t_mask is None:
+        return main
+    return main, _make_block_mask(t_kv, t_qs, M, t_mask, (nkc * M, lengths[0]))
+
+
+def _plan(soft, block_first, block_len, block_start, token_block, T: int, M: int, C: int, H: int, own_on: bool,
+          with_t: bool):
+    """Every tensor one flex call derives from the routing (layout, tile lists, gather rows): a pure function of
+    tensors, compiled into a few fused kernels on CUDA (eager it is ~250 small ops, the per-call cost at short T)."""
+    p, lo, tok, valid, inv, tok_slot = _layout_t(soft, block_first, block_len, block_start, token_block, T, M, C)
+    NC = _compact_len(soft.shape[1], C, M)
+    G = H // soft.shape[2]
+    partial, full = _tiles_t(p, lo, valid, block_start, token_block, T, M, C, NC, own_on)
+    kv, qs, t_kv, t_qs = _tile_lists(partial, full, G, NC // M, with_t)
+    src, back_comp, back_own, _ = _row_plan(tok, tok_slot, T, H, G, own_on)
+    return p, lo, valid, inv, kv, qs, t_kv, t_qs, src, back_comp, back_own
 
 
 def _dense_attention(q, k, v, mask_mod, scale, key_bias=None):
@@ -449,16 +488,20 @@ class FlexSoftmax:
         C = routing.block_size
         M = self.mask_block or mask_block_size(C)
         own_on = routing.diagonal != "linear"
-        p, lo, tok, valid, inv, tok_slot, NC = _layout(routing, T, M)
-        mask_mod = _mask_fn(routing, T, G, NC, p, lo, valid, own_on)
-        partial, full = block_mask_tensors(routing, T, M, p, lo, valid, NC)
         gate = routing.gates(router_grad)[0]
         gate_grad = torch.is_grad_enabled() and gate.requires_grad
         needs_grad = torch.is_grad_enabled() and (gate_grad or any(x.requires_grad for x in (q, k, v)))
-        src, back_comp, back_own, L = _row_plan(tok, tok_slot, T, H, G, own_on)
+        lay = routing.layout(T)
+        NC = _compact_len(lay.N, C, M)
+        L = NC + T if own_on else NC
+        plan = _static_compiled(_plan) if q.device.type == "cuda" else _plan
+        p, lo, valid, inv, kv, qs, t_kv, t_qs, src, back_comp, back_own = plan(
+            routing.is_softmax(), lay.block_first, lay.block_len, lay.block_start, lay.token_block, T, M, C, H,
+            own_on, gate_grad)
+        mask_mod = _mask_fn(routing, T, G, NC, p, lo, valid, own_on)
+        block_mask = _make_block_mask(kv, qs, M, mask_mod, (T, L))
         t_mask = _transposed_mask(mask_mod) if gate_grad else None
-        masks = _block_masks(partial, full, G, M, mask_mod, (T, L), t_mask, NC // M)
-        block_mask, t_block = masks if gate_grad else (masks, None)
+        t_block = _make_block_mask(t_kv, t_qs, M, t_mask, (NC, T)) if gate_grad else None
 
         qt = q.transpose(1, 2)  # [B, H, T, d]
         k_all, v_all = (_Rows.apply(x, src, back_comp, back_own, L) for x in (k, v))  # [B, H, L, *]
