@@ -452,8 +452,9 @@ def test_input_validation():
 
 @pytest.mark.parametrize("diagonal", ["both", "linear"])
 def test_flex_plan_compiles_to_the_eager_result(diagonal):
-    """The flex call's routing-derived tensors (`_plan`: layout, tile lists both ways, gather rows), compiled by
-    Inductor as on CUDA (here for the CPU), equal the eager ones bit for bit; packed sequences and a partial block."""
+    """The flex call's routing-derived tensors (`_plan`: layout, tile lists both ways, gather rows) compiled by
+    Inductor (for the CPU) equal the eager ones bit for bit; packed sequences and a partial block. (The backend runs
+    `_plan` eagerly; this keeps it compilable for the CUDA host-cost step that is not yet measured.)"""
     from natsl.layers.softmax import flex as fx
 
     (q, k, v, w), cu = make_case(3, 1, 150, 2, 2, 4, 4, 8, True, diagonal, "random", p_soft=0.4)
