@@ -4,8 +4,10 @@
 
 Every option set is a `FlexSoftmax(kernel_options=...)`, registered as a provider of `bench_softmax_backends.py`:
 checked there against the float64 reference at T=4096 (outputs, q/k/v and routing gradients, 2x rule) before it is
-timed (fwd no-grad, fwd+bwd with the router gradient) at `--T` next to dense causal SDPA-cuDNN. Then for the base
-options: the time of building the layout and BlockMask alone, and the host time of one call without a sync.
+timed (fwd no-grad with its host time, fwd+bwd with and without the router gradient) at `--T` next to dense causal
+SDPA-cuDNN. A name ending in `+compiled-plan` runs the backend's routing-derived tensors (`flex._plan`) compiled with
+static shapes instead of eagerly. Then `flex._plan` alone (eager, compiled) and torch.profiler tables of the base
+options. Next measurement to make: `--T 16384 --variants base base+compiled-plan`.
 (The earlier probe of this design with a hand-built mask, `benchmarks/probe_flex_compact.py`, is at 29e19b0.)
 """
 import argparse
@@ -18,16 +20,11 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_softmax_backends as bench  # noqa: E402
 
+import natsl.layers.softmax.flex as fx  # noqa: E402
 from natsl.layers.routing import Routing  # noqa: E402
-from natsl.layers.softmax.flex import (  # noqa: E402
-    KERNEL_OPTIONS,
-    FlexSoftmax,
-    _block_masks,
-    _layout,
-    _mask_fn,
-    _row_plan,
-    block_mask_tensors,
-)
+from natsl.layers.softmax.flex import KERNEL_OPTIONS, FlexSoftmax, _static_compiled  # noqa: E402
+
+ORIGINAL_PLAN = fx._plan
 
 FWD = {"fwd_BLOCK_M": 64, "fwd_BLOCK_N": 64, "fwd_num_stages": 2, "fwd_num_warps": 4}
 VARIANTS = {
@@ -56,27 +53,36 @@ VARIANTS = {
 }
 
 
-def plan_time(w: torch.Tensor, T: int, G: int) -> float:
-    """ms of building the layout, mask_mod, BlockMask and row indices of one call (the backend's work before the
-    kernel, router frozen)."""
+def plan_time(w: torch.Tensor, T: int, compiled: bool) -> float:
+    """ms (do_bench) of the backend's routing-derived tensors for one call (`flex._plan`: layout, tile lists both
+    ways, gather rows; gate-gradient lists included), eager or compiled with static shapes."""
     import triton
-    M = 128
+    route = Routing(w, bench.SHAPE["block_size"])
+    lay = route.layout(T)
+    plan = _static_compiled(ORIGINAL_PLAN) if compiled else ORIGINAL_PLAN
+    args = (route.is_softmax(), lay.block_first, lay.block_len, lay.block_start, lay.token_block, T, 128,
+            bench.SHAPE["block_size"], bench.SHAPE["H"], True, True)
+    return triton.testing.do_bench(lambda: plan(*args))
 
-    def build():
-        route = Routing(w, bench.SHAPE["block_size"])
-        p, lo, tok, valid, inv, tok_slot, NC = _layout(route, T, M)
-        mm = _mask_fn(route, T, G, NC, p, lo, valid, True)
-        partial, full = block_mask_tensors(route, T, M, p, lo, valid, NC)
-        rows = _row_plan(tok, tok_slot, T, G * route.num_router_heads, G, True)
-        return _block_masks(partial, full, G, M, mm, (T, NC + T)), rows
-    return triton.testing.do_bench(build)
+
+def host_ms(fn, n: int = 10) -> float:
+    """Host time per call of `fn` without a sync in between (ms)."""
+    fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        fn()
+    ms = (time.perf_counter() - t0) / n * 1e3
+    torch.cuda.synchronize()
+    return ms
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--T", type=int, default=65536)
     ap.add_argument("--frac", type=float, default=0.125)
-    ap.add_argument("--variants", nargs="+", default=list(VARIANTS))
+    ap.add_argument("--variants", nargs="+", default=list(VARIANTS),
+                    help="option sets; a name ending in '+compiled-plan' also runs flex._plan compiled")
     ap.add_argument("--no-profile", action="store_true")
     args = ap.parse_args()
     inp = bench.make_inputs(args.T, args.frac)
@@ -85,8 +91,10 @@ def main():
           flush=True)
     for name in args.variants:
         p = f"natsl-flex-{name}"
-        bench.NATSL[p] = bench.NATSL[p + "-frozen"] = (lambda o: lambda: FlexSoftmax(kernel_options=o))(VARIANTS[name])
+        opts = VARIANTS[name.removesuffix("+compiled-plan")]
+        bench.NATSL[p] = bench.NATSL[p + "-frozen"] = (lambda o: lambda: FlexSoftmax(kernel_options=o))(opts)
         bench.FROZEN_ROUTER.add(p + "-frozen")
+        fx._plan = _static_compiled(ORIGINAL_PLAN) if name.endswith("+compiled-plan") else ORIGINAL_PLAN
         t0 = time.time()
         try:
             err = bench.verify(p)
@@ -95,24 +103,18 @@ def main():
                 continue
             r, rf = bench.measure(inp, p), bench.measure(inp, p + "-frozen")
             fwd, fb, fbf = r["fwd ms"][0], r["fwd+bwd ms"][0], rf["fwd+bwd ms"][0]
-            print(f"{name}: fwd {fwd:.2f} ms ({dense['fwd ms'][0] / fwd:.2f}x dense), fwd+bwd {fb:.2f} ms "
-                  f"({dense['fwd+bwd ms'][0] / fb:.2f}x), router frozen {fbf:.2f} ms "
+            host = host_ms(bench.setup(inp, p, False)[0])
+            print(f"{name}: fwd {fwd:.2f} ms ({dense['fwd ms'][0] / fwd:.2f}x dense, host {host:.2f} ms), fwd+bwd "
+                  f"{fb:.2f} ms ({dense['fwd+bwd ms'][0] / fb:.2f}x), router frozen {fbf:.2f} ms "
                   f"({dense['fwd+bwd ms'][0] / fbf:.2f}x), {time.time() - t0:.0f} s", flush=True)
         except Exception as e:  # an option set that does not compile is reported, not fatal
             print(f"{name}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300], flush=True)
+    fx._plan = ORIGINAL_PLAN
     if args.no_profile:
         return
-    G = bench.SHAPE["H"] // bench.SHAPE["Hr"]
-    print(f"layout + BlockMask alone: {plan_time(inp['w'], args.T, G):.3f} ms", flush=True)
-    fn, _ = bench.setup(inp, "natsl-flex-base", False)
-    fn()
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(10):
-        fn()
-    host = (time.perf_counter() - t0) / 10 * 1e3
-    torch.cuda.synchronize()
-    print(f"fwd no-grad host time per call (no sync): {host:.2f} ms", flush=True)
+    for compiled in (False, True):
+        print(f"flex._plan alone ({'compiled' if compiled else 'eager'}): {plan_time(inp['w'], args.T, compiled):.3f} ms",
+              flush=True)
     print(bench.profile("natsl-flex-base", inp, train=False), flush=True)
     print(bench.profile("natsl-flex-base", inp), flush=True)
 
