@@ -47,7 +47,7 @@ VARIANTS = {
     "fwd-128-64-s2w8": {**{k: v for k, v in KERNEL_OPTIONS.items() if not k.startswith("fwd_")},
                         "fwd_BLOCK_M": 128, "fwd_BLOCK_N": 64, "fwd_num_stages": 2, "fwd_num_warps": 8},
     "tma": {**KERNEL_OPTIONS, "USE_TMA": True},
-    "tma-fwd": {**KERNEL_OPTIONS, "fwd_USE_TMA": True},
+    "no-tma-fwd": {**KERNEL_OPTIONS, "fwd_USE_TMA": False},
     "fwd-64-128-s2w4": {**KERNEL_OPTIONS, "fwd_BLOCK_N": 128},
     "fwd-64-64-s3w4": {**KERNEL_OPTIONS, "fwd_num_stages": 3},
 }

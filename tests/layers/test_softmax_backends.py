@@ -21,7 +21,15 @@ from natsl.kernels.index import num_blocks
 from natsl.layers.routing import Routing
 from natsl.layers.softmax import AUTO_ORDER, SOFTMAX_BACKENDS, auto_kind, flash_decode, resolve, softmax_branch
 from natsl.layers.softmax.flash import FlashSoftmax, TorchVarlen, build_plan
-from natsl.layers.softmax.flex import FlexSoftmax, _block_masks, _layout, _mask_fn, block_mask_tensors, gate_key_sums
+from natsl.layers.softmax.flex import (
+    KERNEL_OPTIONS,
+    FlexSoftmax,
+    _block_masks,
+    _layout,
+    _mask_fn,
+    block_mask_tensors,
+    gate_key_sums,
+)
 from natsl.reference import softmax_branch_reference
 
 ROUTINGS = ["random", "all_softmax", "all_linear", "one_head_softmax"]
@@ -424,6 +432,16 @@ def test_explicit_flash_on_cpu_lists_every_reason():
     for part in ("fa4", "varlen", "CUDA", "float16/bfloat16", "pip install flash-attn-4", "natsl[flash4]",
                  "router_grad='both'", "inference only"):
         assert part in msg, part
+
+
+def test_flex_kernel_options_per_dtype():
+    """natsl's measured tiles for 16-bit inputs, FlexAttention's defaults for float32, explicit options for all."""
+    default = FlexSoftmax()
+    assert default.options_for(torch.bfloat16) == default.options_for(torch.float16) == KERNEL_OPTIONS
+    assert default.options_for(torch.float32) is None
+    mine = {"BLOCK_M": 32}
+    assert FlexSoftmax(kernel_options=mine).options_for(torch.float32) == mine
+    assert FlexSoftmax(kernel_options=mine).options_for(torch.bfloat16) == mine
 
 
 def test_explicit_flex_router_grad_both_raises():

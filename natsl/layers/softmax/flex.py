@@ -427,7 +427,9 @@ class FlexSoftmax:
     Args:
         mask_block (int, Optional): BlockMask tile in tokens. Default: `mask_block_size(block_size)` (128 unless
             the routing block is a multiple of 128).
-        kernel_options (dict, Optional): FlexAttention kernel options on CUDA. Default: `KERNEL_OPTIONS`.
+        kernel_options (dict, Optional): FlexAttention kernel options on CUDA. Default: `KERNEL_OPTIONS` for
+            fp16/bf16 inputs (measured on the H200), FlexAttention's own per-dtype defaults for float32 (natsl's
+            tiles were sized for 16-bit shared memory; float32 flex has not run on the H200).
         use_fa4 (bool): for forward-only calls (no grad), ask FlexAttention for flash-attn-4's kernels
             (`kernel_options={"BACKEND": "FLASH"}`) when flash-attn-4 is installed, falling back to Triton on a
             lowering error. Off by default: not verified on the H200 (flash-attn-4 4.0.0b36's sm90 backward failed
@@ -440,7 +442,7 @@ class FlexSoftmax:
         if mask_block is not None and (not isinstance(mask_block, int) or mask_block < 1):
             raise ValueError(f"mask_block must be a positive int or None, got {mask_block!r}")
         self.mask_block = mask_block
-        self.kernel_options = dict(KERNEL_OPTIONS if kernel_options is None else kernel_options)
+        self.kernel_options = None if kernel_options is None else dict(kernel_options)
         self.use_fa4 = use_fa4
 
     def not_supported_reasons(self, q, k, v, routing: Routing, router_grad: str = "selected") -> list[str]:
@@ -460,6 +462,12 @@ class FlexSoftmax:
                            "router_grad='both' also needs it for unselected blocks (use backend='sdpa')")
         return reasons
 
+    def options_for(self, dtype: torch.dtype) -> dict | None:
+        """The kernel options of a CUDA call in `dtype` (`None`: FlexAttention's defaults)."""
+        if self.kernel_options is not None:
+            return self.kernel_options
+        return dict(KERNEL_OPTIONS) if dtype in (torch.float16, torch.bfloat16) else None
+
     def _attend(self, q, k, v, mask_mod, block_mask, scale, needs_grad, return_lse=False):
         """FlexAttention (CUDA, or CPU without autograd) or its dense twin (CPU with autograd): `o` or `(o, lse)`."""
         if q.device.type != "cuda" and needs_grad:
@@ -473,8 +481,9 @@ class FlexSoftmax:
                 return call(q, k, v, **kw, kernel_options={"BACKEND": "FLASH"})
             except Exception as e:  # any lowering failure: fall back to the Triton kernels, once
                 _disable_fa4_backend(e)
-        if q.device.type == "cuda":
-            kw["kernel_options"] = self.kernel_options
+        opts = self.options_for(q.dtype)
+        if q.device.type == "cuda" and opts is not None:
+            kw["kernel_options"] = opts
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*flex_attention called without torch.compile.*")
             return call(q, k, v, **kw)
