@@ -24,9 +24,10 @@ from natsl.layers.softmax.flash import FlashSoftmax, TorchVarlen, build_plan
 from natsl.layers.softmax.flex import (
     KERNEL_OPTIONS,
     FlexSoftmax,
-    _block_masks,
     _layout,
+    _make_block_mask,
     _mask_fn,
+    _tile_lists,
     block_mask_tensors,
     gate_key_sums,
 )
@@ -238,7 +239,9 @@ def test_flex_block_lists_round_trip(G, diagonal):
     NC = _layout(route, 150, M)[-1]
     nkc = NC // M
     partial, full = block_mask_tensors(route, 150, M)
-    main, t = _block_masks(partial, full, G, M, None, (150, partial.shape[-1] * M), lambda *a: None, nkc)
+    kv, qs, t_kv, t_qs = _tile_lists(partial, full, G, nkc, True)
+    main = _make_block_mask(kv, qs, M, None, (150, partial.shape[-1] * M))
+    t = _make_block_mask(t_kv, t_qs, M, None, (nkc * M, 150))
     rep = [x.repeat_interleave(G, 1) for x in (partial, full)]
     for bm, (part, fl) in ((main, rep), (t, [x[..., :nkc].transpose(-1, -2) for x in rep])):
         nq, nk = part.shape[-2:]

@@ -48,19 +48,24 @@ KERNEL_OPTIONS = {"fwd_BLOCK_M": 64, "fwd_BLOCK_N": 64, "fwd_num_stages": 2, "fw
 # FlexAttention compiles once per (T, grad mode, output kind): dynamo's default limit of 8 recompiles is reached by
 # two sequence lengths in training, after which it runs flex_attention eagerly (dense scores: 40 GB at T=16k)
 RECOMPILE_LIMIT = 256
-_static: dict = {}
+_compiled: dict = {}
 
 
-def _static_compiled(fn):
-    """`fn` compiled by torch.compile with static shapes (one graph per T), under `RECOMPILE_LIMIT`."""
-    if fn not in _static:
-        compiled = torch.compile(fn, dynamic=False)
+def _compiled_fn(fn, dynamic: bool):
+    """`fn` compiled by torch.compile (`dynamic` shapes or one graph per shape), cached, under `RECOMPILE_LIMIT`."""
+    if (fn, dynamic) not in _compiled:
+        compiled = torch.compile(fn, dynamic=dynamic)
 
         def call(*args, **kwargs):
             with torch._dynamo.config.patch(recompile_limit=max(RECOMPILE_LIMIT, torch._dynamo.config.recompile_limit)):
                 return compiled(*args, **kwargs)
-        _static[fn] = call
-    return _static[fn]
+        _compiled[(fn, dynamic)] = call
+    return _compiled[(fn, dynamic)]
+
+
+def _static_compiled(fn):
+    """`fn` compiled with static shapes (one graph per T)."""
+    return _compiled_fn(fn, dynamic=False)
 
 
 def _flex_fn(device: torch.device):
@@ -252,15 +257,6 @@ def _make_block_mask(kv, qs, M: int, mask_mod, seq_lengths):
                      full_q_indices=qs[3], BLOCK_SIZE=(M, M), mask_mod=mask_mod)
 
 
-def _block_masks(partial, full, G, M, mask_mod, lengths, t_mask=None, nkc=None):
-    """The BlockMask of `partial`/`full` tiles and, with `t_mask`, also that of the transposed gate pass."""
-    kv, qs, t_kv, t_qs = _tile_lists(partial, full, G, nkc or 0, t_mask is not None)
-    main = _make_block_mask(kv, qs, M, mask_mod, lengths)
-    if t_mask is None:
-        return main
-    return main, _make_block_mask(t_kv, t_qs, M, t_mask, (nkc * M, lengths[0]))
-
-
 def _plan(soft, block_first, block_len, block_start, token_block, T: int, M: int, C: int, H: int, own_on: bool,
           with_t: bool):
     """Every tensor one flex call derives from the routing (layout, tile lists, gather rows): a pure function of
@@ -270,7 +266,7 @@ def _plan(soft, block_first, block_len, block_start, token_block, T: int, M: int
     G = H // soft.shape[2]
     partial, full = _tiles_t(p, lo, valid, block_start, token_block, T, M, C, NC, own_on)
     kv, qs, t_kv, t_qs = _tile_lists(partial, full, G, NC // M, with_t)
-    src, back_comp, back_own, _ = _row_plan(tok, tok_slot, T, H, G, own_on)
+    src, back_comp, back_own = _row_plan(tok, tok_slot, T, H, G, own_on)
     return p, lo, valid, inv, kv, qs, t_kv, t_qs, src, back_comp, back_own
 
 
@@ -297,17 +293,10 @@ def _dots(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a.to(dt) * b.to(dt)).sum(-1)
 
 
-_compiled: dict = {}
-
-
 def _cuda_compiled(fn):
     """`fn` fused by torch.compile (dynamic shapes) for CUDA tensors; `fn` itself elsewhere."""
     def call(*args):
-        if args[0].device.type != "cuda":
-            return fn(*args)
-        if fn not in _compiled:
-            _compiled[fn] = torch.compile(fn, dynamic=True)
-        return _compiled[fn](*args)
+        return _compiled_fn(fn, dynamic=True)(*args) if args[0].device.type == "cuda" else fn(*args)
     return call
 
 
@@ -352,8 +341,8 @@ def _rows_back(d, back_comp, back_own):
 
 
 def _row_plan(tok, tok_slot, T: int, H: int, G: int, own_on: bool):
-    """Row indices of `_Rows` for `[compact | own]` keys: `(src [B·L·H], back_comp [B·T·H], back_own [B·T·H] | None,
-    L)` from the compact slots' tokens `tok [B, Hr, NC]` and the tokens' slots `tok_slot [B, Hr, T]`."""
+    """Row indices of `_Rows` for `[compact | own]` keys: `(src [B·L·H], back_comp [B·T·H], back_own [B·T·H] | None)`
+    from the compact slots' tokens `tok [B, Hr, NC]` and the tokens' slots `tok_slot [B, Hr, T]`."""
     B, _, NC = tok.shape
     dev = tok.device
     L = NC + T if own_on else NC
@@ -367,7 +356,7 @@ def _row_plan(tok, tok_slot, T: int, H: int, G: int, own_on: bool):
     slot = tok_slot.repeat_interleave(G, 1).transpose(1, 2)  # [B, T, H]
     back_comp = torch.where(slot >= 0, (b * L + slot) * H + h, -1).reshape(-1)
     back_own = ((b * L + NC + t) * H + h).expand(B, T, H).reshape(-1) if own_on else None
-    return src, back_comp, back_own, L
+    return src, back_comp, back_own
 
 
 class _Shared:
