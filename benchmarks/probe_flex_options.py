@@ -5,9 +5,9 @@
 Every option set is a `FlexSoftmax(kernel_options=...)`, registered as a provider of `bench_softmax_backends.py`:
 checked there against the float64 reference at T=4096 (outputs, q/k/v and routing gradients, 2x rule) before it is
 timed (fwd no-grad with its host time, fwd+bwd with and without the router gradient) at `--T` next to dense causal
-SDPA-cuDNN. A name ending in `+compiled-plan` runs the backend's routing-derived tensors (`flex._plan`) compiled with
-static shapes instead of eagerly. Then `flex._plan` alone (eager, compiled) and torch.profiler tables of the base
-options. Next measurement to make: `--T 16384 --variants base base+compiled-plan`.
+SDPA-cuDNN. A name ending in `+eager-plan` runs the backend's routing-derived tensors (`flex._plan`) eagerly instead
+of compiled with static shapes (the backend's default on CUDA). Then `flex._plan` alone (eager, compiled) and
+torch.profiler tables of the base options.
 (The earlier probe of this design with a hand-built mask, `benchmarks/probe_flex_compact.py`, is at 29e19b0.)
 """
 import argparse
@@ -23,8 +23,6 @@ import bench_softmax_backends as bench  # noqa: E402
 import natsl.layers.softmax.flex as fx  # noqa: E402
 from natsl.layers.routing import Routing  # noqa: E402
 from natsl.layers.softmax.flex import KERNEL_OPTIONS, FlexSoftmax, _static_compiled  # noqa: E402
-
-ORIGINAL_PLAN = fx._plan
 
 FWD = {"fwd_BLOCK_M": 64, "fwd_BLOCK_N": 64, "fwd_num_stages": 2, "fwd_num_warps": 4}
 VARIANTS = {
@@ -59,7 +57,7 @@ def plan_time(w: torch.Tensor, T: int, compiled: bool) -> float:
     import triton
     route = Routing(w, bench.SHAPE["block_size"])
     lay = route.layout(T)
-    plan = _static_compiled(ORIGINAL_PLAN) if compiled else ORIGINAL_PLAN
+    plan = _static_compiled(fx._plan) if compiled else fx._plan
     args = (route.is_softmax(), lay.block_first, lay.block_len, lay.block_start, lay.token_block, T, 128,
             bench.SHAPE["block_size"], bench.SHAPE["H"], True, True)
     return triton.testing.do_bench(lambda: plan(*args))
@@ -82,7 +80,7 @@ def main():
     ap.add_argument("--T", type=int, default=65536)
     ap.add_argument("--frac", type=float, default=0.125)
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS),
-                    help="option sets; a name ending in '+compiled-plan' also runs flex._plan compiled")
+                    help="option sets; a name ending in '+eager-plan' runs flex._plan eagerly")
     ap.add_argument("--no-profile", action="store_true")
     args = ap.parse_args()
     inp = bench.make_inputs(args.T, args.frac)
@@ -91,10 +89,10 @@ def main():
           flush=True)
     for name in args.variants:
         p = f"natsl-flex-{name}"
-        opts = VARIANTS[name.removesuffix("+compiled-plan")]
+        opts = VARIANTS[name.removesuffix("+eager-plan")]
         bench.NATSL[p] = bench.NATSL[p + "-frozen"] = (lambda o: lambda: FlexSoftmax(kernel_options=o))(opts)
         bench.FROZEN_ROUTER.add(p + "-frozen")
-        fx._plan = _static_compiled(ORIGINAL_PLAN) if name.endswith("+compiled-plan") else ORIGINAL_PLAN
+        fx._compiled_plan_ok = not name.endswith("+eager-plan")
         t0 = time.time()
         try:
             err = bench.verify(p)
@@ -109,7 +107,7 @@ def main():
                   f"({dense['fwd+bwd ms'][0] / fbf:.2f}x), {time.time() - t0:.0f} s", flush=True)
         except Exception as e:  # an option set that does not compile is reported, not fatal
             print(f"{name}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300], flush=True)
-    fx._plan = ORIGINAL_PLAN
+    fx._compiled_plan_ok = True
     if args.no_profile:
         return
     for compiled in (False, True):
