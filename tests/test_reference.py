@@ -274,3 +274,22 @@ def test_reference_rejects_bad_input():
     expect(ValueError, "router_grad", router_grad="all")
     expect(ValueError, "diagonal", diagonal="none")
     expect(ValueError, "initial_state", initial_state=torch.zeros(2, 2, 4, 6))
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_routing_block_counts(packed):
+    """`Routing.block_counts` (prefetched or not) counts the softmax blocks, their tokens (partial blocks included)
+    and all tokens over batch and router heads; cached per T."""
+    g = gen(11)
+    T, C, Hr = 150, 16, 3
+    cu = random_cu_seqlens(g, T, 3) if packed else None
+    B = 1 if packed else 2
+    N = num_blocks(T, C, cu)
+    soft = torch.rand(B, N, Hr, generator=g) < 0.4
+    route = Routing(torch.stack([soft, ~soft], -1).float(), C, "both", cu)
+    lay = route.layout(T)
+    tok_soft = int((soft * lay.block_len[None, :, None]).sum())
+    assert tok_soft == int(route.token_mask(T).sum())  # the token view agrees, partial blocks included
+    route.prefetch_block_counts(T)
+    assert route.block_counts(T) == (int(soft.sum()), tok_soft, B * Hr * T)
+    assert Routing(route.weights, C, "both", cu).block_counts(T) == route.block_counts(T)

@@ -391,12 +391,19 @@ def _delta_reads(c: _Call, k, v, g, bw, initial_state):
         return c.op(k_next, k, v, g, bw, scale=1.0, initial_state=initial_state, cu_seqlens=c.cu)[0]
 
 
-def _rows_of_blocks(c: _Call, mask: torch.Tensor):
-    """Blocks where `mask [B, N, Hr]` holds: `idx [nb, C]` token rows (−1 past a partial block), the valid rows
-    `[n_tok]` and their positions in `idx.view(-1)`. One host sync (both sizes)."""
-    sel = mask.permute(0, 2, 1)
-    nb, n_tok = torch.stack([sel.sum(), (sel * c.lay.block_len).sum()]).tolist()
-    b, r, n = nonzero_static(sel, size=nb).unbind(-1)
+def _rows_of_blocks(c: _Call, which: str):
+    """The `which` blocks ("softmax", "linear" or "all"): `idx [nb, C]` token rows (−1 past a partial block), the valid
+    rows `[n_tok]` and their positions in `idx.view(-1)`. Their counts come from `Routing.block_counts` (one host
+    sync per routing, which waits only for the work queued before `Routing.prefetch_block_counts`)."""
+    soft = c.routing.is_softmax()
+    n_soft, tok_soft, tok_all = c.routing.block_counts(c.T)
+    if which == "softmax":
+        mask, nb, n_tok = soft, n_soft, tok_soft
+    elif which == "linear":
+        mask, nb, n_tok = ~soft, soft.numel() - n_soft, tok_all - tok_soft
+    else:
+        mask, nb, n_tok = torch.ones_like(soft), soft.numel(), tok_all
+    b, r, n = nonzero_static(mask.permute(0, 2, 1), size=nb).unbind(-1)
     idx = _block_rows(c, b, r, n)
     flat = idx.reshape(-1)
     valid = nonzero_static(flat >= 0, size=n_tok).squeeze(-1)
@@ -407,7 +414,12 @@ def _delta_path(c: _Call, q, k, v, g, beta, w, initial_state, output_final_state
     """gdn / deltanet: main pass with `β·m_L` and, at softmax-block tokens, the read query `X_tᵀ q_t`; plus the
     blocks' zero-state outputs from a batched WY solve. Exact; no probes, no second recurrence call for `o`."""
     q_in, blocks = q, None
-    idx, rows, valid = _rows_of_blocks(c, c.routing.is_softmax())
+    bw = beta * w
+    if c.need_w_grad:  # the reads pass needs no block counts: queue it before waiting for them
+        c.routing.prefetch_block_counts(c.T)
+        nd = [None if x is None else x.detach() for x in (k, v, g, bw, initial_state)]
+        o_r = _delta_reads(c, *nd)
+    idx, rows, valid = _rows_of_blocks(c, "softmax")
     R = c.B * c.T * c.Hr
     if rows.numel():
         if graphs_wanted(q, k, v, g, beta):  # padding blocks (rows -1) gather as zeros; `valid` skips their outputs
@@ -417,13 +429,11 @@ def _delta_path(c: _Call, q, k, v, g, beta, w, initial_state, output_final_state
                                       c.scale)
         q_in = q.reshape(R, c.G * c.K).index_copy(0, rows, q_read.index_select(0, valid).to(q.dtype)).view_as(q)
         blocks = o_blk.index_select(0, valid)
-    bw = beta * w
     o, final = c.op(q_in, k, v, g, bw, scale=c.scale, initial_state=initial_state,
                     output_final_state=output_final_state, cu_seqlens=c.cu)
     if c.need_w_grad:
-        nd = [None if x is None else x.detach() for x in (q_in, k, v, beta, g, bw, initial_state)]
-        o_r = _delta_reads(c, nd[1], nd[2], nd[4], nd[5], nd[6])
-        o = _GateGradCorrection.apply(o, w, nd[0], nd[1], nd[2], nd[3], nd[4], o_r, nd[6], c)
+        nd = [None if x is None else x.detach() for x in (q_in, k, v, beta, g, initial_state)]
+        o = _GateGradCorrection.apply(o, w, nd[0], nd[1], nd[2], nd[3], nd[4], o_r, nd[5], c)
     if blocks is not None:
         o_rows = o.reshape(R, c.G * c.V)
         o = o_rows.index_copy(0, rows, (o_rows.index_select(0, rows).to(c.cdt) + blocks).to(o.dtype)).view_as(o)
@@ -440,10 +450,9 @@ def _additive_path(c: _Call, q, k, v, g, w, initial_state, output_final_state):
     o, final = c.op(q, k * w[..., None], v, g, None, scale=c.scale, initial_state=initial_state,
                     output_final_state=output_final_state, cu_seqlens=c.cu)
     coef = -w if c.routing.diagonal == "softmax" else 1 - w
-    soft = c.routing.is_softmax()
     # blocks whose zero-state run is non-zero, or all of them when the gate needs its gradient
-    mask = ~soft if c.routing.diagonal == "softmax" else soft
-    idx, rows, valid = _rows_of_blocks(c, torch.ones_like(soft) if c.need_w_grad else mask)
+    which = "all" if c.need_w_grad else "linear" if c.routing.diagonal == "softmax" else "softmax"
+    idx, rows, valid = _rows_of_blocks(c, which)
     if rows.numel():
         qb, kb, vb = (_blockify(x, idx, c.Hr) for x in (q, k * coef[..., None], v))
         o_blk, _ = c.op(qb, kb, vb, _blockify_gate(g, idx, c.Hr), None, scale=c.scale)
