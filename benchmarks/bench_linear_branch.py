@@ -82,11 +82,10 @@ def setup(backend, shape, T, frac, provider, mode):
         leaves = list(x.values())
     else:
         r = routing.requires_grad_(provider == "natsl-branch")
-        route = Routing(r, C)
 
-        def fwd():
-            return linear_branch(x["q"], x["k"], x["v"], route, backend=backend, g=x.get("g"), beta=x.get("beta"),
-                                 impl="fla")[0]
+        def fwd():  # a new Routing per call, as in a layer: its block counts are fetched (one host sync) every call
+            return linear_branch(x["q"], x["k"], x["v"], Routing(r, C), backend=backend, g=x.get("g"),
+                                 beta=x.get("beta"), impl="fla")[0]
         leaves = list(x.values()) + ([r] if r.requires_grad else [])
     if mode == "fwd":
         return fwd, leaves
@@ -156,7 +155,7 @@ def delta_parts(backend, shape, T, frac, op=None) -> dict:
     route = Routing(routing, shape["C"])
     B, H, V, K = shape["B"], shape["H"], shape["V"], shape["K"]
     c = br._Call(op, backend, route, route.layout(T), B, T, H, shape["Hr"], K, V, K ** -0.5, torch.float32, True)
-    idx, _, _ = br._rows_of_blocks(c, route.is_softmax())
+    idx, _, _ = br._rows_of_blocks(c, "softmax")
     w = torch.ones(B, T, H, device="cuda", dtype=torch.bfloat16)
     do = torch.randn(B, T, H, V, device="cuda", dtype=torch.bfloat16)
     o_r = torch.randn(B, T, H, V, device="cuda", dtype=torch.bfloat16)
@@ -208,6 +207,52 @@ def profile_table(backend, shape, T, frac, provider="natsl-branch", top=15) -> s
     return markdown_table(rows, ["kernel", "calls", "ms"]) + f"\nsum of all GPU kernels: {total:.2f} ms"
 
 
+SOFTMAX_SHAPE = dict(H=12, d=64, dv=128)  # paper heads of the softmax branch (spec §4), router heads as above
+
+
+def op_setup(backend, shape, T, frac, provider):
+    """fwd+bwd (routing frozen) of the whole op with the `flex` softmax branch: `"op"` (`natsl.natsl_attention`, which
+    prefetches the linear branch's block counts before queueing the softmax branch), `"op-no-prefetch"` (the two
+    branches called in the same order without the prefetch: the count sync then waits for the softmax branch) or
+    `"softmax-only"` (the softmax branch alone)."""
+    from natsl import natsl_attention
+    from natsl.layers.softmax import softmax_branch
+
+    x, routing = make_inputs(backend, shape, T, frac)
+    gn = torch.Generator(device="cuda").manual_seed(1)
+    B, Hs, d, dv = shape["B"], SOFTMAX_SHAPE["H"], SOFTMAX_SHAPE["d"], SOFTMAX_SHAPE["dv"]
+    qs, ks = (torch.randn(B, T, Hs, d, generator=gn, device="cuda", dtype=torch.bfloat16).requires_grad_()
+              for _ in range(2))
+    vs = torch.randn(B, T, Hs, dv, generator=gn, device="cuda", dtype=torch.bfloat16).requires_grad_()
+    do_s = torch.randn(B, T, Hs, dv, generator=gn, device="cuda", dtype=torch.bfloat16)
+    do_l = torch.randn(B, T, shape["H"], shape["V"], generator=gn, device="cuda", dtype=torch.bfloat16)
+    C, lin = shape["C"], dict(g=x.get("g"), beta=x.get("beta"))
+
+    def fn():
+        if provider == "op":
+            o_s, o_l, _ = natsl_attention(qs, ks, vs, x["q"], x["k"], x["v"], routing, linear_backend=backend,
+                                          block_size=C, softmax_backend="flex", linear_impl="fla", **lin)
+        elif provider == "op-no-prefetch":
+            route = Routing(routing, C)
+            o_s = softmax_branch(qs, ks, vs, route, backend="flex")
+            o_l = linear_branch(x["q"], x["k"], x["v"], route, backend=backend, impl="fla", **lin)[0]
+        else:
+            softmax_branch(qs, ks, vs, Routing(routing, C), backend="flex").backward(do_s)
+            return
+        torch.autograd.backward([o_s, o_l], [do_s, do_l])
+    return fn
+
+
+def op_rows(backend, shape, T, frac) -> list[dict]:
+    """The linear branch's cost inside the op: op fwd+bwd minus the softmax branch alone, against one plain fla call."""
+    plain = bench_ms(setup(backend, shape, T, 0.0, "fla-plain", "fwd+bwd")[0])[0]
+    ms = {p: bench_ms(op_setup(backend, shape, T, frac, p))[0] for p in ("softmax-only", "op", "op-no-prefetch")}
+    return [{"T": T, "softmax": f"{frac:.1%}", "variant": p, "plain fla fwd+bwd": plain,
+             "softmax branch alone": ms["softmax-only"], "op fwd+bwd": ms[p],
+             "op − softmax": ms[p] - ms["softmax-only"], "(op − softmax) / plain": (ms[p] - ms["softmax-only"]) / plain}
+            for p in ("op", "op-no-prefetch")]
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--backends", default="gdn")
@@ -218,6 +263,9 @@ def main():
     ap.add_argument("--no-breakdown", action="store_true", help="skip the parts breakdown and the profile")
     ap.add_argument("--tf32", action="store_true",
                     help="torch.backends.cuda.matmul.allow_tf32 = True for the whole run (the correctness gate too)")
+    ap.add_argument("--op", action="store_true",
+                    help="also time the whole op (flex softmax branch + this branch, routing frozen) at every T and "
+                         "fraction: the branch's cost inside it")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     modes = args.compile_modes.split(",")
@@ -268,6 +316,12 @@ def main():
                 row["peak MiB (train)"] = torch.cuda.max_memory_allocated() / 2**20
                 rows.append(row)
                 print(row, flush=True)  # noqa: T201
+        if args.op:
+            op_tab = [r for T in map(int, args.ts.split(",")) for frac in map(float, args.fractions.split(","))
+                      for r in op_rows(backend, shape, T, frac)]
+            emit("whole op, routing frozen, flex softmax branch (paper heads H_A=12, d=64, d_v=128), ms:")
+            emit(markdown_table(op_tab, ["T", "softmax", "variant", "plain fla fwd+bwd", "softmax branch alone",
+                                         "op fwd+bwd", "op − softmax", "(op − softmax) / plain"]))
         emit(markdown_table(rows, ["T", "softmax", "compile", "plain no-grad fwd", "no-grad fwd", "plain fwd",
                                    "plain fwd+bwd", "frozen fwd", "frozen fwd+bwd",
                                    "train fwd", "train fwd+bwd", "frozen fwd+bwd / plain", "train fwd+bwd / plain",

@@ -166,7 +166,7 @@ def test_routing_block_counts_prefetch_waits_only_for_earlier_work():
     route = Routing(w.to(DEV), 64)
     route.prefetch_block_counts(T)
     a = torch.randn(8192, 8192, device=DEV)
-    for _ in range(200):  # queued after the prefetch: ~1 s on the H200
+    for _ in range(50):  # queued after the prefetch: ~1 s on the H200 (fp32)
         a = a @ a * 1e-4
     done = torch.cuda.Event()
     done.record()
