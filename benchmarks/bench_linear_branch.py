@@ -210,15 +210,16 @@ def profile_table(backend, shape, T, frac, provider="natsl-branch", top=15) -> s
 SOFTMAX_SHAPE = dict(H=12, d=64, dv=128)  # paper heads of the softmax branch (spec §4), router heads as above
 
 
-def op_setup(backend, shape, T, frac, provider):
-    """fwd+bwd (routing frozen) of the whole op with the `flex` softmax branch: `"op"` (`natsl.natsl_attention`, which
-    prefetches the linear branch's block counts before queueing the softmax branch), `"op-no-prefetch"` (the two
-    branches called in the same order without the prefetch: the count sync then waits for the softmax branch) or
-    `"softmax-only"` (the softmax branch alone)."""
+def op_setup(backend, shape, T, frac, provider, train=False):
+    """fwd+bwd of the whole op with the `flex` softmax branch (routing frozen, or with its gradient if `train`):
+    `"op"` (`natsl.natsl_attention`, which prefetches the linear branch's block counts before queueing the softmax
+    branch), `"op-no-prefetch"` (the two branches called in the same order without the prefetch: the count sync then
+    waits for the softmax branch) or `"softmax-only"` (the softmax branch alone)."""
     from natsl import natsl_attention
     from natsl.layers.softmax import softmax_branch
 
     x, routing = make_inputs(backend, shape, T, frac)
+    routing.requires_grad_(train)
     gn = torch.Generator(device="cuda").manual_seed(1)
     B, Hs, d, dv = shape["B"], SOFTMAX_SHAPE["H"], SOFTMAX_SHAPE["d"], SOFTMAX_SHAPE["dv"]
     qs, ks = (torch.randn(B, T, Hs, d, generator=gn, device="cuda", dtype=torch.bfloat16).requires_grad_()
@@ -244,13 +245,18 @@ def op_setup(backend, shape, T, frac, provider):
 
 
 def op_rows(backend, shape, T, frac) -> list[dict]:
-    """The linear branch's cost inside the op: op fwd+bwd minus the softmax branch alone, against one plain fla call."""
+    """The linear branch's cost inside the op: op fwd+bwd minus the softmax branch alone, against one plain fla call;
+    routing frozen and with the router gradient."""
     plain = bench_ms(setup(backend, shape, T, 0.0, "fla-plain", "fwd+bwd")[0])[0]
-    ms = {p: bench_ms(op_setup(backend, shape, T, frac, p))[0] for p in ("softmax-only", "op", "op-no-prefetch")}
-    return [{"T": T, "softmax": f"{frac:.1%}", "variant": p, "plain fla fwd+bwd": plain,
-             "softmax branch alone": ms["softmax-only"], "op fwd+bwd": ms[p],
-             "op − softmax": ms[p] - ms["softmax-only"], "(op − softmax) / plain": (ms[p] - ms["softmax-only"]) / plain}
-            for p in ("op", "op-no-prefetch")]
+    rows = []
+    for train in (False, True):
+        ms = {p: bench_ms(op_setup(backend, shape, T, frac, p, train))[0]
+              for p in ("softmax-only", "op", "op-no-prefetch")}
+        rows += [{"T": T, "softmax": f"{frac:.1%}", "routing": "train" if train else "frozen", "variant": p,
+                  "plain fla fwd+bwd": plain, "softmax branch alone": ms["softmax-only"], "op fwd+bwd": ms[p],
+                  "op − softmax": ms[p] - ms["softmax-only"],
+                  "(op − softmax) / plain": (ms[p] - ms["softmax-only"]) / plain} for p in ("op", "op-no-prefetch")]
+    return rows
 
 
 def main():
@@ -319,8 +325,8 @@ def main():
         if args.op:
             op_tab = [r for T in map(int, args.ts.split(",")) for frac in map(float, args.fractions.split(","))
                       for r in op_rows(backend, shape, T, frac)]
-            emit("whole op, routing frozen, flex softmax branch (paper heads H_A=12, d=64, d_v=128), ms:")
-            emit(markdown_table(op_tab, ["T", "softmax", "variant", "plain fla fwd+bwd", "softmax branch alone",
+            emit("whole op, flex softmax branch (paper heads H_A=12, d=64, d_v=128), ms:")
+            emit(markdown_table(op_tab, ["T", "softmax", "routing", "variant", "plain fla fwd+bwd", "softmax branch alone",
                                          "op fwd+bwd", "op − softmax", "(op − softmax) / plain"]))
         emit(markdown_table(rows, ["T", "softmax", "compile", "plain no-grad fwd", "no-grad fwd", "plain fwd",
                                    "plain fwd+bwd", "frozen fwd", "frozen fwd+bwd",
