@@ -169,3 +169,21 @@ def test_layer_auto_training_under_autocast_takes_flex(monkeypatch):
         atol = 1e-3 * ref[i].abs().max().item()
         assert torch.isfinite(results[("auto", torch.float32)][i]).all()
         assert e_auto <= 2 * e_sdpa + atol, f"{name}: auto {e_auto:.3e} vs sdpa {e_sdpa:.3e}"
+
+
+def test_flex_float32_vs_sdpa():
+    """`flex` in float32 (FlexAttention's own per-dtype tiles, `FlexSoftmax.options_for`) against float64 `sdpa`:
+    output and the q, k, v and routing gradients within 2x of `sdpa` in float32 (+1e-5 of the largest value)."""
+    q, k, v, w, _ = make((1, 1000, 2, 2, 64, 128, 64, None, "both", 0.3), seed=5)
+    do = torch.randn_like(v)
+    res = {}
+    for backend, dt in (("flex", torch.float32), ("sdpa", torch.float32), ("sdpa", torch.float64)):
+        xs = [x.detach().to(dt).requires_grad_() for x in (q, k, v)]
+        r = w.detach().to(dt).requires_grad_()
+        o = SOFTMAX_BACKENDS[backend].forward(*xs, Routing(r, 64), scale=64 ** -0.5)
+        o.backward(do.to(dt))
+        res[(backend, dt)] = [o, *(x.grad for x in xs), r.grad]
+    ref = res[("sdpa", torch.float64)]
+    for i, name in enumerate(("o", "dq", "dk", "dv", "drouting")):
+        e_flex, e_sdpa = (max_err(res[(b, torch.float32)][i], ref[i]) for b in ("flex", "sdpa"))
+        assert e_flex <= 2 * e_sdpa + 1e-5 * ref[i].abs().max().item(), f"{name}: {e_flex:.2e} vs {e_sdpa:.2e}"

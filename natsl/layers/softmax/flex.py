@@ -10,9 +10,10 @@ that every query of a tile sees are "full" (no `mask_mod`). natsl builds the Blo
 directions itself (cumsum + scatter per router head, no sort) and the `[compact | own]` rows with one fused gather
 whose backward is a gather too (each token has at most one compact slot).
 
-Measured on the H200 (benchmarks/RESULTS.md, "the `flex` backend on the H200"): T=64k, 12.5% softmax blocks, paper
-heads, fwd+bwd 4.96–5.18× faster than dense causal cuDNN attention with q/k/v gradients, ~4.1× with the router
-gradient (the transposed pass is 3.2 of its 19 ms); below 16k the per-call overhead dominates.
+Measured on the H200 (benchmarks/RESULTS.md, "the `flex` backend on the H200" and "compiled plan"): T=64k, 12.5%
+softmax blocks, paper heads, fwd+bwd 5.28–5.51× faster than dense causal cuDNN attention with q/k/v gradients,
+4.27–4.39× with the router gradient (the transposed pass is 3.2 of its ~18 ms); at 16k 1.3–1.5× (router frozen); at
+4k the per-call overhead dominates.
 
 Router gradient (`router_grad="selected"`): the softmax gate gradient of spec §1.7 for block `j` is
 `Σ_{s∈j} (dv_s·v_s − Σ_t P_ts Δ_t)` over the compact (past) segment, `Δ_t = dO_t·O_t`. The first term comes from the
