@@ -293,3 +293,35 @@ def test_routing_block_counts(packed):
     route.prefetch_block_counts(T)
     assert route.block_counts(T) == (int(soft.sum()), tok_soft, B * Hr * T)
     assert Routing(route.weights, C, "both", cu).block_counts(T) == route.block_counts(T)
+
+
+def test_op_prefetches_block_counts_before_the_softmax_branch(monkeypatch):
+    """`natsl_attention` starts the linear branch's block-count copy before it queues the softmax branch, and the
+    linear branch reads those counts from the same `Routing` (so on CUDA its wait does not drain the softmax work)."""
+    import natsl.ops as ops
+
+    events = []
+    prefetch, counts, softmax = Routing.prefetch_block_counts, Routing.block_counts, ops.softmax_branch
+
+    def log_prefetch(self, T):
+        events.append(("prefetch", id(self), T in self.__dict__.get("_counts_cache", {})))
+        return prefetch(self, T)
+
+    def log_counts(self, T):
+        events.append(("counts", id(self), T in self.__dict__.get("_counts_cache", {})))
+        return counts(self, T)
+
+    monkeypatch.setattr(Routing, "prefetch_block_counts", log_prefetch)
+    monkeypatch.setattr(Routing, "block_counts", log_counts)
+    monkeypatch.setattr(ops, "softmax_branch", lambda *a, **kw: events.append(("softmax",)) or softmax(*a, **kw))
+    g = gen(2)
+    B, T, H, K, C = 1, 40, 2, 4, 8
+    q, k, v = (torch.randn(B, T, H, K, generator=g) for _ in range(3))
+    soft = torch.rand(B, T // C, H, generator=g) < 0.5
+    routing = torch.stack([soft, ~soft], -1).float()
+    ops.natsl_attention(q, k, v, q, k, v, routing, linear_backend="gdn", block_size=C,
+                        **linear_gate_inputs(g, "gdn", B, T, H, K, torch.float32))
+    kinds = [e[0] for e in events]
+    assert kinds.index("prefetch") < kinds.index("softmax") < kinds.index("counts")
+    first, read = events[kinds.index("prefetch")], events[kinds.index("counts")]
+    assert first[2] is False and read[1] == first[1] and read[2] is True  # same Routing, counts already started
