@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_softmax_backends as softmax_bench  # noqa: E402
 from utils import allow_fla_gated_backward_on_hopper, bench_ms, env_line, markdown_table  # noqa: E402
 
 import natsl.layers.linear.branch as br  # noqa: E402
@@ -207,9 +208,6 @@ def profile_table(backend, shape, T, frac, provider="natsl-branch", top=15) -> s
     return markdown_table(rows, ["kernel", "calls", "ms"]) + f"\nsum of all GPU kernels: {total:.2f} ms"
 
 
-SOFTMAX_SHAPE = dict(H=12, d=64, dv=128)  # paper heads of the softmax branch (spec §4), router heads as above
-
-
 def op_setup(backend, shape, T, frac, provider, train=False):
     """fwd+bwd of the whole op with the `flex` softmax branch (routing frozen, or with its gradient if `train`):
     `"op"` (`natsl.natsl_attention`, which prefetches the linear branch's block counts before queueing the softmax
@@ -220,13 +218,10 @@ def op_setup(backend, shape, T, frac, provider, train=False):
 
     x, routing = make_inputs(backend, shape, T, frac)
     routing.requires_grad_(train)
-    gn = torch.Generator(device="cuda").manual_seed(1)
-    B, Hs, d, dv = shape["B"], SOFTMAX_SHAPE["H"], SOFTMAX_SHAPE["d"], SOFTMAX_SHAPE["dv"]
-    qs, ks = (torch.randn(B, T, Hs, d, generator=gn, device="cuda", dtype=torch.bfloat16).requires_grad_()
-              for _ in range(2))
-    vs = torch.randn(B, T, Hs, dv, generator=gn, device="cuda", dtype=torch.bfloat16).requires_grad_()
-    do_s = torch.randn(B, T, Hs, dv, generator=gn, device="cuda", dtype=torch.bfloat16)
-    do_l = torch.randn(B, T, shape["H"], shape["V"], generator=gn, device="cuda", dtype=torch.bfloat16)
+    s = softmax_bench.make_inputs(T, frac, seed=1)  # the softmax branch's paper heads; its own routing is unused
+    qs, ks, vs = (s[n].requires_grad_() for n in ("q", "k", "v"))
+    do_s = s["do"]
+    do_l = torch.randn(shape["B"], T, shape["H"], shape["V"], device="cuda", dtype=torch.bfloat16)
     C, lin = shape["C"], dict(g=x.get("g"), beta=x.get("beta"))
 
     def fn():
@@ -325,7 +320,7 @@ def main():
         if args.op:
             op_tab = [r for T in map(int, args.ts.split(",")) for frac in map(float, args.fractions.split(","))
                       for r in op_rows(backend, shape, T, frac)]
-            emit("whole op, flex softmax branch (paper heads H_A=12, d=64, d_v=128), ms:")
+            emit(f"whole op, flex softmax branch (heads {softmax_bench.SHAPE}), ms:")
             emit(markdown_table(op_tab, ["T", "softmax", "routing", "variant", "plain fla fwd+bwd", "softmax branch alone",
                                          "op fwd+bwd", "op − softmax", "(op − softmax) / plain"]))
         emit(markdown_table(rows, ["T", "softmax", "compile", "plain no-grad fwd", "no-grad fwd", "plain fwd",

@@ -172,14 +172,13 @@ def _mask_fn(routing: Routing, T: int, G: int, NC: int, p, lo, valid, own_on: bo
     return mask_mod
 
 
-def block_mask_tensors(routing: Routing, T: int, M: int, p=None, lo=None, valid=None, NC=None):
+def block_mask_tensors(routing: Routing, T: int, M: int):
     """`(partial, full)` bool `[B, Hr, nq, nk]` over `M`-token tiles of queries × `[compact | own]` keys (no host sync).
 
     `partial | full` covers every visible (query, key) pair; `full` tiles are visible in every pair. `nq =
     ceil(T/M)`, `nk = NC/M + ceil(T/M)` (`NC/M` without the own segment, `diagonal="linear"`).
     """
-    if p is None:
-        p, lo, _, valid, _, _, NC = _layout(routing, T, M)
+    p, lo, _, valid, _, _, NC = _layout(routing, T, M)
     lay = routing.layout(T)
     return _tiles_t(p, lo, valid, lay.block_start, lay.token_block, T, M, routing.block_size, NC,
                     routing.diagonal != "linear")
