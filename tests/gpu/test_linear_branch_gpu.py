@@ -84,9 +84,10 @@ def max_err(a, b):
     return (a.double() - b.double()).abs().max().item()
 
 
-# every case with the default `NATSL_COMPILE=auto` (the delta rule's block maths compiled by Inductor on CUDA), and
-# the delta-rule cases eager as well (`NATSL_COMPILE=cudagraphs` only changes calls without autograd: tested below)
-RUNS = [(name, "auto") for name in CASES] + [(name, "off") for name in ("gdn", "deltanet", "gdn-packed")]
+# every case with the default `NATSL_COMPILE=auto` (the delta rule's block maths compiled by Inductor on CUDA), the
+# delta-rule cases eager as well, and gdn with the WY maths replayed as CUDA graphs (`NATSL_COMPILE=cudagraphs`)
+RUNS = ([(name, "auto") for name in CASES] + [(name, "off") for name in ("gdn", "deltanet", "gdn-packed")]
+        + [(name, "cudagraphs") for name in ("gdn", "gdn-packed")])
 
 
 @pytest.mark.parametrize("name,compile_mode", RUNS, ids=[f"{n}-compile-{m}" for n, m in RUNS])
@@ -152,8 +153,8 @@ def test_linear_branch_bf16_vs_reference(name, compile_mode, monkeypatch):
 def test_cudagraphs_mode_with_several_layers_and_changing_routings(monkeypatch):
     """`NATSL_COMPILE=cudagraphs` gives the outputs (and gradients) of `NATSL_COMPILE=auto` when two "layers" call
     the branch in turn and the routing (hence the padded block count) changes between iterations: without autograd
-    (CUDA-graph replays of the WY maths from a shared memory pool: a replay that overwrote an earlier call's outputs
-    would differ by O(1)) and with it (two calls before one backward; these take the `"auto"` path)."""
+    and with it (two calls before one backward). The WY maths are replayed as CUDA graphs from a shared memory pool:
+    a replay that overwrote an earlier call's outputs or saved inputs would differ by O(1)."""
     backend, B, T, Hr, G, K, V, C = "gdn", 2, 1024, 2, 2, 64, 128, 64
     H = Hr * G
     gn = torch.Generator(device=DEV).manual_seed(5)

@@ -295,10 +295,10 @@ def test_bucket_blocks_pads_at_most_a_quarter_or_seven_blocks():
         assert len({b for n, b in zip(range(1, 5000), sizes) if lo < n <= 2 * lo}) == 4
 
 
-def test_cudagraphs_mode_pads_the_block_batch_without_autograd_only(monkeypatch):
-    """`NATSL_COMPILE=cudagraphs`: without autograd the softmax-block batch is padded to `bucket_blocks` rows of −1
-    (zero blocks) before the WY solve (on CPU the solve runs eager) and the output equals the reference; with
-    autograd nothing is padded (the `"auto"` path) and outputs and gradients, router gradient included, equal it."""
+def test_cudagraphs_mode_pads_the_block_batch(monkeypatch):
+    """`NATSL_COMPILE=cudagraphs`: the softmax-block batch is padded to `bucket_blocks` rows of −1 (zero blocks)
+    before the WY solve, with and without autograd (on CPU the padded solve runs eager; the CUDA graphs themselves
+    are tested in tests/gpu), and outputs and gradients, router gradient included, equal the reference."""
     import natsl.layers.linear.branch as br
 
     seen = []
@@ -315,7 +315,7 @@ def test_cudagraphs_mode_pads_the_block_batch_without_autograd_only(monkeypatch)
     assert br.bucket_blocks(n_soft) > n_soft
     out, ref = run_both("gdn", x, w, cu, 16, router_grad="both")
     check(out, ref, ratio=1e-9, atol=1e-11)
-    assert seen and set(seen) == {n_soft}
+    assert seen and set(seen) == {br.bucket_blocks(n_soft)}
     route = Routing(w, 16)
     gx = {n: x.get(n) for n in ("g", "beta", "initial_state")}
     with torch.no_grad():
@@ -327,6 +327,67 @@ def test_cudagraphs_mode_pads_the_block_batch_without_autograd_only(monkeypatch)
     assert seen[-1] == n_soft
     torch.testing.assert_close(o_pad, ref["o"], rtol=1e-9, atol=1e-11)
     torch.testing.assert_close(o_pad, o_eager, rtol=1e-12, atol=1e-12)
+
+
+class _ReplayedBody:
+    """Stand-in for a captured CUDA graph on CPU: capture runs `body` once (its outputs are the static outputs);
+    `replay` reruns it and overwrites those outputs in place, as a graph replay does."""
+
+    def __init__(self, body):
+        self.body, self.out = body, body()
+        self.replays = 0
+
+    def replay(self):
+        self.replays += 1
+        for o, new in zip(self.out, self.body()):
+            if o is not None:
+                o.copy_(new)
+
+
+def test_block_graphs_copy_in_clone_out_and_recompute_the_backward(monkeypatch):
+    """`_BlockGraphs` / `_GraphedBlockMath` (the `NATSL_COMPILE=cudagraphs` path) with the capture replaced by
+    `_ReplayedBody`: two forwards of one signature before one backward (two layers), a third signature, and a
+    no-grad call give the outputs and gradients of plain autograd on the eager maths. Outputs that were not cloned
+    out of the static buffers, or a backward that used the last forward's inputs, would fail."""
+    import natsl.layers.linear.branch as br
+
+    captured = []
+
+    def capture(body):
+        captured.append(_ReplayedBody(body))
+        return captured[-1], captured[-1].out
+
+    monkeypatch.setattr(br._BlockGraphs, "_capture", staticmethod(capture))
+    monkeypatch.setattr(br, "_BLOCK_GRAPHS", __import__("collections").OrderedDict())
+    fn = br._delta_blocks.__wrapped__
+    g = gen(3)
+
+    def inputs(nb):
+        x = [torch.randn(nb, 16, 2, 8, generator=g, dtype=torch.float64) for _ in range(2)]
+        x.append(torch.randn(nb, 16, 2, 5, generator=g, dtype=torch.float64))
+        x.append(torch.rand(nb, 16, 2, generator=g, dtype=torch.float64))
+        x.append(-torch.rand(nb, 16, 2, generator=g, dtype=torch.float64))
+        return [t.requires_grad_() for t in x]
+
+    calls = [inputs(3), inputs(3), inputs(5)]
+    outs = [br._replay(fn, (*x, 0.5)) for x in calls]
+    cots = [[torch.randn(o.shape, generator=g, dtype=torch.float64) for o in out] for out in outs]
+    loss = sum((o * c).sum() for out, cot in zip(outs, cots) for o, c in zip(out, cot))
+    leaves = [t for x in calls for t in x]
+    got = torch.autograd.grad(loss, leaves)
+    ref_outs = [fn(*x, 0.5) for x in calls]
+    ref_loss = sum((o * c).sum() for out, cot in zip(ref_outs, cots) for o, c in zip(out, cot))
+    want = torch.autograd.grad(ref_loss, leaves)
+    for out, ref in zip(outs, ref_outs):
+        for a, b in zip(out, ref):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    assert len(br._BLOCK_GRAPHS) == 2 and len(captured) == 4  # forward + backward graph per signature
+    with torch.no_grad():
+        again = br._replay(fn, (*calls[0], 0.5))
+    torch.testing.assert_close(again[1], ref_outs[0][1], rtol=1e-12, atol=1e-12)
+    assert len(captured) == 4 and captured[0].replays == 3
 
 
 def test_compile_mode_is_checked(monkeypatch):

@@ -7,6 +7,7 @@ why each is exact (including the router gradient) are in `natsl/layers/README.md
 
 from __future__ import annotations
 
+import collections
 import functools
 import os
 
@@ -41,14 +42,119 @@ def bucket_blocks(n: int) -> int:
     return -(-n // step) * step
 
 
-def graphs_wanted(*tensors) -> bool:
-    """Whether `NATSL_COMPILE=cudagraphs` replays the WY block maths as CUDA graphs for a call on `tensors`: only
-    without autograd (inference, prefill). Under autograd, CUDA-graph trees failed on the H200 when two calls with
-    different block counts preceded one backward ("accessing tensor output of CUDAGraphs that has been overwritten"),
-    the pattern of a multi-layer model, so calls that need gradients take the `"auto"` path."""
-    if compile_mode() != "cudagraphs":
-        return False
-    return not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors))
+def graphs_wanted() -> bool:
+    """Whether `NATSL_COMPILE=cudagraphs` replays the softmax blocks' WY maths as CUDA graphs (`_BlockGraphs`); the
+    caller then pads the block batch to `bucket_blocks` sizes. On CPU the padded batch runs eager (tests)."""
+    return compile_mode() == "cudagraphs" and not torch.compiler.is_compiling()
+
+
+#: Most `_BlockGraphs` (one per padded block count and input signature) kept at once; the oldest is dropped first.
+MAX_BLOCK_GRAPHS = 8
+_BLOCK_GRAPHS: collections.OrderedDict = collections.OrderedDict()
+_GRAPH_POOL: list = []
+
+
+class _BlockGraphs:
+    """CUDA graphs of one block-maths function `fn(*args)` at one static signature (shapes, dtypes, constants).
+
+    Forward graph: `fn` without autograd. Backward graph: `fn` recomputed from the saved inputs and
+    `torch.autograd.grad` of it (nothing is kept from the forward replay). Every replay copies its inputs into the
+    graph's static buffers and clones its outputs, so calls of several layers, and several forwards before one
+    backward, are independent: the failure of CUDA-graph trees under autograd (benchmarks/RESULTS.md, "Linear branch,
+    third follow-up") cannot happen. All graphs share one memory pool (replays run in stream order, and every
+    static input/output stays referenced). Graphs are captured lazily, the first forward/backward of a signature,
+    after two warm-up runs on a side stream (where `torch.compile` compiles)."""
+
+    def __init__(self, fn, args):
+        self.fn, self.args = fn, list(args)
+        self.pos = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor)]
+        self.inputs = [args[i].detach().clone() for i in self.pos]
+        for i, t in zip(self.pos, self.inputs):
+            self.args[i] = t
+        self.fwd_graph = self.bwd_graph = None
+
+    def _with(self, tensors):
+        args = list(self.args)
+        for i, t in zip(self.pos, tensors):
+            torch._dynamo.maybe_mark_dynamic(t, 0)
+            args[i] = t
+        return args
+
+    @staticmethod
+    def _capture(body):
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                body()
+        torch.cuda.current_stream().wait_stream(side)
+        if not _GRAPH_POOL:
+            _GRAPH_POOL.append(torch.cuda.graph_pool_handle())
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=_GRAPH_POOL[0]):
+            out = body()
+        return graph, out
+
+    def _fwd_body(self):
+        with torch.no_grad():
+            return self.fn(*self._with(self.inputs))
+
+    def _bwd_body(self):
+        with torch.enable_grad():
+            leaves = [t.detach().requires_grad_() for t in self.inputs]
+            outs = self.fn(*self._with(leaves))
+            return torch.autograd.grad(outs, leaves, self.grad_out, allow_unused=True)
+
+    def _load(self, static, tensors):
+        for s, t in zip(static, tensors):
+            s.copy_(t)
+
+    def forward(self, tensors) -> tuple:
+        self._load(self.inputs, tensors)
+        if self.fwd_graph is None:
+            self.fwd_graph, self.fwd_out = self._capture(self._fwd_body)
+        self.fwd_graph.replay()
+        return tuple(o.clone() for o in self.fwd_out)
+
+    def backward(self, tensors, grads) -> tuple:
+        self._load(self.inputs, tensors)
+        if self.bwd_graph is None:
+            self.grad_out = [g.detach().clone() for g in grads]
+            self.bwd_graph, self.bwd_out = self._capture(self._bwd_body)
+        else:
+            self._load(self.grad_out, grads)
+        self.bwd_graph.replay()
+        return tuple(None if g is None else g.clone() for g in self.bwd_out)
+
+
+class _GraphedBlockMath(torch.autograd.Function):
+    """Autograd around `_BlockGraphs`: saves the inputs; the backward replays the recompute-and-grad graph."""
+
+    @staticmethod
+    def forward(ctx, graphs, *tensors):
+        ctx.graphs = graphs
+        ctx.save_for_backward(*tensors)
+        return graphs.forward(tensors)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        return (None, *ctx.graphs.backward(ctx.saved_tensors, grads))
+
+
+def _replay(fn, args):
+    """`fn(*args)` through the `_BlockGraphs` of its signature (created, or moved to the newest end of the cache)."""
+    tensors = [a for a in args if isinstance(a, torch.Tensor)]
+    sig = (fn, tuple((tuple(a.shape), a.dtype, a.device) if isinstance(a, torch.Tensor) else a for a in args))
+    graphs = _BLOCK_GRAPHS.get(sig)
+    if graphs is None:
+        graphs = _BLOCK_GRAPHS[sig] = _BlockGraphs(fn, args)
+        while len(_BLOCK_GRAPHS) > MAX_BLOCK_GRAPHS:
+            _BLOCK_GRAPHS.popitem(last=False)
+    _BLOCK_GRAPHS.move_to_end(sig)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return _GraphedBlockMath.apply(graphs, *tensors)
+    with torch.no_grad():
+        return graphs.forward(tensors)
 
 
 def _block_math(fn, graphs: bool = False):
@@ -59,11 +165,10 @@ def _block_math(fn, graphs: bool = False):
     host launches (benchmarks/RESULTS.md, "Linear branch"). Compiled, Inductor fuses the element-wise work and
     one graph replaces the per-op autograd records. `NATSL_COMPILE`: `"auto"` (default: CUDA tensors only),
     `"on"` (any device; needs a working Inductor backend, e.g. a C++ compiler on CPU), `"cudagraphs"` (as `"auto"`,
-    and for calls without autograd (`graphs_wanted`) of a function made with `graphs=True`, Inductor's
-    `mode="reduce-overhead"`: the compiled kernels replayed as CUDA graphs; the caller pads the block count to
-    `bucket_blocks` sizes) or `"off"`. The first call per shape family compiles (seconds); the block count is marked
-    dynamic so changing routings do not recompile. Inside an outer `torch.compile` the eager function is traced as
-    part of the outer graph.
+    and a function made with `graphs=True` is replayed as CUDA graphs of the compiled maths, forward and backward
+    (`_BlockGraphs`); the caller pads the block count to `bucket_blocks` sizes) or `"off"`. The first call per shape
+    family compiles (seconds); the block count is marked dynamic so changing routings do not recompile. Inside an
+    outer `torch.compile` the eager function is traced as part of the outer graph.
     """
 
     def call(*args):
@@ -72,11 +177,11 @@ def _block_math(fn, graphs: bool = False):
         if (mode == "off" or (mode in ("auto", "cudagraphs") and not t0.is_cuda)
                 or torch.compiler.is_compiling()):
             return fn(*args)
-        replay = graphs and graphs_wanted(*(a for a in args if isinstance(a, torch.Tensor)))
-        key = (fn, COMPILE_BACKEND, replay)
+        key = (fn, COMPILE_BACKEND)
         if key not in _COMPILED:
-            opts = {"mode": "reduce-overhead"} if replay else {}
-            _COMPILED[key] = torch.compile(fn, fullgraph=True, backend=COMPILE_BACKEND, **opts)
+            _COMPILED[key] = torch.compile(fn, fullgraph=True, backend=COMPILE_BACKEND)
+        if graphs and mode == "cudagraphs":
+            return _replay(_COMPILED[key], args)
         for a in args:
             if isinstance(a, torch.Tensor):
                 torch._dynamo.maybe_mark_dynamic(a, 0)
@@ -422,7 +527,7 @@ def _delta_path(c: _Call, q, k, v, g, beta, w, initial_state, output_final_state
     idx, rows, valid = _rows_of_blocks(c, "softmax")
     R = c.B * c.T * c.Hr
     if rows.numel():
-        if graphs_wanted(q, k, v, g, beta):  # padding blocks (rows -1) gather as zeros; `valid` skips their outputs
+        if graphs_wanted():  # padding blocks (rows -1) gather as zeros; `valid` skips their outputs
             idx = torch.nn.functional.pad(idx, (0, 0, 0, bucket_blocks(idx.shape[0]) - idx.shape[0]), value=-1)
         qb, kb, vb = (_blockify(x, idx, c.Hr) for x in (q, k, v))
         q_read, o_blk = _delta_blocks(qb, kb, vb, _blockify_gate(beta, idx, c.Hr), _blockify_gate(g, idx, c.Hr),
