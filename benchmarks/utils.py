@@ -9,6 +9,8 @@ import time
 import torch
 import triton
 
+from natsl.utils import capture_cuda_graph
+
 
 def bench_ms(fn, quantiles=(0.5, 0.2, 0.8)) -> tuple[float, float, float]:
     """`(median, p20, p80)` milliseconds of `fn()` by `triton.testing.do_bench` (L2 flushed between calls)."""
@@ -18,15 +20,7 @@ def bench_ms(fn, quantiles=(0.5, 0.2, 0.8)) -> tuple[float, float, float]:
 def bench_graph_ms(fn, quantiles=(0.5, 0.2, 0.8)) -> tuple[float, float, float]:
     """`bench_ms` of a CUDA-graph replay of `fn()`: the GPU time without the host's launch overhead (which
     `do_bench` measures too whenever the host cannot keep ahead of a short kernel). L2 is still flushed."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(2):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
+    graph, _ = capture_cuda_graph(fn)
     return bench_ms(graph.replay, quantiles)
 
 

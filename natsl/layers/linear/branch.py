@@ -16,7 +16,7 @@ import torch
 from natsl.kernels.index import nonzero_static
 from natsl.kernels.naive import naive_gather_rows, naive_scatter_rows
 from natsl.layers.routing import Routing
-from natsl.utils import LINEAR_BACKENDS, ROUTER_GRADS, check_choice
+from natsl.utils import LINEAR_BACKENDS, ROUTER_GRADS, capture_cuda_graph, check_choice
 
 LINEAR_IMPLS = ("auto", "fla", "torch")
 DELTA_BACKENDS = ("gdn", "deltanet")
@@ -82,18 +82,9 @@ class _BlockGraphs:
 
     @staticmethod
     def _capture(body):
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(2):
-                body()
-        torch.cuda.current_stream().wait_stream(side)
         if not _GRAPH_POOL:
             _GRAPH_POOL.append(torch.cuda.graph_pool_handle())
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=_GRAPH_POOL[0]):
-            out = body()
-        return graph, out
+        return capture_cuda_graph(body, pool=_GRAPH_POOL[0])
 
     def _fwd_body(self):
         with torch.no_grad():
