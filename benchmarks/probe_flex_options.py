@@ -56,10 +56,8 @@ def plan_time(w: torch.Tensor, T: int, compiled: bool) -> float:
     ways, gather rows; gate-gradient lists included), eager or compiled with static shapes."""
     import triton
     route = Routing(w, bench.SHAPE["block_size"])
-    lay = route.layout(T)
     plan = _static_compiled(fx._plan) if compiled else fx._plan
-    args = (route.is_softmax(), lay.block_first, lay.block_len, lay.block_start, lay.token_block, T, 128,
-            bench.SHAPE["block_size"], bench.SHAPE["H"], True, True)
+    args = (*fx.routing_tensors(route, T), T, 128, bench.SHAPE["block_size"], bench.SHAPE["H"], True, True)
     return triton.testing.do_bench(lambda: plan(*args))
 
 

@@ -480,9 +480,7 @@ def test_flex_plan_compiles_to_the_eager_result(diagonal):
 
     (q, k, v, w), cu = make_case(3, 1, 150, 2, 2, 4, 4, 8, True, diagonal, "random", p_soft=0.4)
     route = Routing(w.detach(), 8, diagonal, cu)
-    lay = route.layout(150)
-    args = (route.is_softmax(), lay.block_first, lay.block_len, lay.block_start, lay.token_block, 150, 16, 8, 4,
-            diagonal != "linear", True)
+    args = (*fx.routing_tensors(route, 150), 150, 16, 8, 4, diagonal != "linear", True)
     eager = fx._plan(*args)
     compiled = torch.compile(fx._plan, dynamic=False)(*args)
     flat_e, flat_c = torch.utils._pytree.tree_leaves(eager), torch.utils._pytree.tree_leaves(compiled)
@@ -498,9 +496,7 @@ def test_flex_compiled_plan_failure_falls_back_to_eager(monkeypatch, caplog):
 
     (q, k, v, w), cu = make_case(5, 1, 40, 2, 2, 2, 2, 8, True, "both", "random", p_soft=0.5)
     route = Routing(w.detach(), 8, "both", cu)
-    lay = route.layout(40)
-    args = (route.is_softmax(), lay.block_first, lay.block_len, lay.block_start, lay.token_block, 40, 16, 8, 2,
-            True, False)
+    args = (*fx.routing_tensors(route, 40), 40, 16, 8, 2, True, False)
     calls = []
 
     def broken(fn):

@@ -114,10 +114,15 @@ def _layout(routing: Routing, T: int, M: int):
     the token's block, and before its sequence's first block), the compact slots' source tokens `tok` (any token for
     padding slots) and validity `valid [B, Hr, NC]`, the slot ranks' blocks `inv [B, Hr, NC // C + 1]` (`N` =
     padding), every token's compact slot `slot [B, Hr, T]` (`-1` for tokens of linear blocks) and `NC`."""
+    NC = _compact_len(routing.layout(T).N, routing.block_size, M)
+    return (*_layout_t(*routing_tensors(routing, T), T, M, routing.block_size), NC)
+
+
+def routing_tensors(routing: Routing, T: int) -> tuple:
+    """The routing's tensors that `_layout_t` and `_plan` start from: `(soft [B, N, Hr], block_first, block_len,
+    block_start, token_block)` (the last four from its `BlockLayout` of `T` tokens)."""
     lay = routing.layout(T)
-    NC = _compact_len(lay.N, routing.block_size, M)
-    return (*_layout_t(routing.is_softmax(), lay.block_first, lay.block_len, lay.block_start, lay.token_block, T, M,
-                       routing.block_size), NC)
+    return routing.is_softmax(), lay.block_first, lay.block_len, lay.block_start, lay.token_block
 
 
 def _compact_len(N: int, C: int, M: int) -> int:
@@ -515,8 +520,7 @@ class FlexSoftmax:
         NC = _compact_len(lay.N, C, M)
         L = NC + T if own_on else NC
         p, lo, valid, inv, kv, qs, t_kv, t_qs, src, back_comp, back_own = _run_plan(
-            q.device.type == "cuda", routing.is_softmax(), lay.block_first, lay.block_len, lay.block_start,
-            lay.token_block, T, M, C, H, own_on, gate_grad)
+            q.device.type == "cuda", *routing_tensors(routing, T), T, M, C, H, own_on, gate_grad)
         mask_mod = _mask_fn(routing, T, G, NC, p, lo, valid, own_on)
         block_mask = _make_block_mask(kv, qs, M, mask_mod, (T, L))
         t_mask = _transposed_mask(mask_mod) if gate_grad else None
