@@ -66,11 +66,10 @@ class _BlockGraphs:
     after two warm-up runs on a side stream (where `torch.compile` compiles)."""
 
     def __init__(self, fn, args):
-        self.fn, self.args = fn, list(args)
+        self.fn = fn
         self.pos = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor)]
-        self.inputs = [args[i].detach().clone() for i in self.pos]
-        for i, t in zip(self.pos, self.inputs):
-            self.args[i] = t
+        self.inputs = [args[i].detach().clone() for i in self.pos]  # static input buffers
+        self.args = [None if isinstance(a, torch.Tensor) else a for a in args]  # the constants; tensors go in `_with`
         self.fwd_graph = self.bwd_graph = None
 
     def _with(self, tensors):
