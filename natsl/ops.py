@@ -42,7 +42,6 @@ def natsl_attention(q_s: torch.Tensor, k_s: torch.Tensor, v_s: torch.Tensor, q_l
     elif cu_seqlens is None and num_blocks(T, block_size) != route.N:
         raise ValueError(f"routing has {route.N} blocks, but T={T} with block_size={block_size} needs "
                          f"{num_blocks(T, block_size)}")
-    route.prefetch_block_counts(T)  # the linear branch's block counts: copied while the softmax branch is queued
     o_s = softmax_branch(q_s, k_s, v_s, route, backend=softmax_backend, scale=scale_softmax, router_grad=router_grad)
     o_l, final_state = linear_branch(q_l, k_l, v_l, route, backend=linear_backend, g=g, beta=beta, impl=linear_impl,
                                      scale=scale_linear, decay_through_softmax=decay_through_softmax,

@@ -1,23 +1,30 @@
 """The dense NAtS-L reference (spec §2): float64, written directly from spec §1. The oracle of every fast path.
 
 Softmax branch: an O(T²) masked softmax in which the exp-scores of past softmax blocks are multiplied by the
-softmax gate `m_A` (spec §1.3, §1.7). Linear branch: a token-by-token recurrence that carries the state with
-the linear gate `m_L` applied to the write strength and runs every block "virtually" from its start state with
-the real inputs (spec §1.4). Because the gates are continuous tensors, autograd through this file *is* the
-definition of the router gradient. Slow; never used by models.
+softmax gate `m_A` (spec §1.3, §1.7). Linear branch: every block runs token by token from its start state
+`S^{(j)}` with the real inputs (its "virtual run" `R_j`, read by the block's own queries, whatever its type), and
+the state carried to the next block interpolates between "decay only" and "commit" with the linear gate `m_L`
+(spec §1.4, revised §1.7):
+
+    S^{(j+1)} = D_j(S^{(j)}) + m_L(j) · (R_j(S^{(j)}) − Δ_j(S^{(j)}))
+
+`Δ_j` = the block's decay only (identity without decay); `D_j = Δ_j`, except the identity for softmax blocks when
+`decay_through_softmax=False` (a switch on the block types: no gradient). Blocks restart at every sequence start.
+Because the gates are continuous tensors, autograd through this file *is* the definition of the router gradient.
+Slow; never used by models.
 """
 
 from __future__ import annotations
 
 import torch
 
-from natsl.layers.routing import Routing, routing_gates
+from natsl.layers.routing import LINEAR, Routing, routing_gates
 from natsl.utils import check_natsl_inputs
 
 
-def _heads(gate_tok: torch.Tensor, H: int) -> torch.Tensor:
-    """`[B, T, Hr]` per router head → `[B, T, H]` per head (head h belongs to router head h // (H/Hr))."""
-    return gate_tok.repeat_interleave(H // gate_tok.shape[-1], dim=-1)
+def _heads(x: torch.Tensor, H: int) -> torch.Tensor:
+    """`[..., Hr]` per router head → `[..., H]` per head (head h belongs to router head h // (H/Hr))."""
+    return x.repeat_interleave(H // x.shape[-1], dim=-1)
 
 
 def softmax_branch_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, routing: Routing,
@@ -47,50 +54,54 @@ def softmax_branch_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     return o.transpose(1, 2)
 
 
-def _step(backend: str, S, k, v, g, beta, write, decay_scale):
-    """One token's update of `S [B, H, K, V]`; `write` scales the write strength, `decay_scale` the log decay."""
+def _step(backend: str, S, k, v, g, beta):
+    """One token's real update of `S [B, H, K, V]` (spec §1.4 table)."""
     if backend in ("gdn", "mamba2"):
-        S = torch.exp(g * decay_scale)[..., None, None] * S
+        S = g.exp()[..., None, None] * S
     elif backend == "gla":
-        S = torch.exp(g * decay_scale[..., None])[..., None] * S
+        S = g.exp()[..., None] * S
     if backend in ("gdn", "deltanet"):
-        kv = torch.einsum("bhk,bhkv->bhv", k, S)
-        return S + (write * beta)[..., None, None] * k[..., :, None] * (v - kv)[..., None, :]
-    return S + (write[..., None] * k)[..., :, None] * v[..., None, :]
+        v = beta[..., None] * (v - torch.einsum("bhk,bhkv->bhv", k, S))
+    return S + k[..., :, None] * v[..., None, :]
+
+
+def _decay(backend: str, S, g_block):
+    """`Δ(S)`: a block's decay only; `g_block [B, L, H]` (gdn, mamba2) or `[B, L, H, K]` (gla) its log decays."""
+    if backend in ("gdn", "mamba2"):
+        return g_block.sum(1).exp()[..., None, None] * S
+    if backend == "gla":
+        return g_block.sum(1).exp()[..., None] * S
+    return S
 
 
 def linear_branch_reference(q, k, v, g, beta, routing: Routing, gate: torch.Tensor, *, backend: str, scale: float,
                             decay_through_softmax: bool, initial_state=None):
-    """Spec §1.4 with the gate of §1.7, token by token. Returns `(o [B, T, H, V], final_state [B|N_seq, H, K, V])`."""
+    """Spec §1.4 with the gate of §1.7, block by block. `gate: [B, N, Hr]` is `m_L`.
+
+    Returns `(o [B, T, H, V], final_state [B|N_seq, H, K, V])`.
+    """
     B, T, H, K = q.shape
-    V = v.shape[-1]
     lay = routing.layout(T)
-    w_tok = _heads(gate[:, lay.token_block], H)  # [B, T, H] write strength of the carried state
-    one = torch.ones_like(w_tok[:, 0])
-    if routing.cu_seqlens is None:
-        seq_starts, seq_ends = [0], [T]
-    else:
-        cu = routing.cu_seqlens.tolist()
-        seq_starts, seq_ends = cu[:-1], cu[1:]
-    block_starts = set(lay.block_start.tolist())
-    n_state = len(seq_starts) if routing.cu_seqlens is not None else B
+    m = _heads(gate, H)  # [B, N, H]
+    decays = _heads(routing.types == LINEAR, H) | decay_through_softmax  # [B, N, H]: D = Δ there, else identity
     if initial_state is None:
-        initial_state = q.new_zeros(n_state, H, K, V)
-    zero = torch.zeros_like(w_tok[:, 0])
-    outs, finals = [], []
-    for n, (start, end) in enumerate(zip(seq_starts, seq_ends)):
-        carry = initial_state[n:n + 1] if routing.cu_seqlens is not None else initial_state
-        for t in range(start, end):
-            if t in block_starts:
-                virt = carry
-            g_t = None if g is None else g[:, t]
-            b_t = None if beta is None else beta[:, t]
-            write_virt = zero if routing.diagonal == "softmax" else one
-            virt = _step(backend, virt, k[:, t], v[:, t], g_t, b_t, write_virt, one)
-            outs.append(torch.einsum("bhk,bhkv->bhv", q[:, t] * scale, virt))
-            decay_scale = one if decay_through_softmax else w_tok[:, t]
-            carry = _step(backend, carry, k[:, t], v[:, t], g_t, b_t, w_tok[:, t], decay_scale)
-        finals.append(carry)
+        initial_state = q.new_zeros(B if lay.num_seqs is None else lay.num_seqs, H, K, v.shape[-1])
+    outs, finals, carry = [], [], None
+    blocks = zip(lay.block_start.tolist(), lay.block_len.tolist(), lay.block_first.tolist())
+    for j, (start, n, first) in enumerate(blocks):
+        if first:  # a sequence starts: restart from its initial state
+            if carry is not None:
+                finals.append(carry)
+            seq = int(lay.block_seq[j])
+            carry = initial_state if lay.num_seqs is None else initial_state[seq:seq + 1]
+        S = carry  # the block's real run R^{≤t}, read by its own queries whatever the block's type
+        for t in range(start, start + n):
+            S = _step(backend, S, k[:, t], v[:, t], None if g is None else g[:, t], None if beta is None else beta[:, t])
+            outs.append(torch.einsum("bhk,bhkv->bhv", q[:, t] * scale, S))
+        delta = _decay(backend, carry, None if g is None else g[:, start:start + n])
+        D = torch.where(decays[:, j, :, None, None], delta, carry)
+        carry = D + m[:, j, :, None, None] * (S - delta)  # D(S) + m_L · W,  W = R(S) − Δ(S)
+    finals.append(carry)
     return torch.stack(outs, 1), torch.cat(finals, 0)
 
 
@@ -111,7 +122,7 @@ def natsl_attention_reference(q_s, k_s, v_s, q_l, k_l, v_l, routing, *, linear_b
         g (torch.Tensor, Optional): log decay, `[B, T, H_L]` (gdn, mamba2) or `[B, T, H_L, d_k]` (gla).
         beta (torch.Tensor, Optional): `[B, T, H_L]` write strength (gdn, deltanet), already activated.
         block_size (int): routing block size. Default: `64`.
-        diagonal (str): `"both"` (paper), `"softmax"` or `"linear"` (spec §1.5). Default: `"both"`.
+        diagonal (str): `"both"` (paper) or `"linear"` (no own-block softmax term; spec §1.5). Default: `"both"`.
         decay_through_softmax (bool): whether softmax blocks decay the carried state. Default: `True`.
         router_grad (str): `"selected"` (paper) or `"both"`. Default: `"selected"`.
         scale_softmax (float, Optional): Default: `d_ka ** -0.5`.

@@ -1,7 +1,8 @@
 """An independent re-derivation of spec §1 (per query, per block, explicit matrices), to check the reference.
 
 Written separately from `natsl.reference`: the softmax branch loops over queries and builds K(t) from the block
-types explicitly; the linear branch walks block by block with explicit `[K, K]` transition matrices.
+types explicitly; the linear branch walks block by block with explicit `[K, K]` transition matrices per token (the
+block's real run R, and its decay-only product Δ), carrying `S' = D S + m (R(S) − Δ S)` (revised §1.7).
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ def blocks_of(T, C, cu):
 
 def rederive(q_s, k_s, v_s, q_l, k_l, v_l, gate_s, gate_l, *, backend, g, beta, C, diagonal, decay_through,
              init=None, cu=None):
-    """gate_s, gate_l: [B, N, Hr] continuous gates (m_A, m_L). Everything float64. Returns (o_s, o_l, final)."""
+    """gate_s, gate_l: [B, N, Hr] gates (m_A, m_L), hard in value. diagonal: "both" or "linear". Everything float64.
+    Returns (o_s, o_l, final)."""
     B, T, HA, _ = q_s.shape
     HL, K, V = q_l.shape[2], q_l.shape[3], v_l.shape[3]
     Hr = gate_s.shape[2]
@@ -59,23 +61,22 @@ def rederive(q_s, k_s, v_s, q_l, k_l, v_l, gate_s, gate_l, *, backend, g, beta, 
 
     eye = torch.eye(K, dtype=torch.float64)
 
-    def transition(b, h, t, write, dscale):
-        """(A, Bm) with S_new = A @ S + Bm, for token t of head h."""
+    def transition(b, h, t):
+        """(A, Bm, Dt) with S_new = A @ S + Bm the real update of token t of head h, and Dt its decay alone."""
         kt, vt = k_l[b, t, h], v_l[b, t, h]
         if backend in ("gdn", "mamba2"):
-            D = torch.exp(g[b, t, h] * dscale) * eye
+            Dt = torch.exp(g[b, t, h]) * eye
         elif backend == "gla":
-            D = torch.diag(torch.exp(g[b, t, h] * dscale))
+            Dt = torch.diag(torch.exp(g[b, t, h]))
         else:
-            D = eye
+            Dt = eye
         if backend in ("gdn", "deltanet"):
-            bw = write * beta[b, t, h]
-            return (eye - bw * torch.outer(kt, kt)) @ D, bw * torch.outer(kt, vt)
-        return D, torch.outer(write * kt, vt)
+            bt = beta[b, t, h]
+            return (eye - bt * torch.outer(kt, kt)) @ Dt, bt * torch.outer(kt, vt), Dt
+        return Dt, torch.outer(kt, vt), Dt
 
     o_l = {}
     finals = []
-    one = torch.ones((), dtype=torch.float64)
     for n, seq in enumerate(seqs):
         for b in range(B):
             row = []
@@ -85,14 +86,15 @@ def rederive(q_s, k_s, v_s, q_l, k_l, v_l, gate_s, gate_l, *, backend, g, beta, 
                 for bs, be in seq:
                     gi = flat.index((bs, be))
                     m = gate_l[b, gi, r]
-                    Sv = S
-                    for t in range(bs, be):
-                        A, Bm = transition(b, h, t, one if diagonal != "softmax" else 0 * one, one)
+                    linear = bool(gate_l[b, gi, r].detach() == 1)  # the gates are hard in value: 1 = routed linear
+                    Sv, Dec = S, eye
+                    for t in range(bs, be):  # the real run from the block's start state (read by its queries)
+                        A, Bm, Dt = transition(b, h, t)
                         Sv = A @ Sv + Bm
+                        Dec = Dt @ Dec
                         o_l[(b, t, h)] = sc_l * Sv.T @ q_l[b, t, h]
-                    for t in range(bs, be):
-                        A, Bm = transition(b, h, t, m, one if decay_through else m)
-                        S = A @ S + Bm
+                    W = Sv - Dec @ S  # the block's write R(S) - Δ(S)
+                    S = (Dec if decay_through or linear else eye) @ S + m * W
                 row.append(S)
             finals.append((n if cu is not None else b, torch.stack(row)))
     o_l = torch.stack([torch.stack([torch.stack([o_l[(b, t, h)] for h in range(HL)]) for t in range(T)])

@@ -60,7 +60,7 @@ def grads_of(outs, leaves, seed):
 case = st.fixed_dictionaries(dict(
     seed=st.integers(0, 2**16), backend=st.sampled_from(BACKENDS), B=st.integers(1, 2), T=st.integers(1, 14),
     HR=st.integers(1, 2), ra=st.integers(1, 2), rl=st.integers(1, 2), packed=st.booleans(),
-    diagonal=st.sampled_from(["both", "softmax", "linear"]), decay_through=st.booleans(),
+    diagonal=st.sampled_from(["both", "linear"]), decay_through=st.booleans(),
     router_grad=st.sampled_from(["selected", "both"]), init=st.booleans()))
 
 
@@ -144,7 +144,7 @@ def test_all_linear_diagonal_linear_softmax_output_is_zero_before_any_softmax_bl
 
 
 @given(seed=st.integers(0, 2**16), backend=st.sampled_from(BACKENDS), t=st.integers(0, 12),
-       diagonal=st.sampled_from(["both", "softmax", "linear"]))
+       diagonal=st.sampled_from(["both", "linear"]))
 def test_causality(seed, backend, t, diagonal):
     """Changing inputs after t (later tokens of t's own block included) and the routing of blocks ≥ blk(t)."""
     T, C = 13, 4
@@ -248,6 +248,58 @@ def test_softmax_gate_gradient_formula():
         torch.testing.assert_close(grad[0, j, 0, 0], exp)
 
 
+@pytest.mark.parametrize("router_grad", ["both", "selected"])
+@pytest.mark.parametrize("decay_through", [True, False])
+def test_linear_gate_gradient_formula(decay_through, router_grad):
+    """Spec §1.7 (revised): dL/dm_L(j) = <dL/dS^{(j+1)}, W_j>, W_j = R_j(S^{(j)}) − Δ_j(S^{(j)}), at m=1 for linear
+    blocks and m=0 for softmax blocks (gdn; S^{(j)} and the loss's gradient w.r.t. S^{(j+1)} from runs of the
+    reference on the tokens before / after the block, R_j by the plain recurrence, Δ_j = exp(Σ_{t∈j} g_t) S^{(j)})."""
+    T, C = 14, 4  # blocks: linear, softmax, linear, softmax (partial)
+    args, kw = make_inputs(7, "gdn", 1, T, 1, 1, 2, C=C, init=True)
+    kw["routing"] = torch.tensor([[[[0.0, 1.0]], [[1.0, 0.0]], [[0.0, 1.0]], [[1.0, 0.0]]]], dtype=torch.float64)
+    routing = kw["routing"].clone().requires_grad_(True)
+    q, k, v = args[3:]
+    g, beta = kw["g"], kw["beta"]
+    gn = gen(12)
+    w_o = torch.randn(1, T, 2, 6, generator=gn, dtype=torch.float64)
+    w_f = torch.randn(1, 2, 4, 6, generator=gn, dtype=torch.float64)
+
+    def run(lo, hi, init, r=None):
+        """The reference on tokens [lo, hi) (block-aligned at lo) from `init`: (o_l, final state)."""
+        sub = dict(kw, g=g[:, lo:hi], beta=beta[:, lo:hi], initial_state=init,
+                   routing=(kw["routing"] if r is None else r)[:, lo // C:-(-hi // C)])
+        _, o_l, fin = call_ref([x[:, lo:hi] for x in args], sub, output_final_state=True,
+                               decay_through_softmax=decay_through, router_grad=router_grad)
+        return o_l, fin
+
+    o_l, fin = run(0, T, kw["initial_state"], routing)
+    (grad,) = torch.autograd.grad((o_l * w_o).sum() + (fin * w_f).sum(), routing)
+    for j in range(4):
+        lo, hi = j * C, min(j * C + C, T)
+        S_j = kw["initial_state"] if j == 0 else run(0, lo, kw["initial_state"])[1]  # carried into block j
+        R = plain_recurrence("gdn", q[:, lo:hi], k[:, lo:hi], v[:, lo:hi], g[:, lo:hi], beta[:, lo:hi], S_j)[1]
+        W = R - g[:, lo:hi].sum(1).exp()[..., None, None] * S_j
+        S_next = run(0, hi, kw["initial_state"])[1].detach().requires_grad_(True)
+        if hi < T:
+            o_rest, fin_rest = run(hi, T, S_next)
+            loss = (o_rest * w_o[:, hi:]).sum() + (fin_rest * w_f).sum()
+        else:
+            loss = (S_next * w_f).sum()
+        (dS,) = torch.autograd.grad(loss, S_next)
+        exp = (dS * W).sum()
+        assert exp.abs() > 1e-3  # not trivially zero here
+        if j % 2 == 1 and router_grad == "selected":  # a softmax block: only its softmax gate passes gradient
+            exp = torch.zeros_like(exp)
+        torch.testing.assert_close(grad[0, j, 0, 1], exp, rtol=1e-10, atol=1e-12, msg=f"block {j}")
+
+
+def test_routing_rejects_the_removed_softmax_diagonal():
+    w = torch.tensor([[[[1.0, 0.0]]]])
+    with pytest.raises(ValueError, match=r"diagonal must be one of \('both', 'linear'\), got 'softmax'"):
+        Routing(w, 4, "softmax")
+    assert Routing(w, 4, "linear").diagonal == "linear"
+
+
 def test_reference_rejects_bad_input():
     args, kw = make_inputs(0, "gdn", 1, 8, 2, 1, 1)
 
@@ -273,55 +325,5 @@ def test_reference_rejects_bad_input():
     expect(TypeError, "cu_seqlens", cu_seqlens=torch.tensor([0.0, 8.0]))
     expect(ValueError, "router_grad", router_grad="all")
     expect(ValueError, "diagonal", diagonal="none")
+    expect(ValueError, "diagonal", diagonal="softmax")
     expect(ValueError, "initial_state", initial_state=torch.zeros(2, 2, 4, 6))
-
-
-@pytest.mark.parametrize("packed", [False, True])
-def test_routing_block_counts(packed):
-    """`Routing.block_counts` (prefetched or not) counts the softmax blocks, their tokens (partial blocks included)
-    and all tokens over batch and router heads; cached per T."""
-    g = gen(11)
-    T, C, Hr = 150, 16, 3
-    cu = random_cu_seqlens(g, T, 3) if packed else None
-    B = 1 if packed else 2
-    N = num_blocks(T, C, cu)
-    soft = torch.rand(B, N, Hr, generator=g) < 0.4
-    route = Routing(torch.stack([soft, ~soft], -1).float(), C, "both", cu)
-    lay = route.layout(T)
-    tok_soft = int((soft * lay.block_len[None, :, None]).sum())
-    assert tok_soft == int(route.token_mask(T).sum())  # the token view agrees, partial blocks included
-    route.prefetch_block_counts(T)
-    assert route.block_counts(T) == (int(soft.sum()), tok_soft, B * Hr * T)
-    assert Routing(route.weights, C, "both", cu).block_counts(T) == route.block_counts(T)
-
-
-def test_op_prefetches_block_counts_before_the_softmax_branch(monkeypatch):
-    """`natsl_attention` starts the linear branch's block-count copy before it queues the softmax branch, and the
-    linear branch reads those counts from the same `Routing` (so on CUDA its wait does not drain the softmax work)."""
-    import natsl.ops as ops
-
-    events = []
-    prefetch, counts, softmax = Routing.prefetch_block_counts, Routing.block_counts, ops.softmax_branch
-
-    def log_prefetch(self, T):
-        events.append(("prefetch", id(self), T in self.__dict__.get("_counts_cache", {})))
-        return prefetch(self, T)
-
-    def log_counts(self, T):
-        events.append(("counts", id(self), T in self.__dict__.get("_counts_cache", {})))
-        return counts(self, T)
-
-    monkeypatch.setattr(Routing, "prefetch_block_counts", log_prefetch)
-    monkeypatch.setattr(Routing, "block_counts", log_counts)
-    monkeypatch.setattr(ops, "softmax_branch", lambda *a, **kw: events.append(("softmax",)) or softmax(*a, **kw))
-    g = gen(2)
-    B, T, H, K, C = 1, 40, 2, 4, 8
-    q, k, v = (torch.randn(B, T, H, K, generator=g) for _ in range(3))
-    soft = torch.rand(B, T // C, H, generator=g) < 0.5
-    routing = torch.stack([soft, ~soft], -1).float()
-    ops.natsl_attention(q, k, v, q, k, v, routing, linear_backend="gdn", block_size=C,
-                        **linear_gate_inputs(g, "gdn", B, T, H, K, torch.float32))
-    kinds = [e[0] for e in events]
-    assert kinds.index("prefetch") < kinds.index("softmax") < kinds.index("counts")
-    first, read = events[kinds.index("prefetch")], events[kinds.index("counts")]
-    assert first[2] is False and read[1] == first[1] and read[2] is True  # same Routing, counts already started

@@ -53,3 +53,37 @@ def naive_scatter_tokens(y: torch.Tensor, dest: torch.Tensor) -> torch.Tensor:
     routed = dest >= 0
     out = y.new_zeros(B, T, Hr, G, D)
     return out.index_put(torch.nonzero(routed, as_tuple=True), y[dest[routed].long()]).view(B, T, Hr * G, D)
+
+
+def naive_masked_write_bwd(x, k, m, dh, dk, *, dv=None, dg=None, g=None, gk=None, cu_seqlens=None, chunk_size=64):
+    """PyTorch twin of `natsl.kernels.masked_write.masked_write_bwd` (same arguments, same in-place updates of `dk`,
+    `dv`, `dg`; returns `dm [B, T, H]` float32), one chunk at a time."""
+    B, T, H, K = k.shape
+    bounds = [(b, 0, T) for b in range(B)] if cu_seqlens is None else \
+        [(0, int(s), int(e)) for s, e in zip(cu_seqlens[:-1].tolist(), cu_seqlens[1:].tolist())]
+    dm = torch.zeros(B, T, H, dtype=torch.float32, device=k.device)
+    i_tg = 0
+    for b, bos, eos in bounds:
+        for c, s in enumerate(range(bos, eos, chunk_size)):
+            e = min(s + chunk_size, eos)
+            idx = (b, c) if cu_seqlens is None else (0, i_tg)
+            i_tg += 1
+            f = torch.float32 if x.dtype != torch.float64 else torch.float64
+            xc, kc, off = x[b, s:e].to(f), k[b, s:e].to(f), 1 - m[b, s:e].to(f)  # [C, H, *]
+            if gk is not None:
+                gam = torch.exp2(gk[b, e - 1][None] - gk[b, s:e]).to(f)  # [C, H, K]
+            elif g is not None:
+                gam = torch.exp2(g[b, e - 1][None] - g[b, s:e]).to(f)[..., None]
+            else:
+                gam = torch.ones_like(kc[..., :1])
+            D = dh[idx].to(f)  # [H, K, V]
+            dkw = torch.einsum("chv,hkv->chk", xc, D) * gam
+            kdk = kc * dkw
+            dm[b, s:e] = kdk.sum(-1).float()
+            dk[b, s:e] -= (off[..., None] * dkw).to(dk.dtype)
+            if dv is not None:
+                dv[b, s:e] -= (off[..., None] * torch.einsum("chk,hkv->chv", kc * gam, D)).to(dv.dtype)
+            if dg is not None:
+                c_ = off[..., None] * kdk if gk is not None else off * kdk.sum(-1)
+                dg[b, s:e] -= (c_.cumsum(0) - c_).to(dg.dtype)
+    return dm

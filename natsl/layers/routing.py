@@ -16,8 +16,8 @@ import torch
 from natsl.kernels.index import BlockLayout, SoftmaxBlocks, block_layout, num_blocks, softmax_blocks, token_destination
 from natsl.utils import ROUTER_GRADS, check_choice, check_cu_seqlens
 
-Diagonal = Literal["both", "softmax", "linear"]
-DIAGONALS = ("both", "softmax", "linear")
+Diagonal = Literal["both", "linear"]
+DIAGONALS = ("both", "linear")
 SOFTMAX, LINEAR = 0, 1
 
 
@@ -42,7 +42,8 @@ class Routing:
         weights (torch.Tensor): `[B, N, Hr, 2]` float, exactly one-hot in value (index 0 = softmax, 1 = linear).
             May carry straight-through gradients.
         block_size (int): tokens per block `C`. Default: `64`.
-        diagonal (str): own-block policy, one of `"both"`, `"softmax"`, `"linear"` (spec §1.5). Default: `"both"`.
+        diagonal (str): own-block policy (spec §1.5): `"both"` (both branches see the own block causally) or
+            `"linear"` (no own-block softmax term). Default: `"both"`.
         cu_seqlens (torch.LongTensor, Optional): `[N_seq + 1]` offsets of packed sequences (then `B == 1` and
             blocks restart at every sequence start).
     """
@@ -120,37 +121,6 @@ class Routing:
         if self.diagonal != "linear":
             mask = mask | own
         return mask
-
-    def prefetch_block_counts(self, T: int) -> None:
-        """Start copying `block_counts(T)` to the host without waiting for it. On CUDA: a non-blocking copy into
-        pinned memory and an event, so that the later `block_counts(T)` waits only for the GPU work queued before
-        this call (e.g. not for a softmax branch launched in between); elsewhere the counts are computed now."""
-        cache = self.__dict__.setdefault("_counts_cache", {})
-        if T in cache:
-            return
-        sel = self.is_softmax()
-        block_len = self.layout(T).block_len
-        counts = torch.stack([sel.sum(), (sel * block_len[None, :, None]).sum(),
-                              block_len.sum() * (self.B * self.num_router_heads)])
-        if counts.is_cuda:
-            host = torch.empty(3, dtype=counts.dtype, pin_memory=True)
-            host.copy_(counts, non_blocking=True)
-            event = torch.cuda.Event()
-            event.record()
-            cache[T] = (host, event)
-        else:
-            cache[T] = (counts, None)
-
-    def block_counts(self, T: int) -> tuple[int, int, int]:
-        """`(softmax blocks, tokens in softmax blocks, all tokens)` over batch and router heads, as ints (cached per
-        `T`). One host sync per instance and `T`: it waits for the work queued before `prefetch_block_counts(T)`
-        (called here if it was not called before)."""
-        self.prefetch_block_counts(T)
-        host, event = self._counts_cache[T]
-        if event is not None:
-            event.synchronize()
-        n_soft, tok_soft, tok_all = host.tolist()
-        return n_soft, tok_soft, tok_all
 
     def softmax_blocks(self, T: int) -> SoftmaxBlocks:
         """Per (batch, router head) sorted softmax-block indices, counts and `cu_seqlens` (one host sync)."""

@@ -1,5 +1,7 @@
 """The pure-PyTorch linear recurrences (`natsl.layers.linear.torch_ops`, spec §1.4 / §3.4) against a token-by-token
-float64 recurrence written from §1.4, and against fla's Triton chunk ops (under the Triton interpreter on CPU)."""
+float64 recurrence written from §1.4, and against fla's Triton chunk ops (under the Triton interpreter on CPU); the
+masked chunk pass (`torch_masked_chunk`, spec §1.7 / §3.2) against the block rule of §1.4 / §1.7 built from that
+recurrence."""
 
 import pytest
 import torch
@@ -13,6 +15,7 @@ from hypothesis import assume, example, given, settings
 from hypothesis import strategies as st
 
 from natsl.layers.linear import TORCH_LINEAR_OPS
+from natsl.layers.linear.torch_ops import CHUNK_SIZE, GLA_CHUNK_SIZE, torch_masked_chunk
 
 BACKENDS = ["gdn", "deltanet", "gla", "mamba2", "linear_attn"]
 G_SHAPE = {"gdn": "head", "mamba2": "head", "gla": "key"}
@@ -249,3 +252,231 @@ def test_matches_fla(backend, layout, device):
     x64 = {n: t.detach().double().requires_grad_() for n, t in x.items()}
     ref = outputs_and_grads(torch_op(backend), x64, 11, scale=scale, cu_seqlens=cu)
     assert_all_close(f"fla {backend} {layout}", ref, out, 1e-4, 1e-6)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The masked chunk pass (spec §1.4 block rule, §1.7 linear gate, §3.2): chunk = routing block.
+
+
+def chunk_spans(B, T, C, cu_seqlens=None):
+    """Per sequence `(batch row, [(start, end) of each chunk])`; chunks restart at every sequence start."""
+    seqs = [(b, 0, T) for b in range(B)] if cu_seqlens is None else \
+        [(0, s, e) for s, e in zip(cu_seqlens[:-1].tolist(), cu_seqlens[1:].tolist())]
+    return [(b, [(c, min(c + C, e)) for c in range(s, e, C)]) for b, s, e in seqs]
+
+
+def per_token(x_blk, B, T, spans):
+    """Per-chunk values `[n_chunks, H]` (chunks in `spans` order) → per-token `[B, T, H]` (differentiable)."""
+    rows, toks, blks = [], [], []
+    for b, chunks in spans:
+        for s, e in chunks:
+            rows += [b] * (e - s)
+            toks += range(s, e)
+            blks += [len(set(blks))] * (e - s)
+    return x_blk.new_zeros(B, T, x_blk.shape[-1]).index_put((torch.tensor(rows), torch.tensor(toks)), x_blk[blks])
+
+
+def masked_recurrence(backend, q, k, v, g=None, beta=None, *, m, z=None, C, scale=None, initial_state=None,
+                      cu_seqlens=None):
+    """§1.4 / §1.7 per chunk from the token recurrence: `o` = the virtual run `R^{≤t}(S)` with real inputs from the
+    chunk's start state `S`; carried state `D(S) + m · (R(S) − Δ(S))`, `Δ` the decay only (the run with `k = 0`),
+    `D = Δ`, or the identity where the chunk's decay mask is 0. `m`, `z`: per chunk and head `[n_chunks, H]`."""
+    B, T, H, K = q.shape
+    spans = chunk_spans(B, T, C, cu_seqlens)
+    outs, finals, j = [[] for _ in range(B)], [], 0
+    for i, (b, chunks) in enumerate(spans):
+        S = q.new_zeros(1, H, K, v.shape[-1]) if initial_state is None else initial_state[i:i + 1]
+        for s, e in chunks:
+            x = [None if t is None else t[b:b + 1, s:e] for t in (q, k, v, g, beta)]
+            o, R = recurrence(backend, *x, scale=scale, initial_state=S)
+            _, decayed = recurrence(backend, x[0], torch.zeros_like(x[1]), *x[2:], scale=scale, initial_state=S)
+            zj = 1.0 if z is None else z[j][:, None, None]
+            S = zj * decayed + (1 - zj) * S + m[j][:, None, None] * (R - decayed)
+            outs[b].append(o)
+            j += 1
+        finals.append(S)
+    return torch.cat([torch.cat(o, 1) for o in outs]), torch.cat(finals)
+
+
+def masked_token_recurrence(backend, q, k, v, g=None, beta=None, *, m, z=None, C, scale=None, initial_state=None,
+                            cu_seqlens=None):
+    """The same with masks per token `[B, T, H]`: token t adds `m_t ·` its write `R_t − decay_t(R_{t−1})` to a
+    separately decayed carried write, and the chunk's start state decays only where `z_t = 1`. Equals
+    :func:`masked_recurrence` for masks constant within each chunk."""
+    B, T, H, K = q.shape
+    scale = K ** -0.5 if scale is None else scale
+    outs, finals = [[] for _ in range(B)], []
+    for i, (b, chunks) in enumerate(chunk_spans(B, T, C, cu_seqlens)):
+        S = q.new_zeros(H, K, v.shape[-1]) if initial_state is None else initial_state[i]
+        for s, e in chunks:
+            R, W = S, torch.zeros_like(S)
+            for t in range(s, e):
+                gt, bt = None if g is None else g[b, t], None if beta is None else beta[b, t]
+
+                def decay(X, gt=gt, bt=bt, t=t):
+                    return _step(backend, X, torch.zeros_like(k[b, t]), v[b, t], gt, bt)
+                R_new = _step(backend, R, k[b, t], v[b, t], gt, bt)
+                outs[b].append(scale * torch.einsum("hk,hkv->hv", q[b, t], R_new))
+                W = decay(W) + m[b, t][:, None, None] * (R_new - decay(R))
+                zt = 1.0 if z is None else z[b, t][:, None, None]
+                S, R = zt * decay(S) + (1 - zt) * S, R_new
+            S = S + W
+        finals.append(S)
+    return torch.stack([torch.stack(o) for o in outs]), torch.stack(finals)
+
+
+def block_masks(kind, n, H, seed):
+    """`[n, H]` 0/1 masks per chunk and head: random, all zero or all one; None for "none"."""
+    if kind == "none":
+        return None
+    if kind == "random":
+        return (torch.rand(n, H, generator=gen(seed), dtype=torch.float64) < 0.5).double()
+    return torch.full((n, H), float(kind == "ones"), dtype=torch.float64)
+
+
+# name -> (lens: one int = dense B=2 with T tokens, a list = packed sequence lengths; C; write mask; decay mask;
+#          initial state; scale)
+MASKED_CASES = {
+    "dense-C4": (13, 4, "random", "random", True, None),
+    "dense-C8": (20, 8, "random", "none", False, 0.7),
+    "dense-T1": (1, 4, "random", "random", True, None),
+    "dense-multiple-m0": (16, 8, "zeros", "random", True, None),
+    "dense-m1-z0": (11, 4, "ones", "zeros", True, None),
+    "dense-m1": (9, 8, "ones", "none", True, None),
+    "packed-C4": ([5, 0, 9, 1], 4, "random", "random", True, None),
+    "packed-C8": ([3, 17], 8, "random", "none", False, None),
+    "packed-m0-z0": ([6, 7], 4, "zeros", "zeros", True, None),
+    "packed-m1": ([8, 4, 5], 4, "ones", "random", True, 0.7),
+}
+
+
+def masked_case(backend, case, seed):
+    """Leaf inputs (incl. the per-chunk write mask `m`), the per-chunk decay mask, and the call arguments."""
+    lens, C, m_kind, z_kind, init, scale = MASKED_CASES[case]
+    if isinstance(lens, int):
+        B, T, cu = 2, lens, None
+    else:
+        B, T, cu = 1, sum(lens), torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()])
+    H, K, V = 2, 4, 3
+    x = make_inputs(backend, seed, B, T, H, K, V, n_states=None if cu is None else len(lens), init=init)
+    spans = chunk_spans(B, T, C, cu)
+    n = sum(len(c) for _, c in spans)
+    x["m"] = block_masks(m_kind, n, H, seed + 2).requires_grad_()
+    z = block_masks(z_kind, n, H, seed + 3)
+    return x, z, dict(B=B, T=T, C=C, scale=scale, cu_seqlens=cu, spans=spans)
+
+
+def masked_op(backend, z, *, B, T, C, scale, cu_seqlens, spans):
+    def call(q, k, v, g=None, beta=None, initial_state=None, m=None):
+        return torch_masked_chunk(backend, q, k, v, g, beta, write_mask=per_token(m, B, T, spans),
+                                  decay_mask=None if z is None else per_token(z, B, T, spans), chunk_size=C,
+                                  scale=scale, initial_state=initial_state, output_final_state=True,
+                                  cu_seqlens=cu_seqlens)
+    return call
+
+
+def masked_reference(backend, z, *, B, T, C, scale, cu_seqlens, spans):
+    def call(q, k, v, g=None, beta=None, initial_state=None, m=None):
+        return masked_recurrence(backend, q, k, v, g, beta, m=m, z=z, C=C, scale=scale, initial_state=initial_state,
+                                 cu_seqlens=cu_seqlens)
+    return call
+
+
+@pytest.mark.parametrize("case", list(MASKED_CASES))
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_masked_chunk_matches_block_rule(backend, case):
+    """fp64 o, final state and the gradients of every input (incl. the write mask, continuous in the reference)
+    equal §1.4's block rule with §1.7's linear gate, for dense / packed (partial and empty sequences) inputs."""
+    seed = 100 + list(MASKED_CASES).index(case)
+    x, z, kw = masked_case(backend, case, seed)
+    ref = outputs_and_grads(masked_reference(backend, z, **kw), x, seed)
+    out = outputs_and_grads(masked_op(backend, z, **kw), x, seed)
+    assert out[0].dtype == out[1].dtype == torch.float64
+    assert_all_close(f"masked {backend} {case}", ref, out, 1e-9, 1e-12)
+
+
+@pytest.mark.parametrize("layout", ["dense", "packed"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_masked_chunk_per_token_masks(backend, layout):
+    """Write masks varying within a chunk (continuous) and per-token decay masks: the op's per-token write-mask
+    gradient and its decay `exp(Σ z_t g_t)` equal the per-token form of the gate."""
+    B, T, cu = (2, 10, None) if layout == "dense" else (1, 12, torch.tensor([0, 7, 7, 12]))
+    H, K, V, C = 2, 4, 3, 4
+    x = make_inputs(backend, 7, B, T, H, K, V, n_states=None if cu is None else 3)
+    x["m"] = torch.rand(B, T, H, generator=gen(8), dtype=torch.float64).requires_grad_()
+    z = (torch.rand(B, T, H, generator=gen(9)) < 0.5).double()
+
+    def op(q, k, v, g=None, beta=None, initial_state=None, m=None):
+        return torch_masked_chunk(backend, q, k, v, g, beta, write_mask=m, decay_mask=z, chunk_size=C,
+                                  initial_state=initial_state, output_final_state=True, cu_seqlens=cu)
+
+    def ref(q, k, v, g=None, beta=None, initial_state=None, m=None):
+        return masked_token_recurrence(backend, q, k, v, g, beta, m=m, z=z, C=C, initial_state=initial_state,
+                                       cu_seqlens=cu)
+    assert_all_close(f"masked {backend} per token", outputs_and_grads(ref, x, 7), outputs_and_grads(op, x, 7),
+                     1e-9, 1e-12)
+
+
+@pytest.mark.parametrize("layout", ["dense", "packed"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_masked_chunk_ones_is_plain_op(backend, layout):
+    """m = 1 (and z = 1 or None) is the plain op: exactly at its default chunk size, to rounding at chunk sizes
+    4 and 5 (the chunked maths is the same code; only the chunking changes)."""
+    B, T, cu = (2, 37, None) if layout == "dense" else (1, 40, torch.tensor([0, 17, 17, 40]))
+    x = make_inputs(backend, 13, B, T, 2, 4, 3, n_states=None if cu is None else 3)
+    default = GLA_CHUNK_SIZE if backend == "gla" else CHUNK_SIZE
+    plain = outputs_and_grads(torch_op(backend), x, 13, cu_seqlens=cu)
+    ones = torch.ones(B, T, 2, dtype=torch.float64)
+    for C, z in [(default, None), (default, ones), (4, None), (5, ones)]:
+        def op(q, k, v, g=None, beta=None, initial_state=None, C=C, z=z):
+            return torch_masked_chunk(backend, q, k, v, g, beta, write_mask=ones, decay_mask=z, chunk_size=C,
+                                      initial_state=initial_state, output_final_state=True, cu_seqlens=cu)
+        out = outputs_and_grads(op, x, 13)
+        if C == default and z is None:
+            assert torch.equal(plain[0], out[0]) and torch.equal(plain[1], out[1])
+        assert_all_close(f"masked ones {backend} C={C}", plain, out, 1e-12, 1e-13)
+
+
+def test_masked_chunk_dtype_and_decay_mask_gradient():
+    """fp32 in: o fp32, final state fp32; a decay mask that requires grad gets none (it is a hard switch)."""
+    x = {n: t.detach().float() for n, t in make_inputs("gdn", 3, 1, 9, 2, 4, 3).items()}
+    z = torch.ones(1, 9, 2, requires_grad=True)
+    m = torch.ones(1, 9, 2, requires_grad=True)
+    o, S = torch_masked_chunk("gdn", x["q"], x["k"], x["v"], x["g"], x["beta"], write_mask=m, decay_mask=z,
+                              chunk_size=4, initial_state=x["initial_state"], output_final_state=True)
+    assert o.dtype == S.dtype == torch.float32
+    (o.sum() + S.sum()).backward()
+    assert z.grad is None and m.grad is not None
+    o, S = torch_masked_chunk("gdn", x["q"], x["k"], x["v"], x["g"], x["beta"], write_mask=m, chunk_size=4)
+    assert S is None
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_masked_chunk_validation(backend):
+    x = {n: t.detach() for n, t in make_inputs(backend, 0, 2, 5, 2, 4, 3).items()}
+    q, k, v, g, beta = x["q"], x["k"], x["v"], x.get("g"), x.get("beta")
+    m = torch.ones(2, 5, 2, dtype=torch.float64)
+
+    def call(**kw):
+        args = dict(backend=backend, q=q, k=k, v=v, g=g, beta=beta, write_mask=m, chunk_size=4) | kw
+        return torch_masked_chunk(args.pop("backend"), args.pop("q"), args.pop("k"), args.pop("v"), **args)
+    with pytest.raises(ValueError, match=r"backend must be one of \['deltanet', 'gdn', 'gla', 'linear_attn', 'mamba2'\]"):
+        call(backend="gated_deltanet")
+    for bad in (0, -3):
+        with pytest.raises(ValueError, match="chunk_size must be a positive int"):
+            call(chunk_size=bad)
+    for bad in (4.0, True, None):
+        with pytest.raises(TypeError, match="chunk_size must be a positive int"):
+            call(chunk_size=bad)
+    with pytest.raises(TypeError, match="write_mask must be a torch.Tensor"):
+        call(write_mask=None)
+    with pytest.raises(ValueError, match=r"write_mask must have shape \[B, T, H\] = \(2, 5, 2\)"):
+        call(write_mask=m[:, :4])
+    with pytest.raises(ValueError, match="decay_mask must have shape"):
+        call(decay_mask=m[..., None])
+    with pytest.raises(ValueError, match="k must"):
+        call(k=k[..., :2])
+    with pytest.raises(ValueError, match="g must be None" if g is None else "g "):
+        call(g=q[..., 0] if g is None else None)
+    with pytest.raises(ValueError, match="beta must be None" if beta is None else "beta"):
+        call(beta=q[..., 0] if beta is None else None)

@@ -1,6 +1,8 @@
-"""Pure-PyTorch chunked linear-attention recurrences (spec §1.4, §3.4): the CPU twins of fla's chunk ops.
+"""Pure-PyTorch chunked linear-attention recurrences (spec §1.4, §3.2, §3.4): the CPU twins of fla's chunk ops.
 
 Same layout and conventions as fla (`[B, T, H, *]`, state `[N, H, K, V]`, read-out after the token's update).
+Every op is one chunked pass, :func:`_chunk_pass`; the plain ops (:func:`torch_gdn`, ...) are the NAtS-L masked
+chunk pass (:func:`torch_masked_chunk`) with every write and decay mask at 1.
 """
 
 from __future__ import annotations
@@ -11,8 +13,17 @@ import torch
 import torch.nn.functional as F
 
 CHUNK_SIZE = 64
-# gla materialises a `[C, C, K]` decay tensor per chunk, so it uses smaller chunks.
+# gla materialises a `[C, C, K]` decay tensor per chunk, so its plain op uses smaller chunks.
 GLA_CHUNK_SIZE = 16
+
+# backend -> (kind of log decay `g`: per head, per key or none; delta rule (takes `beta`); default chunk size)
+_BACKENDS: dict[str, tuple[Literal['head', 'key'] | None, bool, int]] = {
+    'gdn': ('head', True, CHUNK_SIZE),
+    'deltanet': (None, True, CHUNK_SIZE),
+    'gla': ('key', False, GLA_CHUNK_SIZE),
+    'mamba2': ('head', False, CHUNK_SIZE),
+    'linear_attn': (None, False, CHUNK_SIZE),
+}
 
 
 def _check(q, k, v, g, beta, initial_state, cu_seqlens, *, g_kind: Literal['head', 'key'] | None, uses_beta: bool):
@@ -45,6 +56,13 @@ def _check(q, k, v, g, beta, initial_state, cu_seqlens, *, g_kind: Literal['head
         N = len(cu) - 1
     if initial_state is not None and initial_state.shape != (N, H, K, v.shape[-1]):
         raise ValueError(f"initial_state must have shape {(N, H, K, v.shape[-1])}, got {tuple(initial_state.shape)}")
+
+
+def _check_mask(name: str, mask, q: torch.Tensor) -> None:
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor [B, T, H], got {type(mask).__name__}")
+    if mask.shape != q.shape[:3]:
+        raise ValueError(f"{name} must have shape [B, T, H] = {tuple(q.shape[:3])}, got {tuple(mask.shape)}")
 
 
 def _pad_sequences(x: torch.Tensor, seq: torch.Tensor, pos: torch.Tensor, N: int, T_max: int) -> torch.Tensor:
@@ -85,62 +103,131 @@ def _scan(q_dec, A, u, w, k_dec, decay_last, S):
     return q_dec @ torch.stack(starts, 2) + A @ delta, S
 
 
-def _chunk_scalar_decay(q, k, v, g, beta, S0, scale):
-    """Dense `[B, T, H, *]` inputs, head-wise log decay `g [B, T, H]` (or None), delta rule iff `beta` is given."""
-    T, C = q.shape[1], CHUNK_SIZE
+def _chunk_pass(q, k, v, g, beta, m, z, S0, scale, C):
+    """The (masked) chunk pass on dense `[B, T, H, *]` inputs, chunks of `C` tokens.
+
+    `g`: None (no decay), `[B, T, H]` (head-wise) or `[B, T, H, K]` (per key) log decay; delta rule iff `beta`
+    (`[B, T, H]`) is given. `m` (write mask) and `z` (carried-state decay mask), `[B, T, H]` or None (= ones), enter
+    only the state write: the write keys are `m · k ⊙ e^{G_last − G}` and the carried state decays by
+    `exp(Σ_{t ∈ chunk} z_t g_t)`; the intra-chunk output, the WY/UT solve and the read-out use the real inputs.
+    """
+    T = q.shape[1]
     q, k, v = (_chunks(x, C) for x in (q, k, v))
-    G = _chunks(g, C).cumsum(-1) if g is not None else q.new_zeros(q.shape[:-1])
-    gamma = _causal_decay(G)
-    q_dec = q * (scale * G.exp())[..., None]
-    k_dec = k * (G[..., -1:] - G).exp()[..., None]
-    A = (q @ k.transpose(-1, -2)) * gamma * scale
+    # log decays with a trailing key axis: [B, H, N, C, 1] (head-wise / none) or [B, H, N, C, K] (gla)
+    g = None if g is None else (g if g.dim() == 4 else g[..., None])
+    G = q.new_zeros(*q.shape[:-1], 1) if g is None else _chunks(g, C).cumsum(-2)
+    G_last = G[..., -1:, :]
+    if G.shape[-1] == 1:
+        gamma = _causal_decay(G[..., 0])  # [B, H, N, C, C]
+        A = (q @ k.transpose(-1, -2)) * gamma * scale
+    else:
+        causal = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()[..., None]
+        gamma = (G[..., :, None, :] - G[..., None, :, :]).masked_fill(~causal, float('-inf')).exp()  # [.., C, C, K]
+        A = (q[..., :, None, :] * gamma * k[..., None, :, :]).sum(-1) * scale
+    q_dec = q * G.exp() * scale
+    k_dec = k * (G_last - G).exp()
+    if m is not None:
+        k_dec = k_dec * _chunks(m, C)[..., None]  # the write keys k·m: the only place routing enters
+    if z is None or g is None:
+        decay_last = G_last[..., 0, :].exp()
+    else:
+        decay_last = G_last[..., 0, :].exp()  # = e^{G_last · z} for z constant per chunk
     if beta is None:
-        o, S = _scan(q_dec, A, v, None, k_dec, G[..., -1:].exp(), S0)
+        o, S = _scan(q_dec, A, v, None, k_dec, decay_last, S0)
     else:
         # WY/UT form: (I + L) δ = β (v − e^G k S0), L_ij = β_i e^{G_i − G_j} k_i·k_j for j < i.
         beta = _chunks(beta, C)[..., None]
         L = (beta * (k @ k.transpose(-1, -2)) * gamma).tril(-1)
         eye = torch.eye(C, dtype=q.dtype, device=q.device)
-        uw = torch.linalg.solve_triangular(eye + L, torch.cat([beta * v, beta * G.exp()[..., None] * k], -1),
+        uw = torch.linalg.solve_triangular(eye + L, torch.cat([beta * v, beta * G.exp() * k], -1),
                                            upper=False, unitriangular=True)
-        o, S = _scan(q_dec, A, uw[..., :v.shape[-1]], uw[..., v.shape[-1]:], k_dec, G[..., -1:].exp(), S0)
+        o, S = _scan(q_dec, A, uw[..., :v.shape[-1]], uw[..., v.shape[-1]:], k_dec, decay_last, S0)
     return o.flatten(2, 3)[:, :, :T].transpose(1, 2), S
 
 
-def _chunk_key_decay(q, k, v, g, beta, S0, scale):
-    """Dense `[B, T, H, *]` inputs with per-key log decay `g [B, T, H, K]` (gla)."""
-    assert beta is None
-    T = q.shape[1]
-    q, k, v, G = (_chunks(x, GLA_CHUNK_SIZE) for x in (q, k, v, g))
-    G = G.cumsum(-2)
-    C = G.shape[-2]
-    causal = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()[..., None]
-    gamma = (G[..., :, None, :] - G[..., None, :, :]).masked_fill(~causal, float('-inf')).exp()  # [B, H, N, C, C, K]
-    A = (q[..., :, None, :] * gamma * k[..., None, :, :]).sum(-1) * scale
-    q_dec = q * G.exp() * scale
-    k_dec = k * (G[..., -1:, :] - G).exp()
-    o, S = _scan(q_dec, A, v, None, k_dec, G[..., -1, :].exp(), S0)
-    return o.flatten(2, 3)[:, :, :T].transpose(1, 2), S
-
-
-def _run(core, q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens):
+def _run(q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens, *, chunk_size, m=None, z=None):
     """Shared driver: compute dtype, default scale and state, packed sequences padded into a batch."""
     dtype = torch.promote_types(q.dtype, torch.float32)
     B, T, H, K = q.shape
     N = B if cu_seqlens is None else cu_seqlens.numel() - 1
     scale = K ** -0.5 if scale is None else scale
     S0 = (q.new_zeros(N, H, K, v.shape[-1], dtype=dtype) if initial_state is None else initial_state.to(dtype))
-    ins = [None if x is None else x.to(dtype) for x in (q, k, v, g, beta)]
+    ins = [None if x is None else x.to(dtype) for x in (q, k, v, g, beta, m, z)]
     if cu_seqlens is not None:
         lens = cu_seqlens.diff().to(device=q.device, dtype=torch.long)
         seq = torch.repeat_interleave(torch.arange(N, device=q.device), lens)
         pos = torch.arange(T, device=q.device) - cu_seqlens[:-1].to(q.device, torch.long)[seq]
         T_max = int(lens.max())
         ins = [None if x is None else _pad_sequences(x, seq, pos, N, T_max) for x in ins]
-    o, S = core(*ins, S0, scale)
+    o, S = _chunk_pass(*ins, S0, scale, chunk_size)
     if cu_seqlens is not None:
         o = o[seq, pos][None]
     return o.to(q.dtype), (S if output_final_state else None)
+
+
+def _plain(backend, q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens):
+    g_kind, uses_beta, chunk_size = _BACKENDS[backend]
+    _check(q, k, v, g, beta, initial_state, cu_seqlens, g_kind=g_kind, uses_beta=uses_beta)
+    return _run(q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens, chunk_size=chunk_size)
+
+
+def torch_masked_chunk(backend, q, k, v, g=None, beta=None, *, write_mask, decay_mask=None, chunk_size, scale=None,
+                       initial_state=None, output_final_state=False, cu_seqlens=None):
+    r"""The NAtS-L linear branch as one masked chunk pass (spec §1.4, §1.7, §3.2), chunk = routing block.
+
+    The chunked recurrence of the plain op of `backend` (:func:`torch_gdn`, ...) in which only the state write is
+    routed. Per chunk with start state `S` (log decay cumsum `G`, `δ = v_new = u − w S` for the delta rule, `v`
+    otherwise):
+
+        o  = scale · (e^G ⊙ (Q S) + tril(Q Kᵀ ⊙ Γ) δ)                       (real k, β, g: the virtual run)
+        S' = exp(Σ_t z_t g_t) ⊙ S + (m · K ⊙ e^{G_last − G})ᵀ δ             (routed: write mask m, decay mask z)
+
+    With `m` and `z` constant within each chunk this is `S' = D(S) + m · (R(S) − Δ(S))`: `R` the chunk's real run,
+    `Δ` its decay only, `D = Δ` (z = 1) or the identity (z = 0). `m = z = 1` everywhere is the plain op. Computes in
+    fp32 (fp64 stays fp64); gradients of `q, k, v, g, beta, write_mask, initial_state` come from autograd (the
+    router gradient of §1.7 is the one of `write_mask`).
+
+    Args:
+        backend (str): one of `'gdn'`, `'deltanet'`, `'gla'`, `'mamba2'`, `'linear_attn'`.
+        q (torch.Tensor): queries `[B, T, H, K]`.
+        k (torch.Tensor): keys `[B, T, H, K]` (used as given).
+        v (torch.Tensor): values `[B, T, H, V]`.
+        g (torch.Tensor, Optional): log decay, `[B, T, H]` for `gdn` and `mamba2`, `[B, T, H, K]` for `gla`,
+            None for `deltanet` and `linear_attn`.
+        beta (torch.Tensor, Optional): write strengths `[B, T, H]` for `gdn` and `deltanet`, else None.
+        write_mask (torch.Tensor): `m`, `[B, T, H]` float per token (1 on linear blocks, 0 on softmax blocks, per
+            head); multiplies the keys of the state write only. May require grad.
+        decay_mask (torch.Tensor, Optional): `z`, `[B, T, H]` 0/1, constant within each chunk; multiplies the log
+            decay of the carried state only (`decay_through_softmax=False`: 0 on softmax blocks). Carries no
+            gradient (detached). Default: `None` (all ones).
+        chunk_size (int): tokens per chunk (the routing block size). Chunks restart at every sequence start; the
+            last chunk of a sequence may be partial.
+        scale (float, Optional): read-out scale. Default: `K ** -0.5`.
+        initial_state (torch.Tensor, Optional): `[N, H, K, V]`, `N = B` or the number of packed sequences.
+            Default: zeros.
+        output_final_state (bool): whether to return the final state. Default: `False`.
+        cu_seqlens (torch.Tensor, Optional): `[N + 1]` integer offsets of packed sequences (`B = 1`).
+            Default: `None`.
+
+    Returns:
+        o (torch.Tensor): `[B, T, H, V]` in the dtype of `q`.
+        final_state (torch.Tensor or None): `[N, H, K, V]` in fp32 (fp64 for fp64 inputs), the carried state after
+            the last chunk.
+    """
+    if backend not in _BACKENDS:
+        raise ValueError(f"backend must be one of {sorted(_BACKENDS)}, got {backend!r}")
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int):
+        raise TypeError(f"chunk_size must be a positive int, got {type(chunk_size).__name__}")
+    if chunk_size <= 0:
+        raise ValueError(f"chunk_size must be a positive int, got {chunk_size}")
+    g_kind, uses_beta, _ = _BACKENDS[backend]
+    _check(q, k, v, g, beta, initial_state, cu_seqlens, g_kind=g_kind, uses_beta=uses_beta)
+    _check_mask("write_mask", write_mask, q)
+    if decay_mask is not None:
+        _check_mask("decay_mask", decay_mask, q)
+        decay_mask = decay_mask.detach()
+    return _run(q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens, chunk_size=chunk_size,
+                m=write_mask, z=decay_mask)
 
 
 def torch_gdn(q, k, v, g=None, beta=None, *, scale=None, initial_state=None, output_final_state=False,
@@ -167,15 +254,13 @@ def torch_gdn(q, k, v, g=None, beta=None, *, scale=None, initial_state=None, out
         o (torch.Tensor): `[B, T, H, V]` in the dtype of `q`.
         final_state (torch.Tensor or None): `[N, H, K, V]` in fp32 (fp64 for fp64 inputs).
     """
-    _check(q, k, v, g, beta, initial_state, cu_seqlens, g_kind='head', uses_beta=True)
-    return _run(_chunk_scalar_decay, q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens)
+    return _plain('gdn', q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens)
 
 
 def torch_deltanet(q, k, v, g=None, beta=None, *, scale=None, initial_state=None, output_final_state=False,
                    cu_seqlens=None):
     r"""DeltaNet: `S ← (I − β_t k_t k_tᵀ) S + β_t k_t v_tᵀ`; as :func:`torch_gdn` with `g` None (no decay)."""
-    _check(q, k, v, g, beta, initial_state, cu_seqlens, g_kind=None, uses_beta=True)
-    return _run(_chunk_scalar_decay, q, k, v, None, beta, scale, initial_state, output_final_state, cu_seqlens)
+    return _plain('deltanet', q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens)
 
 
 def torch_gla(q, k, v, g=None, beta=None, *, scale=None, initial_state=None, output_final_state=False,
@@ -184,8 +269,7 @@ def torch_gla(q, k, v, g=None, beta=None, *, scale=None, initial_state=None, out
 
     As :func:`torch_gdn` except: `g` is the per-key log decay `[B, T, H, K]` and `beta` must be None.
     """
-    _check(q, k, v, g, beta, initial_state, cu_seqlens, g_kind='key', uses_beta=False)
-    return _run(_chunk_key_decay, q, k, v, g, None, scale, initial_state, output_final_state, cu_seqlens)
+    return _plain('gla', q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens)
 
 
 def torch_mamba2(q, k, v, g=None, beta=None, *, scale=None, initial_state=None, output_final_state=False,
@@ -195,8 +279,7 @@ def torch_mamba2(q, k, v, g=None, beta=None, *, scale=None, initial_state=None, 
     As :func:`torch_gdn` except: `beta` must be None (the caller maps `k=B, q=C, v=x·dt, g=A·dt` and adds the
     `D` skip itself).
     """
-    _check(q, k, v, g, beta, initial_state, cu_seqlens, g_kind='head', uses_beta=False)
-    return _run(_chunk_scalar_decay, q, k, v, g, None, scale, initial_state, output_final_state, cu_seqlens)
+    return _plain('mamba2', q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens)
 
 
 def torch_linear_attn(q, k, v, g=None, beta=None, *, scale=None, initial_state=None, output_final_state=False,
@@ -205,5 +288,4 @@ def torch_linear_attn(q, k, v, g=None, beta=None, *, scale=None, initial_state=N
 
     As :func:`torch_gdn` except: `g` and `beta` must be None.
     """
-    _check(q, k, v, g, beta, initial_state, cu_seqlens, g_kind=None, uses_beta=False)
-    return _run(_chunk_scalar_decay, q, k, v, None, None, scale, initial_state, output_final_state, cu_seqlens)
+    return _plain('linear_attn', q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens)

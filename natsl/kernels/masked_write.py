@@ -1,0 +1,154 @@
+"""The routed share of the state-write gradient of the masked chunk pass (spec §1.7, §3.2).
+
+In the masked chunk pass the state write of chunk `c` uses keys `k·m` (`m` per token: 1 in linear blocks, 0 in
+softmax blocks) while every read uses the real `k`. fla's backward kernels take one `k`, so natsl runs them with the
+real `k` (for the reads) and this kernel removes the write term of the tokens with `m < 1`, per (chunk, head):
+
+    dk_w[t] = γ_t ⊙ (dS_c x_t)            γ_t = exp(G_last − G_t) (scalar gates, or per key for gla)
+    dm[t]   = k_t · dk_w[t]               the router gradient per token (§1.7: Σ_t over the block = ⟨dS', W⟩)
+    dk[t]  −= (1 − m_t) dk_w[t]
+    dv[t]  −= (1 − m_t) dS_cᵀ (γ_t ⊙ k_t)  (additive backends only: their dv holds the write term of the real k)
+    dg[t]  −= Σ_{s<t in c} (1 − m_s) dm_s  (⊙ per key for gla: the write term's share of the decay gradient,
+                                            after fla's reverse cumsum)
+
+`x` is fla's `v_new` (delta rule) or `v`, `dS_c = dh[c]` the gradient of the state after chunk `c` (fla's layout
+`[B, NT, H, K, V]`), `G` fla's chunk-local cumulative log2 gate. Maths: `natsl/layers/README.md`, "Linear branch".
+Pure-PyTorch twin (test oracle and CPU path): `naive.naive_masked_write_bwd`.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from natsl.kernels.naive import naive_masked_write_bwd
+
+
+@triton.heuristics({
+    "IS_VARLEN": lambda args: args["cu_seqlens"] is not None,
+    "USE_G": lambda args: args["g"] is not None,
+    "USE_GK": lambda args: args["gk"] is not None,
+    "USE_DV": lambda args: args["dv"] is not None,
+    "USE_DG": lambda args: args["dg"] is not None,
+})
+@triton.jit(do_not_specialize=["T"])
+def masked_write_bwd_kernel(
+    x, k, m, g, gk, dh, dk, dv, dg, dm, cu_seqlens, chunk_indices, T,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    IS_VARLEN: tl.constexpr, USE_G: tl.constexpr, USE_GK: tl.constexpr, USE_DV: tl.constexpr, USE_DG: tl.constexpr,
+):
+    i_t, i_bh = tl.program_id(0), tl.program_id(1)
+    i_b, i_h = i_bh // H, i_bh % H
+    if IS_VARLEN:
+        i_tg = i_t.to(tl.int64)
+        i_n = tl.load(chunk_indices + i_t * 2).to(tl.int64)
+        i_t = tl.load(chunk_indices + i_t * 2 + 1).to(tl.int64)
+        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
+        eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
+        T = eos - bos
+    else:
+        i_t = i_t.to(tl.int64)
+        i_tg = i_b.to(tl.int64) * tl.cdiv(T, BT) + i_t
+        bos = i_b.to(tl.int64) * T
+    o_t = i_t * BT + tl.arange(0, BT).to(tl.int64)
+    m_t = o_t < T
+    o_k = tl.arange(0, BK).to(tl.int64)
+    m_k = o_k < K
+    last = tl.minimum(i_t * BT + BT, T) - 1
+    row = (bos + o_t) * H + i_h  # [BT] token-head rows
+    m_tk = m_t[:, None] & m_k[None, :]
+
+    b_k = tl.load(k + row[:, None] * K + o_k[None, :], mask=m_tk, other=0.).to(tl.float32)  # [BT, BK]
+    b_m = tl.load(m + row, mask=m_t, other=1.).to(tl.float32)  # [BT]
+    # γ: the decay from each token to the chunk's end, zero past the chunk
+    if USE_GK:
+        b_gk = tl.load(gk + row[:, None] * K + o_k[None, :], mask=m_tk, other=0.).to(tl.float32)
+        b_gkl = tl.load(gk + ((bos + last) * H + i_h) * K + o_k, mask=m_k, other=0.).to(tl.float32)
+        b_gam = tl.where(m_tk, tl.exp2(b_gkl[None, :] - b_gk), 0.)  # [BT, BK]
+    elif USE_G:
+        b_g = tl.load(g + row, mask=m_t, other=0.).to(tl.float32)
+        b_gl = tl.load(g + (bos + last) * H + i_h).to(tl.float32)
+        b_gam = tl.where(m_t, tl.exp2(b_gl - b_g), 0.)[:, None] + tl.zeros([BT, BK], dtype=tl.float32)
+    else:
+        b_gam = tl.where(m_tk, 1., 0.)
+    b_off = 1. - b_m  # the share of the write that the real-k kernels counted but the masked pass does not have
+    b_kg = (b_k * b_gam).to(x.dtype.element_ty)
+
+    dh += (i_tg * H + i_h) * K * V
+    b_dkw = tl.zeros([BT, BK], dtype=tl.float32)
+    for i_v in range(tl.cdiv(V, BV)):
+        o_v = i_v * BV + tl.arange(0, BV).to(tl.int64)
+        m_v = o_v < V
+        m_tv = m_t[:, None] & m_v[None, :]
+        b_x = tl.load(x + row[:, None] * V + o_v[None, :], mask=m_tv, other=0.)  # [BT, BV]
+        b_dh = tl.load(dh + o_k[:, None] * V + o_v[None, :], mask=m_k[:, None] & m_v[None, :], other=0.)  # [BK, BV]
+        b_dh = b_dh.to(b_x.dtype)
+        b_dkw = tl.dot(b_x, tl.trans(b_dh), b_dkw)
+        if USE_DV:
+            p_dv = dv + row[:, None] * V + o_v[None, :]
+            b_dvw = tl.dot(b_kg, b_dh)  # [BT, BV]
+            b_dv = tl.load(p_dv, mask=m_tv, other=0.).to(tl.float32) - b_off[:, None] * b_dvw
+            tl.store(p_dv, b_dv.to(p_dv.dtype.element_ty), mask=m_tv)
+    b_dkw = b_dkw * b_gam
+    b_kdk = b_k * b_dkw  # [BT, BK]
+    tl.store(dm + row, tl.sum(b_kdk, axis=1), mask=m_t)
+    p_dk = dk + row[:, None] * K + o_k[None, :]
+    b_dk = tl.load(p_dk, mask=m_tk, other=0.).to(tl.float32) - b_off[:, None] * b_dkw
+    tl.store(p_dk, b_dk.to(p_dk.dtype.element_ty), mask=m_tk)
+    if USE_DG:
+        if USE_GK:
+            b_c = b_off[:, None] * b_kdk  # [BT, BK]
+            p_dg = dg + row[:, None] * K + o_k[None, :]
+            b_dg = tl.load(p_dg, mask=m_tk, other=0.).to(tl.float32) - (tl.cumsum(b_c, axis=0) - b_c)
+            tl.store(p_dg, b_dg.to(p_dg.dtype.element_ty), mask=m_tk)
+        else:
+            b_c = b_off * tl.sum(b_kdk, axis=1)  # [BT]
+            p_dg = dg + row
+            b_dg = tl.load(p_dg, mask=m_t, other=0.).to(tl.float32) - (tl.cumsum(b_c, axis=0) - b_c)
+            tl.store(p_dg, b_dg.to(p_dg.dtype.element_ty), mask=m_t)
+
+
+def masked_write_bwd(x: torch.Tensor, k: torch.Tensor, m: torch.Tensor, dh: torch.Tensor, dk: torch.Tensor, *,
+                     dv: torch.Tensor | None = None, dg: torch.Tensor | None = None, g: torch.Tensor | None = None,
+                     gk: torch.Tensor | None = None, cu_seqlens: torch.Tensor | None = None,
+                     chunk_indices: torch.Tensor | None = None, chunk_size: int = 64) -> torch.Tensor:
+    r"""Remove the write term of tokens with `m < 1` from fla's real-k gradients, in place; return the router
+    gradient per token.
+
+    Args:
+        x (torch.Tensor): `[B, T, H, V]` the written values (fla's `v_new` for the delta rule, `v` otherwise).
+        k (torch.Tensor): `[B, T, H, K]` the real keys.
+        m (torch.Tensor): `[B, T, H]` the write mask (value 0 or 1 per token).
+        dh (torch.Tensor): `[B, NT, H, K, V]` gradient of the state after each chunk (fla's `dh`).
+        dk (torch.Tensor): `[B, T, H, K]` fla's key gradient, corrected in place.
+        dv (torch.Tensor, Optional): `[B, T, H, V]` fla's value gradient (additive backends), corrected in place.
+        dg (torch.Tensor, Optional): fla's gate gradient after its reverse cumsum (`[B, T, H]`, or `[B, T, H, K]`
+            with `gk`), corrected in place.
+        g (torch.Tensor, Optional): `[B, T, H]` fla's chunk-local cumulative log2 gate (scalar decay).
+        gk (torch.Tensor, Optional): `[B, T, H, K]` the same per key (gla).
+        cu_seqlens, chunk_indices (torch.LongTensor, Optional): fla's packed-sequence offsets and chunk indices.
+        chunk_size (int): fla's chunk size. Default: `64`.
+
+    Returns:
+        `dm [B, T, H]` float32: `k_t · dk_w[t]`, the gradient of the loss with respect to `m_t`.
+    """
+    if not x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":  # no Triton backend: the PyTorch twin
+        return naive_masked_write_bwd(x, k, m, dh, dk, dv=dv, dg=dg, g=g, gk=gk, cu_seqlens=cu_seqlens,
+                                      chunk_size=chunk_size)
+    B, T, H, K = k.shape
+    V = x.shape[-1]
+    if K > 256:
+        raise ValueError(f"masked_write_bwd supports key dims up to 256, got {K}")
+    NT = triton.cdiv(T, chunk_size) if cu_seqlens is None else len(chunk_indices)
+    BK = triton.next_power_of_2(K)
+    BV = 64 if BK <= 128 else 32
+    dm = torch.empty(B, T, H, dtype=torch.float32, device=k.device)
+    masked_write_bwd_kernel[(NT, B * H)](
+        x, k, m, g, gk, dh, dk, dv, dg, dm, cu_seqlens, chunk_indices, T,
+        H=H, K=K, V=V, BT=chunk_size, BK=BK, BV=BV, num_warps=4 if BK <= 64 else 8,
+    )
+    return dm
+

@@ -1,0 +1,154 @@
+"""The masked chunk pass over fla's chunk functions (spec §3.2): the NAtS-L linear branch at the cost of one fla call.
+
+With routing blocks equal to fla's chunks, the branch is fla's chunk pipeline in which only the state write sees
+the keys `k·m` (`m` per token: 1 in linear blocks, 0 in softmax blocks); the WY solve, `v_new` and the outputs use
+the real inputs. The forward calls fla's functions with `k·m` where they write the state; the backward calls
+fla's backward functions likewise and `natsl.kernels.masked_write.masked_write_bwd` removes the write term of the
+masked tokens from the gradients fla computes with the real `k` (and returns the router gradient `dm`).
+No gather, no data-dependent shape, no host sync (dense input). fla is imported lazily.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from natsl.kernels.masked_write import masked_write_bwd
+
+#: fla's chunk size: the routing block size the fla path takes.
+FLA_CHUNK = 64
+DELTA, SCALAR, KEY = "delta", "scalar", "key"
+FAMILY = {"gdn": DELTA, "deltanet": DELTA, "mamba2": SCALAR, "linear_attn": SCALAR, "gla": KEY}
+
+
+def _fla():
+    from fla.ops.common import chunk_h, chunk_o
+    from fla.ops.common.chunk_delta_h import chunk_gated_delta_rule_bwd_dhu, chunk_gated_delta_rule_fwd_h
+    from fla.ops.gated_delta_rule.chunk_fwd import chunk_gated_delta_rule_fwd_intra
+    from fla.ops.gated_delta_rule.wy_fast import prepare_wy_repr_bwd, recompute_w_u_fwd
+    from fla.ops.gla import chunk as gla
+    from fla.ops.utils import chunk_local_cumsum, prepare_chunk_indices
+    from fla.ops.utils.constant import RCP_LN2
+
+    return dict(chunk_h=chunk_h, chunk_o=chunk_o, dhu=chunk_gated_delta_rule_bwd_dhu,
+                fwd_h=chunk_gated_delta_rule_fwd_h, fwd_intra=chunk_gated_delta_rule_fwd_intra,
+                wy_bwd=prepare_wy_repr_bwd, recompute_w_u=recompute_w_u_fwd, gla=gla, cumsum=chunk_local_cumsum,
+                chunk_indices=prepare_chunk_indices, RCP_LN2=RCP_LN2)
+
+
+def _states(f, family, k_m, v, gc, h0, output_final_state, cu, ci, w=None, u=None, fp32=False):
+    """fla's state pass over the masked keys: `(h [B, NT, H, K, V], v_new or None, final state or None)`."""
+    if family == DELTA:
+        return f["fwd_h"](k=k_m, w=w, u=u, g=gc, initial_state=h0, output_final_state=output_final_state,
+                          cu_seqlens=cu, chunk_indices=ci, chunk_size=FLA_CHUNK)
+    h, ht = f["chunk_h"].chunk_fwd_h(k=k_m, v=v, g=gc if family == SCALAR else None,
+                                     gk=gc if family == KEY else None, h0=h0, output_final_state=output_final_state,
+                                     cu_seqlens=cu, chunk_size=FLA_CHUNK, states_in_fp32=fp32)
+    return h, None, ht
+
+
+class MaskedChunkFunction(torch.autograd.Function):
+    """`(o, final_state)` of the masked chunk pass; gradients for q, k, v, g, beta, m and the initial state."""
+
+    @staticmethod
+    def forward(ctx, family, q, k, v, g, beta, m, scale, h0, output_final_state, cu_seqlens):
+        f = _fla()
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        ci = None if cu_seqlens is None else f["chunk_indices"](cu_seqlens, FLA_CHUNK)
+        gc = None if g is None else f["cumsum"](g.contiguous().float(), chunk_size=FLA_CHUNK, scale=f["RCP_LN2"],
+                                                 cu_seqlens=cu_seqlens, chunk_indices=ci)
+        k_m = k * m[..., None].to(k.dtype)
+        A = w = u = None
+        if family == DELTA:
+            w, u, A = f["fwd_intra"](k=k, v=v, g=gc, beta=beta, cu_seqlens=cu_seqlens, chunk_indices=ci,
+                                     chunk_size=FLA_CHUNK)
+        h, v_new, ht = _states(f, family, k_m, v, gc, h0, output_final_state, cu_seqlens, ci, w, u)
+        if family == KEY:
+            A = f["gla"].chunk_gla_fwd_intra_gk(q=q, k=k, g=gc, scale=scale, cu_seqlens=cu_seqlens,
+                                                chunk_size=FLA_CHUNK, chunk_indices=ci)
+            o = f["gla"].chunk_gla_fwd_o_gk(q=q, v=v, g=gc, A=A, h=h, scale=scale, cu_seqlens=cu_seqlens,
+                                            chunk_size=FLA_CHUNK, chunk_indices=ci)
+        else:
+            o = f["chunk_o"].chunk_fwd_o(q=q, k=k, v=v if v_new is None else v_new, h=h,
+                                         g=gc if family != KEY else None, scale=scale, cu_seqlens=cu_seqlens,
+                                         chunk_size=FLA_CHUNK, chunk_indices=ci)
+        ctx.save_for_backward(q, k, v, gc, beta, m, h0, A, cu_seqlens, ci)
+        ctx.family, ctx.scale, ctx.has_g = family, scale, g is not None
+        return o, ht
+
+    @staticmethod
+    def backward(ctx, do, dht):
+        f = _fla()
+        q, k, v, gc, beta, m, h0, A, cu, ci = ctx.saved_tensors
+        family, scale = ctx.family, ctx.scale
+        do = do.contiguous()
+        k_m = k * m[..., None].to(k.dtype)
+        co = f["chunk_o"]
+        common = dict(cu_seqlens=cu, chunk_size=FLA_CHUNK, chunk_indices=ci)
+        db = dv_fix = None
+        if family == DELTA:
+            w, u = f["recompute_w_u"](k=k, v=v, beta=beta, A=A, g=gc, cu_seqlens=cu, chunk_indices=ci)
+            h, v_new, _ = _states(f, family, k_m, v, gc, h0, False, cu, ci, w, u)
+            dv = co.chunk_bwd_dv_local(q=q, k=k, do=do, g=gc, scale=scale, **common)
+            dh, dh0, dv = f["dhu"](q=q, k=k_m, w=w, do=do, dv=dv, g=gc, h0=h0, dht=dht, scale=scale, **common)
+            dq, dk, dw, dg = co.chunk_bwd_dqkwg(q=q, k=k, v=v_new, do=do, h=h, dh=dh, w=w, g=gc, dv=dv,
+                                                scale=scale, **common)
+            dk2, dv, db, dg2 = f["wy_bwd"](k=k, v=v, beta=beta, A=A, dw=dw, du=dv, g=gc, cu_seqlens=cu,
+                                          chunk_indices=ci)
+            dk.add_(dk2)
+            dg = f["cumsum"](dg + dg2, chunk_size=FLA_CHUNK, reverse=True, cu_seqlens=cu, chunk_indices=ci)
+            x = v_new
+        else:
+            h, _, _ = _states(f, family, k_m, v, gc, h0, False, cu, ci, fp32=True)
+            dh, dh0 = f["chunk_h"].chunk_bwd_dh(q=q, k=k, v=v, do=do, h0=h0, dht=dht, scale=scale,
+                                                g=gc if family == SCALAR else None,
+                                                gk=gc if family == KEY else None, cu_seqlens=cu,
+                                                chunk_size=FLA_CHUNK, states_in_fp32=True)
+            if family == SCALAR:
+                dq, dk, _, dg = co.chunk_bwd_dqkwg(q=q, k=k, v=v, do=do, h=h, dh=dh, g=gc, scale=scale, **common)
+                dv = co.chunk_bwd_dv(q=q, k=k, do=do, dh=dh, g=gc, scale=scale, **common)
+                if dg is not None:
+                    dg = f["cumsum"](dg, chunk_size=FLA_CHUNK, reverse=True, cu_seqlens=cu, chunk_indices=ci)
+            else:
+                gla = f["gla"]
+                dv = gla.chunk_gla_bwd_dv(k=k, g=gc, A=A, do=do, dh=dh, **common)
+                dA = gla.chunk_gla_bwd_dA(v=v, do=do, scale=scale, **common)
+                dq, dk = gla.chunk_gla_bwd_dqk_intra(q=q, k=k, g=gc, dA=dA, **common)
+                dq, dk, dg = gla.chunk_gla_bwd_dqkg(q=q, k=k, v=v, h=h, g=gc, do=do, dh=dh, dq=dq, dk=dk,
+                                                    scale=scale, **common)
+            x, dv_fix = v, dv
+        dk = dk.contiguous()
+        dm = masked_write_bwd(x, k, m, dh, dk, dv=dv_fix, dg=dg if ctx.has_g else None,
+                              g=gc if family != KEY else None, gk=gc if family == KEY else None, **common)
+        return (None, dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dg if ctx.has_g else None,
+                None if db is None else db.to(beta.dtype), dm.to(m.dtype), None, dh0, None, None)
+
+
+def masked_chunk(backend: str, q, k, v, g=None, beta=None, *, write_mask, scale, initial_state=None,
+                 output_final_state=False, cu_seqlens=None):
+    r"""The masked chunk pass (spec §3.2) over fla 0.6.0's chunk functions, routing blocks = fla's 64-token chunks.
+
+    Args:
+        backend (str): `"gdn"`, `"deltanet"`, `"gla"`, `"mamba2"` or `"linear_attn"`.
+        q, k (torch.Tensor): `[B, T, H, K]` (k L2-normalised by the caller for the delta rule).
+        v (torch.Tensor): `[B, T, H, V]`.
+        g (torch.Tensor, Optional): log decay `[B, T, H]` (gdn, mamba2) or `[B, T, H, K]` (gla).
+        beta (torch.Tensor, Optional): activated write strength `[B, T, H]` (gdn, deltanet).
+        write_mask (torch.Tensor): `[B, T, H]` `m` per token (1 linear block, 0 softmax block); carries the router
+            gradient (spec §1.7).
+        scale (float): read-out scale.
+        initial_state (torch.Tensor, Optional): `[B or N_seq, H, K, V]`.
+        output_final_state (bool): Default: `False`.
+        cu_seqlens (torch.LongTensor, Optional): `[N_seq + 1]` packed offsets (`B = 1`).
+
+    Returns:
+        `o [B, T, H, V]` (dtype of `q`) and `final_state [B or N_seq, H, K, V]` (float32) or `None`.
+    """
+    family = FAMILY[backend]
+    if backend == "deltanet":  # the delta rule is gdn with g = 0 (also in float32, which chunk_delta_rule refuses)
+        g = q.new_zeros(q.shape[:3], dtype=torch.float32)
+    if beta is not None:
+        beta = beta.to(q.dtype).contiguous()
+    h0 = None if initial_state is None else initial_state.float().contiguous()
+    o, ht = MaskedChunkFunction.apply(family, q, k, v, g, beta, write_mask.float().contiguous(), scale, h0,
+                                      output_final_state, cu_seqlens)
+    return o, ht
