@@ -1,12 +1,12 @@
 """Benchmark: the NAtS-L linear branch (spec §3.2) against one plain fla call of the same backend.
 
-Paper head config (H=6, K=128, V=256, block 64, bf16, B=1), T in {4k, 16k, 64k}, softmax-block fractions
-{0, 12.5%, 25%, 50%}; fwd and fwd+bwd by `triton.testing.do_bench` in one process; first-call (compile +
-autotune) times; a breakdown of the branch's parts; correctness-gated against the float64 reference first.
+Paper head config (H=6, K=128, V=256, block 64, bf16), (B, T) in {1 x 16k, 1 x 64k, 8 x 4k} (the issue's targets),
+softmax-block fractions {12.5%} by default; no-grad fwd, fwd and fwd+bwd by `triton.testing.do_bench` in one
+process, routing frozen and with the router gradient; first-call (compile + autotune) times; the top GPU kernels;
+correctness-gated against the float64 reference first.
 
 Run on the H200 (fla brought as wheels, see shared/gpu/README.md):
-    python benchmarks/bench_linear_branch.py --backends gdn --out $OUT/bench_linear_branch.md
-    (`--compile-modes auto,off`: the natsl rows with the block maths compiled and eager, side by side)
+    python benchmarks/bench_linear_branch.py --backends gdn,mamba2 --out $OUT/bench_linear_branch.md
 
 Harness opt-in (explicit, only here and in the GPU test): fla refuses its gated backward on Triton >= 3.4,
 < 3.7.1 on Hopper (fla #640); the H200 image has Triton 3.6, so `fla.ops.common.chunk_o.TRITON_ABOVE_3_7_1` is set
@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import os
 import sys
 import time
 from pathlib import Path
@@ -30,21 +29,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_softmax_backends as softmax_bench  # noqa: E402
 from utils import allow_fla_gated_backward_on_hopper, bench_ms, env_line, markdown_table  # noqa: E402
 
-import natsl.layers.linear.branch as br  # noqa: E402
 from natsl.layers.linear import TORCH_LINEAR_OPS  # noqa: E402
 from natsl.layers.linear.branch import linear_branch  # noqa: E402
 from natsl.layers.routing import Routing, routing_gates  # noqa: E402
 from natsl.reference import linear_branch_reference  # noqa: E402
-from natsl.utils import check_choice  # noqa: E402
 
 PROVIDERS = ["fla-plain", "natsl-branch", "natsl-branch-frozen-routing"]
 SHAPES = {"paper-340M": dict(B=1, H=6, Hr=6, K=128, V=256, C=64)}
-TS = [4096, 16384, 65536]
-FRACTIONS = [0.0, 0.125, 0.25, 0.5]
+CASES = [(1, 16384), (1, 65536), (8, 4096)]
+FRACTIONS = [0.125]
 GATE = dict(T=256, atol=2e-3)
 
 
 def make_inputs(backend, shape, T, frac, seed=0, device="cuda", dtype=torch.bfloat16):
+    """Random bf16 inputs requiring grad and a routing with exactly `round(frac * N)` softmax blocks per
+    (batch, router head)."""
     B, H, Hr, K, V, C = (shape[n] for n in ("B", "H", "Hr", "K", "V", "C"))
     gn = torch.Generator(device=device).manual_seed(seed)
     x = dict(q=F.normalize(torch.randn(B, T, H, K, generator=gn, device=device), dim=-1),
@@ -84,7 +83,7 @@ def setup(backend, shape, T, frac, provider, mode):
     else:
         r = routing.requires_grad_(provider == "natsl-branch")
 
-        def fwd():  # a new Routing per call, as in a layer: its block counts are fetched (one host sync) every call
+        def fwd():  # a new Routing per call, as in a layer
             return linear_branch(x["q"], x["k"], x["v"], Routing(r, C), backend=backend, g=x.get("g"),
                                  beta=x.get("beta"), impl="fla")[0]
         leaves = list(x.values()) + ([r] if r.requires_grad else [])
@@ -148,51 +147,6 @@ def first_call_s(backend, shape, provider, T=1024) -> float:
     return time.perf_counter() - t0
 
 
-def delta_parts(backend, shape, T, frac, op=None) -> dict:
-    """The gdn/deltanet branch's parts at one shape, as zero-argument callables by name (fwd+bwd where
-    differentiable). `op`: the plain fla op, for the main and reads passes; without it only the two fla-free parts
-    (the softmax blocks' WY and the router-gradient correction, fed random reads: its cost does not depend on them)."""
-    x, routing = make_inputs(backend, shape, T, frac)
-    route = Routing(routing, shape["C"])
-    B, H, V, K = shape["B"], shape["H"], shape["V"], shape["K"]
-    c = br._Call(op, backend, route, route.layout(T), B, T, H, shape["Hr"], K, V, K ** -0.5, torch.float32, True)
-    idx, _, _ = br._rows_of_blocks(c, "softmax")
-    w = torch.ones(B, T, H, device="cuda", dtype=torch.bfloat16)
-    do = torch.randn(B, T, H, V, device="cuda", dtype=torch.bfloat16)
-    o_r = torch.randn(B, T, H, V, device="cuda", dtype=torch.bfloat16)
-
-    def main():
-        op(x["q"], x["k"], x["v"], x.get("g"), x["beta"] * w)[0].backward(do)
-
-    def wy():
-        qb, kb, vb = (br._blockify(x[m], idx, c.Hr) for m in ("q", "k", "v"))
-        q_read, o_blk = br._delta_blocks(qb, kb, vb, br._blockify_gate(x["beta"], idx, c.Hr),
-                                         br._blockify_gate(x.get("g"), idx, c.Hr), c.scale)
-        (q_read.sum() + o_blk.sum()).backward()
-
-    def reads():
-        br._delta_reads(c, x["k"], x["v"], x.get("g"), x["beta"] * w, None)
-
-    def correction():
-        with torch.no_grad():
-            br._delta_in_block_gate_grad(c, x["q"], x["k"], x["v"], x["beta"], x.get("g"), w, o_r, None, do)
-
-    parts = {"main pass (one fla call, fwd+bwd)": main} if op is not None else {}
-    parts[f"softmax blocks: WY read query + own-block outputs ({idx.shape[0]} blocks, fwd+bwd)"] = wy
-    if op is not None:
-        parts["router grad: reads pass (fla fwd, no grad)"] = reads
-    parts["router grad: in-block correction (bwd only)"] = correction
-    return parts
-
-
-def breakdown(backend, shape, T, frac) -> list[dict]:
-    """do_bench of `delta_parts` with the plain fla op."""
-    from natsl.layers.linear.fla_ops import FLA_LINEAR_OPS
-
-    parts = delta_parts(backend, shape, T, frac, FLA_LINEAR_OPS[backend])
-    return [{"part": name, "ms": bench_ms(fn)[0]} for name, fn in parts.items()]
-
-
 def profile_table(backend, shape, T, frac, provider="natsl-branch", top=15) -> str:
     """The `top` GPU kernels (by total device time) of one fwd+bwd of the branch, and the sum over all kernels."""
     fn, _ = setup(backend, shape, T, frac, provider, "fwd+bwd")
@@ -210,9 +164,7 @@ def profile_table(backend, shape, T, frac, provider="natsl-branch", top=15) -> s
 
 def op_setup(backend, shape, T, frac, provider, train=False):
     """fwd+bwd of the whole op with the `flex` softmax branch (routing frozen, or with its gradient if `train`):
-    `"op"` (`natsl.natsl_attention`, which prefetches the linear branch's block counts before queueing the softmax
-    branch), `"op-no-prefetch"` (the two branches called in the same order without the prefetch: the count sync then
-    waits for the softmax branch) or `"softmax-only"` (the softmax branch alone)."""
+    `"op"` (`natsl.natsl_attention`) or `"softmax-only"` (the softmax branch alone)."""
     from natsl import natsl_attention
     from natsl.layers.softmax import softmax_branch
 
@@ -228,10 +180,6 @@ def op_setup(backend, shape, T, frac, provider, train=False):
         if provider == "op":
             o_s, o_l, _ = natsl_attention(qs, ks, vs, x["q"], x["k"], x["v"], routing, linear_backend=backend,
                                           block_size=C, softmax_backend="flex", linear_impl="fla", **lin)
-        elif provider == "op-no-prefetch":
-            route = Routing(routing, C)
-            o_s = softmax_branch(qs, ks, vs, route, backend="flex")
-            o_l = linear_branch(x["q"], x["k"], x["v"], route, backend=backend, impl="fla", **lin)[0]
         else:
             softmax_branch(qs, ks, vs, Routing(routing, C), backend="flex").backward(do_s)
             return
@@ -246,37 +194,27 @@ def op_rows(backend, shape, T, frac) -> list[dict]:
     rows = []
     for train in (False, True):
         ms = {p: bench_ms(op_setup(backend, shape, T, frac, p, train))[0]
-              for p in ("softmax-only", "op", "op-no-prefetch")}
+              for p in ("softmax-only", "op")}
         rows += [{"T": T, "softmax": f"{frac:.1%}", "routing": "train" if train else "frozen", "variant": p,
                   "plain fla fwd+bwd": plain, "softmax branch alone": ms["softmax-only"], "op fwd+bwd": ms[p],
                   "op − softmax": ms[p] - ms["softmax-only"],
-                  "(op − softmax) / plain": (ms[p] - ms["softmax-only"]) / plain} for p in ("op", "op-no-prefetch")]
+                  "(op − softmax) / plain": (ms[p] - ms["softmax-only"]) / plain} for p in ("op",)]
     return rows
 
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--backends", default="gdn")
-    ap.add_argument("--ts", default=",".join(map(str, TS)))
+    ap.add_argument("--backends", default="gdn,mamba2")
+    ap.add_argument("--cases", default=",".join(f"{b}x{t}" for b, t in CASES), help="BxT, comma-separated")
     ap.add_argument("--fractions", default=",".join(map(str, FRACTIONS)))
-    ap.add_argument("--compile-modes", default="auto",
-                    help="NATSL_COMPILE values to time the natsl rows under, e.g. 'auto,off' (compiled and eager)")
-    ap.add_argument("--no-breakdown", action="store_true", help="skip the parts breakdown and the profile")
-    ap.add_argument("--tf32", action="store_true",
-                    help="torch.backends.cuda.matmul.allow_tf32 = True for the whole run (the correctness gate too)")
+    ap.add_argument("--profile", action="store_true", help="top GPU kernels of one fwd+bwd at the largest case")
     ap.add_argument("--op", action="store_true",
-                    help="also time the whole op (flex softmax branch + this branch, routing frozen) at every T and "
-                         "fraction: the branch's cost inside it")
+                    help="also time the whole op (flex softmax branch + this branch) at B=1: the branch's cost inside it")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
-    modes = args.compile_modes.split(",")
-    for m in modes:
-        check_choice("--compile-modes", m, br.COMPILE_MODES)
     allow_fla_gated_backward_on_hopper()
-    torch.backends.cuda.matmul.allow_tf32 = args.tf32
     shape_name, shape = next(iter(SHAPES.items()))
-    report = [f"# bench_linear_branch ({env_line()})", f"shape {shape_name}: {shape}, B=1, bf16, "
-              f"fp32 matmuls in TF32: {args.tf32}", ""]
+    report = [f"# bench_linear_branch ({env_line()})", f"shape {shape_name}: {shape}, bf16", ""]
 
     def emit(line=""):
         print(line, flush=True)  # noqa: T201
@@ -284,13 +222,10 @@ def main():
         if args.out:
             Path(args.out).write_text("\n".join(report) + "\n")
 
+    cases = [tuple(map(int, c.split("x"))) for c in args.cases.split(",")]
     for backend in args.backends.split(","):
-        compile_rows = []
-        for p in PROVIDERS[:2]:
-            for m in (modes if p != "fla-plain" else modes[:1]):
-                os.environ["NATSL_COMPILE"] = m
-                compile_rows.append({"provider": p if p == "fla-plain" else f"{p} (NATSL_COMPILE={m})",
-                                     "first fwd+bwd call at T=1024 (s)": first_call_s(backend, shape, p)})
+        compile_rows = [{"provider": p, "first fwd+bwd call at T=1024 (s)": first_call_s(backend, shape, p)}
+                        for p in PROVIDERS[:2]]
         ok, msg = correctness_gate(backend, shape)
         emit(f"## {backend}: correctness gate at T={GATE['T']} vs float64 reference: {'PASS' if ok else 'FAIL'}")
         emit(msg)
@@ -299,44 +234,40 @@ def main():
             emit("correctness gate failed: no timings")
             continue
         rows = []
-        for T in map(int, args.ts.split(",")):
-            plain = {m: bench_ms(setup(backend, shape, T, 0.0, "fla-plain", m)[0])[0]
-                     for m in ("inference", "fwd", "fwd+bwd")}
-            for frac, mode in itertools.product(map(float, args.fractions.split(",")), modes):
-                os.environ["NATSL_COMPILE"] = mode
-                row = {"T": T, "softmax": f"{frac:.1%}", "compile": mode, "plain no-grad fwd": plain["inference"],
-                       "no-grad fwd": bench_ms(setup(backend, shape, T, frac, "natsl-branch", "inference")[0])[0],
-                       "plain fwd": plain["fwd"], "plain fwd+bwd": plain["fwd+bwd"]}
-                for p, tag in (("natsl-branch-frozen-routing", "frozen"), ("natsl-branch", "train")):
-                    for m in ("fwd", "fwd+bwd"):
-                        row[f"{tag} {m}"] = bench_ms(setup(backend, shape, T, frac, p, m)[0])[0]
-                row["train fwd+bwd / plain"] = row["train fwd+bwd"] / plain["fwd+bwd"]
-                row["frozen fwd+bwd / plain"] = row["frozen fwd+bwd"] / plain["fwd+bwd"]
+        for (B, T), frac in itertools.product(cases, map(float, args.fractions.split(","))):
+            sh = {**shape, "B": B}
+            plain = {m: bench_ms(setup(backend, sh, T, 0.0, "fla-plain", m)[0])[0] for m in ("inference", "fwd", "fwd+bwd")}
+            row = {"B": B, "T": T, "softmax": f"{frac:.1%}", "plain no-grad fwd": plain["inference"],
+                   "no-grad fwd": bench_ms(setup(backend, sh, T, frac, "natsl-branch", "inference")[0])[0],
+                   "plain fwd": plain["fwd"], "plain fwd+bwd": plain["fwd+bwd"]}
+            for p, tag in (("natsl-branch-frozen-routing", "frozen"), ("natsl-branch", "train")):
+                for m in ("fwd", "fwd+bwd"):
+                    row[f"{tag} {m}"] = bench_ms(setup(backend, sh, T, frac, p, m)[0])[0]
+            row["frozen fwd+bwd / plain"] = row["frozen fwd+bwd"] / plain["fwd+bwd"]
+            row["train fwd+bwd / plain"] = row["train fwd+bwd"] / plain["fwd+bwd"]
+            for p, tag in (("fla-plain", "plain"), ("natsl-branch", "train")):
+                fn = setup(backend, sh, T, frac, p, "fwd+bwd")[0]
+                torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats()
-                setup(backend, shape, T, frac, "natsl-branch", "fwd+bwd")[0]()
-                row["peak MiB (train)"] = torch.cuda.max_memory_allocated() / 2**20
-                rows.append(row)
-                print(row, flush=True)  # noqa: T201
+                fn()
+                torch.cuda.synchronize()
+                row[f"peak MiB ({tag})"] = torch.cuda.max_memory_allocated() / 2**20
+            rows.append(row)
+            print(row, flush=True)  # noqa: T201
+        emit(markdown_table(rows, ["B", "T", "softmax", "plain no-grad fwd", "no-grad fwd", "plain fwd", "plain fwd+bwd",
+                                   "frozen fwd", "frozen fwd+bwd", "train fwd", "train fwd+bwd",
+                                   "frozen fwd+bwd / plain", "train fwd+bwd / plain", "peak MiB (plain)",
+                                   "peak MiB (train)"]))
         if args.op:
-            op_tab = [r for T in map(int, args.ts.split(",")) for frac in map(float, args.fractions.split(","))
+            op_tab = [r for (B, T) in cases if B == 1 for frac in map(float, args.fractions.split(","))
                       for r in op_rows(backend, shape, T, frac)]
             emit(f"whole op, flex softmax branch (heads {softmax_bench.SHAPE}), ms:")
-            emit(markdown_table(op_tab, ["T", "softmax", "routing", "variant", "plain fla fwd+bwd", "softmax branch alone",
-                                         "op fwd+bwd", "op − softmax", "(op − softmax) / plain"]))
-        emit(markdown_table(rows, ["T", "softmax", "compile", "plain no-grad fwd", "no-grad fwd", "plain fwd",
-                                   "plain fwd+bwd", "frozen fwd", "frozen fwd+bwd",
-                                   "train fwd", "train fwd+bwd", "frozen fwd+bwd / plain", "train fwd+bwd / plain",
-                                   "peak MiB (train)"]))
-        if backend in ("gdn", "deltanet") and not args.no_breakdown:
-            T = max(map(int, args.ts.split(",")))
-            for mode in modes:
-                os.environ["NATSL_COMPILE"] = mode
-                emit(f"\nbreakdown at T={T}, 12.5% softmax blocks, NATSL_COMPILE={mode} (ms):")
-                emit(markdown_table(breakdown(backend, shape, T, 0.125), ["part", "ms"]))
-                for p, tag in (("natsl-branch-frozen-routing", "frozen"), ("natsl-branch", "training")):
-                    emit(f"\ntop GPU kernels of one {tag} fwd+bwd at T={T}, 12.5% softmax blocks, "
-                         f"NATSL_COMPILE={mode} (torch.profiler):")
-                    emit(profile_table(backend, shape, T, 0.125, p))
+            emit(markdown_table(op_tab, ["T", "softmax", "routing", "variant", "plain fla fwd+bwd",
+                                         "softmax branch alone", "op fwd+bwd", "op − softmax", "(op − softmax) / plain"]))
+        if args.profile:
+            B, T = max(cases, key=lambda c: c[0] * c[1])
+            emit(f"\ntop GPU kernels of one training fwd+bwd at B={B}, T={T}, 12.5% softmax blocks (torch.profiler):")
+            emit(profile_table(backend, {**shape, "B": B}, T, 0.125))
         emit()
 
 

@@ -122,8 +122,13 @@ def check_mixer_forward(name: str, x: torch.Tensor, hidden_size: int, attention_
     if (use_cache or past_key_values is not None) and cu_seqlens is not None:
         raise ValueError(f"{name}: packed sequences (cu_seqlens) cannot be used with an inference cache; generate "
                          "each sequence separately (or as an unpadded batch of equal lengths)")
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+        raise TypeError(f"hidden_states must be a floating-point tensor, got "
+                        f"{getattr(x, 'dtype', type(x).__name__)}")
     if x.dim() != 3 or x.shape[-1] != hidden_size:
         raise ValueError(f"hidden_states must have shape [B, T, {hidden_size}], got {tuple(x.shape)}")
+    if cu_seqlens is not None:
+        check_cu_seqlens(cu_seqlens, x.shape[1], x.shape[0])
     if attention_mask is not None and not bool(attention_mask.bool().all()):
         raise ValueError(f"{name} does not support padded batches (attention_mask with zeros); pack the sequences "
                          "and pass cu_seqlens instead")
