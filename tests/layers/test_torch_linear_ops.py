@@ -311,15 +311,13 @@ def masked_token_recurrence(backend, q, k, v, g=None, beta=None, *, m, z=None, C
         for s, e in chunks:
             R, W = S, torch.zeros_like(S)
             for t in range(s, e):
-                gt, bt = None if g is None else g[b, t], None if beta is None else beta[b, t]
-
-                def decay(X, gt=gt, bt=bt, t=t):
-                    return _step(backend, X, torch.zeros_like(k[b, t]), v[b, t], gt, bt)
-                R_new = _step(backend, R, k[b, t], v[b, t], gt, bt)
+                x = (v[b, t], None if g is None else g[b, t], None if beta is None else beta[b, t])
+                k0 = torch.zeros_like(k[b, t])  # a token with k = 0 only decays: decay_t(X) = _step(X, k0)
+                R_new = _step(backend, R, k[b, t], *x)
                 outs[b].append(scale * torch.einsum("hk,hkv->hv", q[b, t], R_new))
-                W = decay(W) + m[b, t][:, None, None] * (R_new - decay(R))
+                W = _step(backend, W, k0, *x) + m[b, t][:, None, None] * (R_new - _step(backend, R, k0, *x))
                 zt = 1.0 if z is None else z[b, t][:, None, None]
-                S, R = zt * decay(S) + (1 - zt) * S, R_new
+                S, R = zt * _step(backend, S, k0, *x) + (1 - zt) * S, R_new
             S = S + W
         finals.append(S)
     return torch.stack([torch.stack(o) for o in outs]), torch.stack(finals)
@@ -427,14 +425,14 @@ def test_masked_chunk_ones_is_plain_op(backend, layout):
     default = GLA_CHUNK_SIZE if backend == "gla" else CHUNK_SIZE
     plain = outputs_and_grads(torch_op(backend), x, 13, cu_seqlens=cu)
     ones = torch.ones(B, T, 2, dtype=torch.float64)
-    for C, z in [(default, None), (default, ones), (4, None), (5, ones)]:
-        def op(q, k, v, g=None, beta=None, initial_state=None, C=C, z=z):
-            return torch_masked_chunk(backend, q, k, v, g, beta, write_mask=ones, decay_mask=z, chunk_size=C,
+    for chunk, z in [(default, None), (default, ones), (4, None), (5, ones)]:
+        def op(q, k, v, g=None, beta=None, initial_state=None, chunk=chunk, z=z):
+            return torch_masked_chunk(backend, q, k, v, g, beta, write_mask=ones, decay_mask=z, chunk_size=chunk,
                                       initial_state=initial_state, output_final_state=True, cu_seqlens=cu)
         out = outputs_and_grads(op, x, 13)
-        if C == default and z is None:
+        if chunk == default and z is None:
             assert torch.equal(plain[0], out[0]) and torch.equal(plain[1], out[1])
-        assert_all_close(f"masked ones {backend} C={C}", plain, out, 1e-12, 1e-13)
+        assert_all_close(f"masked ones {backend} C={chunk}", plain, out, 1e-12, 1e-13)
 
 
 def test_masked_chunk_dtype_and_decay_mask_gradient():

@@ -128,10 +128,8 @@ def _chunk_pass(q, k, v, g, beta, m, z, S0, scale, C):
     k_dec = k * (G_last - G).exp()
     if m is not None:
         k_dec = k_dec * _chunks(m, C)[..., None]  # the write keys k·m: the only place routing enters
-    if z is None or g is None:
-        decay_last = G_last[..., 0, :].exp()
-    else:
-        decay_last = G_last[..., 0, :].exp()  # = e^{G_last · z} for z constant per chunk
+    # the carried state decays by exp(Σ_t z_t g_t) = e^{G_last · z} for z constant per chunk
+    decay_last = G_last[..., 0, :].exp() if z is None or g is None else _chunks(g * z[..., None], C).sum(-2).exp()
     if beta is None:
         o, S = _scan(q_dec, A, v, None, k_dec, decay_last, S0)
     else:
