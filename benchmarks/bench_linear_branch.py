@@ -162,6 +162,31 @@ def profile_table(backend, shape, T, frac, provider="natsl-branch", top=15) -> s
     return markdown_table(rows, ["kernel", "calls", "ms"]) + f"\nsum of all GPU kernels: {total:.2f} ms"
 
 
+def host_rows(backend, shape, T, frac) -> list[dict]:
+    """Host issue time per fwd+bwd call (no wait for the GPU) and wall time per call, plain fla vs the branch."""
+    from utils import host_us_per_call
+
+    rows = []
+    for p in PROVIDERS:
+        fn = setup(backend, shape, T, frac, p, "fwd+bwd")[0]
+        rows.append({"provider": p, "host issue us/call": host_us_per_call(fn, 50, wait_for_gpu=False),
+                     "wall us/call": host_us_per_call(fn, 50)})
+    return rows
+
+
+def cpu_profile_table(backend, shape, T, frac, provider="natsl-branch", top=25) -> str:
+    """The `top` host-side ops (self CPU time) of one fwd+bwd: where the launch overhead goes."""
+    fn, _ = setup(backend, shape, T, frac, provider, "fwd+bwd")
+    fn()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    events = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:top]
+    rows = [{"op": e.key[:70], "calls": e.count, "self CPU us": e.self_cpu_time_total} for e in events]
+    return markdown_table(rows, ["op", "calls", "self CPU us"])
+
+
 def op_setup(backend, shape, T, frac, provider, train=False):
     """fwd+bwd of the whole op with the `flex` softmax branch (routing frozen, or with its gradient if `train`):
     `"op"` (`natsl.natsl_attention`) or `"softmax-only"` (the softmax branch alone)."""
@@ -208,6 +233,7 @@ def main():
     ap.add_argument("--cases", default=",".join(f"{b}x{t}" for b, t in CASES), help="BxT, comma-separated")
     ap.add_argument("--fractions", default=",".join(map(str, FRACTIONS)))
     ap.add_argument("--profile", action="store_true", help="top GPU kernels of one fwd+bwd at the largest case")
+    ap.add_argument("--host", action="store_true", help="host time per call and a CPU profile at the smallest case")
     ap.add_argument("--op", action="store_true",
                     help="also time the whole op (flex softmax branch + this branch) at B=1: the branch's cost inside it")
     ap.add_argument("--out", default=None)
@@ -264,6 +290,14 @@ def main():
             emit(f"whole op, flex softmax branch (heads {softmax_bench.SHAPE}), ms:")
             emit(markdown_table(op_tab, ["T", "softmax", "routing", "variant", "plain fla fwd+bwd",
                                          "softmax branch alone", "op fwd+bwd", "op − softmax", "(op − softmax) / plain"]))
+        if args.host:
+            B, T = min(cases, key=lambda c: c[0] * c[1])
+            emit(f"\nhost time per fwd+bwd at B={B}, T={T}:")
+            emit(markdown_table(host_rows(backend, {**shape, "B": B}, T, 0.125),
+                                ["provider", "host issue us/call", "wall us/call"]))
+            for p in ("fla-plain", "natsl-branch"):
+                emit(f"\nhost ops of one fwd+bwd ({p}) at B={B}, T={T}:")
+                emit(cpu_profile_table(backend, {**shape, "B": B}, T, 0.125, p))
         if args.profile:
             B, T = max(cases, key=lambda c: c[0] * c[1])
             emit(f"\ntop GPU kernels of one training fwd+bwd at B={B}, T={T}, 12.5% softmax blocks (torch.profiler):")

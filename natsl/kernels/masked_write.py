@@ -7,7 +7,8 @@ real `k` (for the reads) and this kernel removes the write term of the tokens wi
     dk_w[t] = γ_t ⊙ (dS_c x_t)            γ_t = exp(G_last − G_t) (scalar gates, or per key for gla)
     dm[t]   = k_t · dk_w[t]               the router gradient per token (§1.7: Σ_t over the block = ⟨dS', W⟩)
     dk[t]  −= (1 − m_t) dk_w[t]
-    dv[t]  −= (1 − m_t) dS_cᵀ (γ_t ⊙ k_t)  (additive backends only: their dv holds the write term of the real k)
+    dv[t]  −= (1 − m_t) dS_cᵀ (γ_t ⊙ k_t)  (additive backends only: gla's dv holds the write term of the real k;
+                                            with `dv_add`, dv holds none and gets `+= m_t dS_cᵀ (γ_t ⊙ k_t)`)
     dg[t]  −= Σ_{s<t in c} (1 − m_s) dm_s  (⊙ per key for gla: the write term's share of the decay gradient,
                                             after fla's reverse cumsum)
 
@@ -39,6 +40,7 @@ def masked_write_bwd_kernel(
     x, k, m, g, gk, dh, dk, dv, dg, dm, cu_seqlens, chunk_indices, T,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     IS_VARLEN: tl.constexpr, USE_G: tl.constexpr, USE_GK: tl.constexpr, USE_DV: tl.constexpr, USE_DG: tl.constexpr,
+    DV_ADD: tl.constexpr,
 ):
     i_t, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
@@ -90,7 +92,10 @@ def masked_write_bwd_kernel(
         if USE_DV:
             p_dv = dv + row[:, None] * V + o_v[None, :]
             b_dvw = tl.dot(b_kg, b_dh)  # [BT, BV]
-            b_dv = tl.load(p_dv, mask=m_tv, other=0.).to(tl.float32) - b_off[:, None] * b_dvw
+            if DV_ADD:
+                b_dv = tl.load(p_dv, mask=m_tv, other=0.).to(tl.float32) + b_m[:, None] * b_dvw
+            else:
+                b_dv = tl.load(p_dv, mask=m_tv, other=0.).to(tl.float32) - b_off[:, None] * b_dvw
             tl.store(p_dv, b_dv.to(p_dv.dtype.element_ty), mask=m_tv)
     b_dkw = b_dkw * b_gam
     b_kdk = b_k * b_dkw  # [BT, BK]
@@ -112,8 +117,8 @@ def masked_write_bwd_kernel(
 
 
 def masked_write_bwd(x: torch.Tensor, k: torch.Tensor, m: torch.Tensor, dh: torch.Tensor, dk: torch.Tensor, *,
-                     dv: torch.Tensor | None = None, dg: torch.Tensor | None = None, g: torch.Tensor | None = None,
-                     gk: torch.Tensor | None = None, cu_seqlens: torch.Tensor | None = None,
+                     dv: torch.Tensor | None = None, dv_add: bool = False, dg: torch.Tensor | None = None,
+                     g: torch.Tensor | None = None, gk: torch.Tensor | None = None, cu_seqlens: torch.Tensor | None = None,
                      chunk_indices: torch.Tensor | None = None, chunk_size: int = 64) -> torch.Tensor:
     r"""Remove the write term of tokens with `m < 1` from fla's real-k gradients, in place; return the router
     gradient per token.
@@ -125,6 +130,8 @@ def masked_write_bwd(x: torch.Tensor, k: torch.Tensor, m: torch.Tensor, dh: torc
         dh (torch.Tensor): `[B, NT, H, K, V]` gradient of the state after each chunk (fla's `dh`).
         dk (torch.Tensor): `[B, T, H, K]` fla's key gradient, corrected in place.
         dv (torch.Tensor, Optional): `[B, T, H, V]` fla's value gradient (additive backends), corrected in place.
+        dv_add (bool): `dv` holds the intra-chunk term only (fla's `chunk_bwd_dv_local`): add the masked write
+            term `m·dv_w` instead of removing `(1 − m)·dv_w`. Default: `False`.
         dg (torch.Tensor, Optional): fla's gate gradient after its reverse cumsum (`[B, T, H]`, or `[B, T, H, K]`
             with `gk`), corrected in place.
         g (torch.Tensor, Optional): `[B, T, H]` fla's chunk-local cumulative log2 gate (scalar decay).
@@ -136,7 +143,7 @@ def masked_write_bwd(x: torch.Tensor, k: torch.Tensor, m: torch.Tensor, dh: torc
         `dm [B, T, H]` float32: `k_t · dk_w[t]`, the gradient of the loss with respect to `m_t`.
     """
     if not x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":  # no Triton backend: the PyTorch twin
-        return naive_masked_write_bwd(x, k, m, dh, dk, dv=dv, dg=dg, g=g, gk=gk, cu_seqlens=cu_seqlens,
+        return naive_masked_write_bwd(x, k, m, dh, dk, dv=dv, dv_add=dv_add, dg=dg, g=g, gk=gk, cu_seqlens=cu_seqlens,
                                       chunk_size=chunk_size)
     B, T, H, K = k.shape
     V = x.shape[-1]
@@ -148,7 +155,7 @@ def masked_write_bwd(x: torch.Tensor, k: torch.Tensor, m: torch.Tensor, dh: torc
     dm = torch.empty(B, T, H, dtype=torch.float32, device=k.device)
     masked_write_bwd_kernel[(NT, B * H)](
         x, k, m, g, gk, dh, dk, dv, dg, dm, cu_seqlens, chunk_indices, T,
-        H=H, K=K, V=V, BT=chunk_size, BK=BK, BV=BV, num_warps=4 if BK <= 64 else 8,
+        H=H, K=K, V=V, BT=chunk_size, BK=BK, BV=BV, DV_ADD=dv_add, num_warps=4 if BK <= 64 else 8,
     )
     return dm
 

@@ -55,7 +55,8 @@ def naive_scatter_tokens(y: torch.Tensor, dest: torch.Tensor) -> torch.Tensor:
     return out.index_put(torch.nonzero(routed, as_tuple=True), y[dest[routed].long()]).view(B, T, Hr * G, D)
 
 
-def naive_masked_write_bwd(x, k, m, dh, dk, *, dv=None, dg=None, g=None, gk=None, cu_seqlens=None, chunk_size=64):
+def naive_masked_write_bwd(x, k, m, dh, dk, *, dv=None, dv_add=False, dg=None, g=None, gk=None, cu_seqlens=None,
+                           chunk_size=64):
     """PyTorch twin of `natsl.kernels.masked_write.masked_write_bwd` (same arguments, same in-place updates of `dk`,
     `dv`, `dg`; returns `dm [B, T, H]` float32), one chunk at a time."""
     B, T, H, K = k.shape
@@ -82,7 +83,8 @@ def naive_masked_write_bwd(x, k, m, dh, dk, *, dv=None, dg=None, g=None, gk=None
             dm[b, s:e] = kdk.sum(-1).float()
             dk[b, s:e] -= (off[..., None] * dkw).to(dk.dtype)
             if dv is not None:
-                dv[b, s:e] -= (off[..., None] * torch.einsum("chk,hkv->chv", kc * gam, D)).to(dv.dtype)
+                coef = m[b, s:e].to(f) if dv_add else -off
+                dv[b, s:e] += (coef[..., None] * torch.einsum("chk,hkv->chv", kc * gam, D)).to(dv.dtype)
             if dg is not None:
                 c_ = off[..., None] * kdk if gk is not None else off * kdk.sum(-1)
                 dg[b, s:e] -= (c_.cumsum(0) - c_).to(dg.dtype)

@@ -149,7 +149,7 @@ def test_layer_training_step_makes_no_host_sync():
     from natsl.layers.natsl_attention import NAtSLAttention
 
     torch.manual_seed(0)
-    layer = NAtSLAttention(softmax_backend="flex", router_grad="both").to(DEV)
+    layer = NAtSLAttention(softmax_backend="flex").to(DEV)  # router_grad="selected" (paper): flex has both gates
     x = torch.randn(2, 4096, layer.hidden_size, device=DEV, requires_grad=True)
 
     def step():

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from natsl.layers.routing import Routing
+from natsl.layers.routing import LINEAR, Routing
 from natsl.utils import LINEAR_BACKENDS, ROUTER_GRADS, check_choice
 
 LINEAR_IMPLS = ("auto", "fla", "torch")
@@ -89,9 +89,7 @@ def linear_branch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, routing: Ro
                          "linear_impl='torch' (or keep the default decay_through_softmax=True)")
     scale = K ** -0.5 if scale is None else float(scale)
     cdt = torch.promote_types(q.dtype, torch.float32)
-    token_block = routing.layout(T).token_block
-    _, gate_l = routing.gates(router_grad)
-    m = gate_l[:, token_block].repeat_interleave(H // Hr, dim=-1).to(cdt)  # [B, T, H] linear gate m_L per token
+    m = _token_gates(routing, router_grad, T, H, cdt)  # [B, T, H] linear gate m_L of every token's block
     if impl == "fla":
         from natsl.layers.linear.masked import masked_chunk
 
@@ -102,10 +100,31 @@ def linear_branch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, routing: Ro
 
         z = None
         if not decay_through_softmax:  # the carried state decays in linear blocks only (hard types, no gradient)
-            z = (~routing.is_softmax())[:, token_block].repeat_interleave(H // Hr, dim=-1).to(cdt)
+            z = _per_token(routing, (routing.types == LINEAR).to(cdt), T, H)
         o, final = torch_masked_chunk(backend, q, k, v, g, beta, write_mask=m, decay_mask=z,
                                       chunk_size=routing.block_size, scale=scale, initial_state=initial_state,
                                       output_final_state=output_final_state, cu_seqlens=routing.cu_seqlens)
     if final is not None:
         final = final.to(cdt)
     return o.to(q.dtype), final
+
+
+def _per_token(routing: Routing, x: torch.Tensor, T: int, H: int) -> torch.Tensor:
+    """`[B, N, Hr]` per (block, router head) → `[B, T, H]` per (token, head): one expand-copy for dense input (no
+    index tensors), a gather by the layout's `token_block` for packed input."""
+    B, N, Hr = x.shape
+    G = H // Hr
+    if routing.cu_seqlens is not None:
+        return x[:, routing.layout(T).token_block].repeat_interleave(G, dim=-1)
+    C = routing.block_size
+    return x[:, :, None, :, None].expand(B, N, C, Hr, G).reshape(B, N * C, H)[:, :T]
+
+
+def _token_gates(routing: Routing, router_grad: str, T: int, H: int, dtype: torch.dtype) -> torch.Tensor:
+    """`m_L` of spec §1.7 per token, `[B, T, H]` in `dtype`: the linear weight of the routing, which carries its
+    straight-through gradient; with `router_grad="selected"` only in blocks routed linear (as `routing.gates`,
+    without its float64 copies)."""
+    lin = routing.weights[..., LINEAR].to(dtype)
+    if router_grad == "selected":
+        lin = lin * (routing.types == LINEAR).to(dtype)
+    return _per_token(routing, lin, T, H)

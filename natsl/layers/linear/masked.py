@@ -20,7 +20,13 @@ DELTA, SCALAR, KEY = "delta", "scalar", "key"
 FAMILY = {"gdn": DELTA, "deltanet": DELTA, "mamba2": SCALAR, "linear_attn": SCALAR, "gla": KEY}
 
 
-def _fla():
+_FLA: dict = {}
+
+
+def _fla() -> dict:
+    """fla's chunk functions (imported once)."""
+    if _FLA:
+        return _FLA
     from fla.ops.common import chunk_h, chunk_o
     from fla.ops.common.chunk_delta_h import chunk_gated_delta_rule_bwd_dhu, chunk_gated_delta_rule_fwd_h
     from fla.ops.gated_delta_rule.chunk_fwd import chunk_gated_delta_rule_fwd_intra
@@ -29,10 +35,11 @@ def _fla():
     from fla.ops.utils import chunk_local_cumsum, prepare_chunk_indices
     from fla.ops.utils.constant import RCP_LN2
 
-    return dict(chunk_h=chunk_h, chunk_o=chunk_o, dhu=chunk_gated_delta_rule_bwd_dhu,
+    _FLA.update(chunk_h=chunk_h, chunk_o=chunk_o, dhu=chunk_gated_delta_rule_bwd_dhu,
                 fwd_h=chunk_gated_delta_rule_fwd_h, fwd_intra=chunk_gated_delta_rule_fwd_intra,
                 wy_bwd=prepare_wy_repr_bwd, recompute_w_u=recompute_w_u_fwd, gla=gla, cumsum=chunk_local_cumsum,
                 chunk_indices=prepare_chunk_indices, RCP_LN2=RCP_LN2)
+    return _FLA
 
 
 def _states(f, family, k_m, v, gc, h0, output_final_state, cu, ci, w=None, u=None, fp32=False):
@@ -71,20 +78,20 @@ class MaskedChunkFunction(torch.autograd.Function):
             o = f["chunk_o"].chunk_fwd_o(q=q, k=k, v=v if v_new is None else v_new, h=h,
                                          g=gc if family != KEY else None, scale=scale, cu_seqlens=cu_seqlens,
                                          chunk_size=FLA_CHUNK, chunk_indices=ci)
-        ctx.save_for_backward(q, k, v, gc, beta, m, h0, A, cu_seqlens, ci)
+        ctx.save_for_backward(q, k, k_m, v, gc, beta, m, h0, A, cu_seqlens, ci)
         ctx.family, ctx.scale, ctx.has_g = family, scale, g is not None
         return o, ht
 
     @staticmethod
     def backward(ctx, do, dht):
         f = _fla()
-        q, k, v, gc, beta, m, h0, A, cu, ci = ctx.saved_tensors
+        q, k, k_m, v, gc, beta, m, h0, A, cu, ci = ctx.saved_tensors
         family, scale = ctx.family, ctx.scale
         do = do.contiguous()
-        k_m = k * m[..., None].to(k.dtype)
         co = f["chunk_o"]
         common = dict(cu_seqlens=cu, chunk_size=FLA_CHUNK, chunk_indices=ci)
         db = dv_fix = None
+        dv_masked = False  # whether dv holds no write term yet (then the kernel adds m·dv_w, else removes (1-m)·dv_w)
         if family == DELTA:
             w, u = f["recompute_w_u"](k=k, v=v, beta=beta, A=A, g=gc, cu_seqlens=cu, chunk_indices=ci)
             h, v_new, _ = _states(f, family, k_m, v, gc, h0, False, cu, ci, w, u)
@@ -105,7 +112,9 @@ class MaskedChunkFunction(torch.autograd.Function):
                                                 chunk_size=FLA_CHUNK, states_in_fp32=True)
             if family == SCALAR:
                 dq, dk, _, dg = co.chunk_bwd_dqkwg(q=q, k=k, v=v, do=do, h=h, dh=dh, g=gc, scale=scale, **common)
-                dv = co.chunk_bwd_dv(q=q, k=k, do=do, dh=dh, g=gc, scale=scale, **common)
+                # the intra-chunk part only: the write term (k·m) comes from masked_write_bwd, which reads dh anyway
+                dv = co.chunk_bwd_dv_local(q=q, k=k, do=do, g=gc, scale=scale, **common)
+                dv_masked = True
                 if dg is not None:
                     dg = f["cumsum"](dg, chunk_size=FLA_CHUNK, reverse=True, cu_seqlens=cu, chunk_indices=ci)
             else:
@@ -117,7 +126,7 @@ class MaskedChunkFunction(torch.autograd.Function):
                                                     scale=scale, **common)
             x, dv_fix = v, dv
         dk = dk.contiguous()
-        dm = masked_write_bwd(x, k, m, dh, dk, dv=dv_fix, dg=dg if ctx.has_g else None,
+        dm = masked_write_bwd(x, k, m, dh, dk, dv=dv_fix, dv_add=dv_masked, dg=dg if ctx.has_g else None,
                               g=gc if family != KEY else None, gk=gc if family == KEY else None, **common)
         return (None, dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dg if ctx.has_g else None,
                 None if db is None else db.to(beta.dtype), dm.to(m.dtype), None, dh0, None, None)
