@@ -1,16 +1,21 @@
 """The routed share of the state-write gradient of the masked chunk pass (spec §1.7, §3.2).
 
-In the masked chunk pass the state write of chunk `c` uses keys `k·m` (`m` per token: 1 in linear blocks, 0 in
-softmax blocks) while every read uses the real `k`. fla's backward kernels take one `k`, so natsl runs them with the
-real `k` (for the reads) and this kernel removes the write term of the tokens with `m < 1`, per (chunk, head):
+In the masked chunk pass the state write of chunk `c` uses keys `m_c·k` (`m_c` per (chunk, head): 1 in linear
+blocks, 0 in softmax blocks) while every read uses the real `k`. fla's backward kernels take one `k`, so natsl runs
+them with the real `k` (for the reads) and this kernel removes the write term of the chunks with `m_c < 1`, per
+(chunk, head):
 
     dk_w[t] = γ_t ⊙ (dS_c x_t)            γ_t = exp(G_last − G_t) (scalar gates, or per key for gla)
-    dm[t]   = k_t · dk_w[t]               the router gradient per token (§1.7: Σ_t over the block = ⟨dS', W⟩)
-    dk[t]  −= (1 − m_t) dk_w[t]
-    dv[t]  −= (1 − m_t) dS_cᵀ (γ_t ⊙ k_t)  (additive backends only: gla's dv holds the write term of the real k;
-                                            with `dv_add`, dv holds none and gets `+= m_t dS_cᵀ (γ_t ⊙ k_t)`)
-    dg[t]  −= Σ_{s<t in c} (1 − m_s) dm_s  (⊙ per key for gla: the write term's share of the decay gradient,
-                                            after fla's reverse cumsum)
+    dm_c    = Σ_t k_t · dk_w[t]           the router gradient (§1.7: ⟨dS', W⟩, W the chunk's write)
+    dk[t]  −= (1 − m_c) dk_w[t]
+    dv[t]  −= (1 − m_c) dS_cᵀ (γ_t ⊙ k_t)  (additive backends only: gla's dv holds the write term of the real k;
+                                            with `dv_add`, dv holds none and gets `+= m_c dS_cᵀ (γ_t ⊙ k_t)`)
+    dg[t]  −= (1 − m_c) Σ_{s<t in c} k_s · dk_w[s]  (⊙ per key for gla: the write term's share of the decay
+                                            gradient, after fla's reverse cumsum)
+
+With `z` (decay_through_softmax=False: the carried state decays only in chunks with `z_c = 1`), fla's gate
+gradient also holds the carried decay's term `Σ h_c ⊙ dS_c · exp(G_last)` for every chunk; it is removed where
+`z_c = 0` (`dg[t] −= (1 − z_c) Σ_v h_c ⊙ dS_c · exp(G_last)`, summed over keys for scalar gates).
 
 `x` is fla's `v_new` (delta rule) or `v`, `dS_c = dh[c]` the gradient of the state after chunk `c` (fla's layout
 `[B, NT, H, K, V]`), `G` fla's chunk-local cumulative log2 gate. Maths: `natsl/layers/README.md`, "Linear branch".
@@ -34,13 +39,14 @@ from natsl.kernels.naive import naive_masked_write_bwd
     "USE_GK": lambda args: args["gk"] is not None,
     "USE_DV": lambda args: args["dv"] is not None,
     "USE_DG": lambda args: args["dg"] is not None,
+    "USE_Z": lambda args: args["z"] is not None,
 })
 @triton.jit(do_not_specialize=["T"])
 def masked_write_bwd_kernel(
-    x, k, m, g, gk, dh, dk, dv, dg, dm, cu_seqlens, chunk_indices, T,
+    x, k, m, z, g, gk, h, dh, dk, dv, dg, dm, cu_seqlens, chunk_indices, T,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     IS_VARLEN: tl.constexpr, USE_G: tl.constexpr, USE_GK: tl.constexpr, USE_DV: tl.constexpr, USE_DG: tl.constexpr,
-    DV_ADD: tl.constexpr,
+    DV_ADD: tl.constexpr, USE_Z: tl.constexpr,
 ):
     i_t, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
@@ -64,7 +70,7 @@ def masked_write_bwd_kernel(
     m_tk = m_t[:, None] & m_k[None, :]
 
     b_k = tl.load(k + row[:, None] * K + o_k[None, :], mask=m_tk, other=0.).to(tl.float32)  # [BT, BK]
-    b_m = tl.load(m + row, mask=m_t, other=1.).to(tl.float32)  # [BT]
+    b_m = tl.load(m + i_tg * H + i_h).to(tl.float32)  # this chunk's write mask
     # γ: the decay from each token to the chunk's end, zero past the chunk
     if USE_GK:
         b_gk = tl.load(gk + row[:, None] * K + o_k[None, :], mask=m_tk, other=0.).to(tl.float32)
@@ -81,52 +87,65 @@ def masked_write_bwd_kernel(
 
     dh += (i_tg * H + i_h) * K * V
     b_dkw = tl.zeros([BT, BK], dtype=tl.float32)
+    if USE_Z:
+        h += (i_tg * H + i_h) * K * V
+        b_hdh = tl.zeros([BK], dtype=tl.float32)
     for i_v in range(tl.cdiv(V, BV)):
         o_v = i_v * BV + tl.arange(0, BV).to(tl.int64)
         m_v = o_v < V
         m_tv = m_t[:, None] & m_v[None, :]
         b_x = tl.load(x + row[:, None] * V + o_v[None, :], mask=m_tv, other=0.)  # [BT, BV]
         b_dh = tl.load(dh + o_k[:, None] * V + o_v[None, :], mask=m_k[:, None] & m_v[None, :], other=0.)  # [BK, BV]
+        if USE_Z:
+            b_h = tl.load(h + o_k[:, None] * V + o_v[None, :], mask=m_k[:, None] & m_v[None, :], other=0.)
+            b_hdh += tl.sum(b_h.to(tl.float32) * b_dh.to(tl.float32), axis=1)
         b_dh = b_dh.to(b_x.dtype)
         b_dkw = tl.dot(b_x, tl.trans(b_dh), b_dkw)
         if USE_DV:
             p_dv = dv + row[:, None] * V + o_v[None, :]
             b_dvw = tl.dot(b_kg, b_dh)  # [BT, BV]
             if DV_ADD:
-                b_dv = tl.load(p_dv, mask=m_tv, other=0.).to(tl.float32) + b_m[:, None] * b_dvw
+                b_dv = tl.load(p_dv, mask=m_tv, other=0.).to(tl.float32) + b_m * b_dvw
             else:
-                b_dv = tl.load(p_dv, mask=m_tv, other=0.).to(tl.float32) - b_off[:, None] * b_dvw
+                b_dv = tl.load(p_dv, mask=m_tv, other=0.).to(tl.float32) - b_off * b_dvw
             tl.store(p_dv, b_dv.to(p_dv.dtype.element_ty), mask=m_tv)
     b_dkw = b_dkw * b_gam
     b_kdk = b_k * b_dkw  # [BT, BK]
-    tl.store(dm + row, tl.sum(b_kdk, axis=1), mask=m_t)
+    tl.store(dm + i_tg * H + i_h, tl.sum(b_kdk))
     p_dk = dk + row[:, None] * K + o_k[None, :]
-    b_dk = tl.load(p_dk, mask=m_tk, other=0.).to(tl.float32) - b_off[:, None] * b_dkw
+    b_dk = tl.load(p_dk, mask=m_tk, other=0.).to(tl.float32) - b_off * b_dkw
     tl.store(p_dk, b_dk.to(p_dk.dtype.element_ty), mask=m_tk)
     if USE_DG:
         if USE_GK:
-            b_c = b_off[:, None] * b_kdk  # [BT, BK]
+            b_c = b_off * b_kdk  # [BT, BK]
             p_dg = dg + row[:, None] * K + o_k[None, :]
             b_dg = tl.load(p_dg, mask=m_tk, other=0.).to(tl.float32) - (tl.cumsum(b_c, axis=0) - b_c)
+            if USE_Z:  # the carried decay's term of chunks that do not decay the carried state
+                b_z = tl.load(z + i_tg * H + i_h).to(tl.float32)
+                b_dg -= tl.where(m_tk, (1. - b_z) * (b_hdh * tl.exp2(b_gkl))[None, :], 0.)
             tl.store(p_dg, b_dg.to(p_dg.dtype.element_ty), mask=m_tk)
         else:
             b_c = b_off * tl.sum(b_kdk, axis=1)  # [BT]
             p_dg = dg + row
             b_dg = tl.load(p_dg, mask=m_t, other=0.).to(tl.float32) - (tl.cumsum(b_c, axis=0) - b_c)
+            if USE_Z:
+                b_z = tl.load(z + i_tg * H + i_h).to(tl.float32)
+                b_dg -= tl.where(m_t, (1. - b_z) * tl.sum(b_hdh) * tl.exp2(b_gl), 0.)
             tl.store(p_dg, b_dg.to(p_dg.dtype.element_ty), mask=m_t)
 
 
 def masked_write_bwd(x: torch.Tensor, k: torch.Tensor, m: torch.Tensor, dh: torch.Tensor, dk: torch.Tensor, *,
                      dv: torch.Tensor | None = None, dv_add: bool = False, dg: torch.Tensor | None = None,
-                     g: torch.Tensor | None = None, gk: torch.Tensor | None = None, cu_seqlens: torch.Tensor | None = None,
-                     chunk_indices: torch.Tensor | None = None, chunk_size: int = 64) -> torch.Tensor:
+                     g: torch.Tensor | None = None, gk: torch.Tensor | None = None, z: torch.Tensor | None = None,
+                     h: torch.Tensor | None = None, cu_seqlens: torch.Tensor | None = None, chunk_indices: torch.Tensor | None = None, chunk_size: int = 64) -> torch.Tensor:
     r"""Remove the write term of tokens with `m < 1` from fla's real-k gradients, in place; return the router
     gradient per token.
 
     Args:
         x (torch.Tensor): `[B, T, H, V]` the written values (fla's `v_new` for the delta rule, `v` otherwise).
         k (torch.Tensor): `[B, T, H, K]` the real keys.
-        m (torch.Tensor): `[B, T, H]` the write mask (value 0 or 1 per token).
+        m (torch.Tensor): `[B * NT, H]` float32, the write mask of every chunk (value 0 or 1), in fla's global chunk
+            order (dense: `b * NT + c`; packed: the chunks of every sequence in turn).
         dh (torch.Tensor): `[B, NT, H, K, V]` gradient of the state after each chunk (fla's `dh`).
         dk (torch.Tensor): `[B, T, H, K]` fla's key gradient, corrected in place.
         dv (torch.Tensor, Optional): `[B, T, H, V]` fla's value gradient (additive backends), corrected in place.
@@ -136,14 +155,17 @@ def masked_write_bwd(x: torch.Tensor, k: torch.Tensor, m: torch.Tensor, dh: torc
             with `gk`), corrected in place.
         g (torch.Tensor, Optional): `[B, T, H]` fla's chunk-local cumulative log2 gate (scalar decay).
         gk (torch.Tensor, Optional): `[B, T, H, K]` the same per key (gla).
+        z (torch.Tensor, Optional): `[B * NT, H]` whether each chunk decays the carried state (decay_through_softmax
+            =False; needs `g` or `gk`, `dg` and `h`).
+        h (torch.Tensor, Optional): `[B, NT, H, K, V]` the chunk-start states fla's backward used (with `z`).
         cu_seqlens, chunk_indices (torch.LongTensor, Optional): fla's packed-sequence offsets and chunk indices.
         chunk_size (int): fla's chunk size. Default: `64`.
 
     Returns:
-        `dm [B, T, H]` float32: `k_t · dk_w[t]`, the gradient of the loss with respect to `m_t`.
+        `dm [B * NT, H]` float32: `Σ_t k_t · dk_w[t]`, the gradient of the loss with respect to `m`.
     """
     if not x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":  # no Triton backend: the PyTorch twin
-        return naive_masked_write_bwd(x, k, m, dh, dk, dv=dv, dv_add=dv_add, dg=dg, g=g, gk=gk, cu_seqlens=cu_seqlens,
+        return naive_masked_write_bwd(x, k, m, dh, dk, dv=dv, dv_add=dv_add, dg=dg, g=g, gk=gk, z=z, h=h, cu_seqlens=cu_seqlens,
                                       chunk_size=chunk_size)
     B, T, H, K = k.shape
     V = x.shape[-1]
@@ -152,9 +174,13 @@ def masked_write_bwd(x: torch.Tensor, k: torch.Tensor, m: torch.Tensor, dh: torc
     NT = triton.cdiv(T, chunk_size) if cu_seqlens is None else len(chunk_indices)
     BK = triton.next_power_of_2(K)
     BV = 64 if BK <= 128 else 32
-    dm = torch.empty(B, T, H, dtype=torch.float32, device=k.device)
+    if z is not None and (h is None or dg is None):
+        raise ValueError("z (decay_through_softmax=False) needs h and dg")
+    if m.shape != (B * NT, H):
+        raise ValueError(f"m must have shape [B * NT, H] = [{B * NT}, {H}], got {tuple(m.shape)}")
+    dm = torch.empty(B * NT, H, dtype=torch.float32, device=k.device)
     masked_write_bwd_kernel[(NT, B * H)](
-        x, k, m, g, gk, dh, dk, dv, dg, dm, cu_seqlens, chunk_indices, T,
+        x, k, m, z, g, gk, h, dh, dk, dv, dg, dm, cu_seqlens, chunk_indices, T,
         H=H, K=K, V=V, BT=chunk_size, BK=BK, BV=BV, DV_ADD=dv_add, num_warps=4 if BK <= 64 else 8,
     )
     return dm

@@ -55,37 +55,46 @@ def naive_scatter_tokens(y: torch.Tensor, dest: torch.Tensor) -> torch.Tensor:
     return out.index_put(torch.nonzero(routed, as_tuple=True), y[dest[routed].long()]).view(B, T, Hr * G, D)
 
 
-def naive_masked_write_bwd(x, k, m, dh, dk, *, dv=None, dv_add=False, dg=None, g=None, gk=None, cu_seqlens=None,
-                           chunk_size=64):
+def naive_masked_write_bwd(x, k, m, dh, dk, *, dv=None, dv_add=False, dg=None, g=None, gk=None, z=None, h=None,
+                           cu_seqlens=None, chunk_size=64):
     """PyTorch twin of `natsl.kernels.masked_write.masked_write_bwd` (same arguments, same in-place updates of `dk`,
-    `dv`, `dg`; returns `dm [B, T, H]` float32), one chunk at a time."""
+    `dv`, `dg`; returns `dm [B * NT, H]` float32), one chunk at a time."""
     B, T, H, K = k.shape
     bounds = [(b, 0, T) for b in range(B)] if cu_seqlens is None else \
         [(0, int(s), int(e)) for s, e in zip(cu_seqlens[:-1].tolist(), cu_seqlens[1:].tolist())]
-    dm = torch.zeros(B, T, H, dtype=torch.float32, device=k.device)
+    f = torch.float64 if x.dtype == torch.float64 else torch.float32
+    dm = torch.zeros(m.shape, dtype=torch.float32, device=k.device)
     i_tg = 0
     for b, bos, eos in bounds:
         for c, s in enumerate(range(bos, eos, chunk_size)):
             e = min(s + chunk_size, eos)
             idx = (b, c) if cu_seqlens is None else (0, i_tg)
-            i_tg += 1
-            f = torch.float32 if x.dtype != torch.float64 else torch.float64
-            xc, kc, off = x[b, s:e].to(f), k[b, s:e].to(f), 1 - m[b, s:e].to(f)  # [C, H, *]
+            D = dh[idx].to(f)  # [H, K, V]
+            mh = m[i_tg].to(f)  # [H]
+            mc = mh[:, None]
+            xc, kc = x[b, s:e].to(f), k[b, s:e].to(f)  # [C, H, *]
             if gk is not None:
                 gam = torch.exp2(gk[b, e - 1][None] - gk[b, s:e]).to(f)  # [C, H, K]
             elif g is not None:
                 gam = torch.exp2(g[b, e - 1][None] - g[b, s:e]).to(f)[..., None]
             else:
                 gam = torch.ones_like(kc[..., :1])
-            D = dh[idx].to(f)  # [H, K, V]
             dkw = torch.einsum("chv,hkv->chk", xc, D) * gam
             kdk = kc * dkw
-            dm[b, s:e] = kdk.sum(-1).float()
-            dk[b, s:e] -= (off[..., None] * dkw).to(dk.dtype)
+            dm[i_tg] = kdk.sum((0, 2)).float()
+            dk[b, s:e] -= ((1 - mc) * dkw).to(dk.dtype)
             if dv is not None:
-                coef = m[b, s:e].to(f) if dv_add else -off
-                dv[b, s:e] += (coef[..., None] * torch.einsum("chk,hkv->chv", kc * gam, D)).to(dv.dtype)
+                coef = mc if dv_add else mc - 1
+                dv[b, s:e] += (coef * torch.einsum("chk,hkv->chv", kc * gam, D)).to(dv.dtype)
             if dg is not None:
-                c_ = off[..., None] * kdk if gk is not None else off * kdk.sum(-1)
-                dg[b, s:e] -= (c_.cumsum(0) - c_).to(dg.dtype)
+                c_ = (1 - mc) * kdk if gk is not None else (1 - mh) * kdk.sum(-1)
+                corr = c_.cumsum(0) - c_
+                if z is not None:  # the carried decay's term of chunks that do not decay the carried state
+                    hdh = (h[idx].to(f) * D).sum(-1)  # [H, K]
+                    zc = z[i_tg].to(f)[:, None]
+                    last = gk[b, e - 1].to(f) if gk is not None else g[b, e - 1].to(f)[:, None]
+                    lt = (1 - zc) * hdh * torch.exp2(last)  # [H, K]
+                    corr = corr + (lt if gk is not None else lt.sum(-1))
+                dg[b, s:e] -= corr.to(dg.dtype)
+            i_tg += 1
     return dm

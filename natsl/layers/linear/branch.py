@@ -59,8 +59,7 @@ def linear_branch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, routing: Ro
         impl (str): `"auto"` (fla on CUDA if `block_size == 64`, else PyTorch), `"fla"` (fla's chunk functions;
             block size 64) or `"torch"` (any block size). Default: `"auto"`.
         scale (float, Optional): read-out scale. Default: `K ** -0.5`.
-        decay_through_softmax (bool): whether softmax blocks decay the carried state. `False` runs on the PyTorch
-            path only. Default: `True`.
+        decay_through_softmax (bool): whether softmax blocks decay the carried state. Default: `True`.
         router_grad (str): `"selected"` or `"both"` (spec §1.7). Default: `"selected"`.
         initial_state (torch.Tensor, Optional): `[B or N_seq, H, K, V]`.
         output_final_state (bool): return the state after the last block. Default: `False`.
@@ -84,24 +83,25 @@ def linear_branch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, routing: Ro
         raise ValueError(f"routing {tuple(routing.weights.shape)} does not fit B={B} and H={H} linear heads "
                          f"(a multiple of the router heads)")
     impl = resolve_linear_impl(impl, q.device, routing.block_size)
-    if impl == "fla" and not decay_through_softmax:
-        raise ValueError("decay_through_softmax=False is implemented on the PyTorch path only: pass "
-                         "linear_impl='torch' (or keep the default decay_through_softmax=True)")
     scale = K ** -0.5 if scale is None else float(scale)
     cdt = torch.promote_types(q.dtype, torch.float32)
-    m = _token_gates(routing, router_grad, T, H, cdt)  # [B, T, H] linear gate m_L of every token's block
+    m = _block_gates(routing, router_grad, cdt).repeat_interleave(H // Hr, dim=-1)  # [B, N, H] linear gate m_L
+    z = None  # decay_through_softmax=False: the carried state decays in linear blocks only (hard types, no gradient)
+    if not decay_through_softmax:
+        z = (routing.weights.detach()[..., LINEAR] > 0.5).to(cdt).repeat_interleave(H // Hr, dim=-1)
     if impl == "fla":
         from natsl.layers.linear.masked import masked_chunk
 
-        o, final = masked_chunk(backend, q, k, v, g, beta, write_mask=m, scale=scale, initial_state=initial_state,
-                                output_final_state=output_final_state, cu_seqlens=routing.cu_seqlens)
+        cu = routing.cu_seqlens
+        o, final = masked_chunk(backend, q, k, v, g, beta, block_mask=m, block_decay=z, scale=scale,
+                                initial_state=initial_state,
+                                output_final_state=output_final_state, cu_seqlens=cu,
+                                token_block=None if cu is None else routing.layout(T).token_block)
     else:
         from natsl.layers.linear.torch_ops import torch_masked_chunk
 
-        z = None
-        if not decay_through_softmax:  # the carried state decays in linear blocks only (hard types, no gradient)
-            z = _per_token(routing, (routing.types == LINEAR).to(cdt), T, H)
-        o, final = torch_masked_chunk(backend, q, k, v, g, beta, write_mask=m, decay_mask=z,
+        o, final = torch_masked_chunk(backend, q, k, v, g, beta, write_mask=_per_token(routing, m, T),
+                                      decay_mask=None if z is None else _per_token(routing, z, T),
                                       chunk_size=routing.block_size, scale=scale, initial_state=initial_state,
                                       output_final_state=output_final_state, cu_seqlens=routing.cu_seqlens)
     if final is not None:
@@ -109,22 +109,21 @@ def linear_branch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, routing: Ro
     return o.to(q.dtype), final
 
 
-def _per_token(routing: Routing, x: torch.Tensor, T: int, H: int) -> torch.Tensor:
-    """`[B, N, Hr]` per (block, router head) → `[B, T, H]` per (token, head): one expand-copy for dense input (no
-    index tensors), a gather by the layout's `token_block` for packed input."""
-    B, N, Hr = x.shape
-    G = H // Hr
+def _per_token(routing: Routing, x: torch.Tensor, T: int) -> torch.Tensor:
+    """`[B, N, H]` per (block, head) → `[B, T, H]` per (token, head): an expand-copy for dense input, a gather by the
+    layout's `token_block` for packed input."""
     if routing.cu_seqlens is not None:
-        return x[:, routing.layout(T).token_block].repeat_interleave(G, dim=-1)
+        return x[:, routing.layout(T).token_block]
+    B, N, H = x.shape
     C = routing.block_size
-    return x[:, :, None, :, None].expand(B, N, C, Hr, G).reshape(B, N * C, H)[:, :T]
+    return x[:, :, None].expand(B, N, C, H).reshape(B, N * C, H)[:, :T]
 
 
-def _token_gates(routing: Routing, router_grad: str, T: int, H: int, dtype: torch.dtype) -> torch.Tensor:
-    """`m_L` of spec §1.7 per token, `[B, T, H]` in `dtype`: the linear weight of the routing, which carries its
-    straight-through gradient; with `router_grad="selected"` only in blocks routed linear (as `routing.gates`,
-    without its float64 copies)."""
+def _block_gates(routing: Routing, router_grad: str, dtype: torch.dtype) -> torch.Tensor:
+    """`m_L` of spec §1.7, `[B, N, Hr]` in `dtype`: the routing's linear weight, which carries its straight-through
+    gradient; with `router_grad="selected"` only in blocks routed linear (`routing.gates` without its float64
+    copies; the type is the argmax of the one-hot weights, i.e. linear iff its weight exceeds 1/2)."""
     lin = routing.weights[..., LINEAR].to(dtype)
     if router_grad == "selected":
-        lin = lin * (routing.types == LINEAR).to(dtype)
-    return _per_token(routing, lin, T, H)
+        lin = torch.where(lin.detach() > 0.5, lin, 0.0)
+    return lin

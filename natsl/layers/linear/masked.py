@@ -57,18 +57,30 @@ class MaskedChunkFunction(torch.autograd.Function):
     """`(o, final_state)` of the masked chunk pass; gradients for q, k, v, g, beta, m and the initial state."""
 
     @staticmethod
-    def forward(ctx, family, q, k, v, g, beta, m, scale, h0, output_final_state, cu_seqlens):
+    def forward(ctx, family, q, k, v, g, beta, m, z, scale, h0, output_final_state, cu_seqlens, token_block):
         f = _fla()
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        B, T, H = k.shape[:3]
+        N = m.shape[1]
+        def per_token(x):  # [B, N, H] per block → [B, T, H] per token
+            if cu_seqlens is None:
+                return x[:, :, None].expand(B, N, FLA_CHUNK, H).reshape(B, N * FLA_CHUNK, H)[:, :T]
+            return x[:, token_block]
+
+        m_tok = per_token(m)
         ci = None if cu_seqlens is None else f["chunk_indices"](cu_seqlens, FLA_CHUNK)
         gc = None if g is None else f["cumsum"](g.contiguous().float(), chunk_size=FLA_CHUNK, scale=f["RCP_LN2"],
                                                  cu_seqlens=cu_seqlens, chunk_indices=ci)
-        k_m = k * m[..., None].to(k.dtype)
+        k_m = k * m_tok[..., None].to(k.dtype)
+        gs = gc  # the gate of the carried state: decays only in blocks with z = 1 (decay_through_softmax=False)
+        if z is not None and gc is not None:
+            z_tok = per_token(z)
+            gs = gc * (z_tok if family != KEY else z_tok[..., None])
         A = w = u = None
         if family == DELTA:
             w, u, A = f["fwd_intra"](k=k, v=v, g=gc, beta=beta, cu_seqlens=cu_seqlens, chunk_indices=ci,
                                      chunk_size=FLA_CHUNK)
-        h, v_new, ht = _states(f, family, k_m, v, gc, h0, output_final_state, cu_seqlens, ci, w, u)
+        h, v_new, ht = _states(f, family, k_m, v, gs, h0, output_final_state, cu_seqlens, ci, w, u)
         if family == KEY:
             A = f["gla"].chunk_gla_fwd_intra_gk(q=q, k=k, g=gc, scale=scale, cu_seqlens=cu_seqlens,
                                                 chunk_size=FLA_CHUNK, chunk_indices=ci)
@@ -78,25 +90,28 @@ class MaskedChunkFunction(torch.autograd.Function):
             o = f["chunk_o"].chunk_fwd_o(q=q, k=k, v=v if v_new is None else v_new, h=h,
                                          g=gc if family != KEY else None, scale=scale, cu_seqlens=cu_seqlens,
                                          chunk_size=FLA_CHUNK, chunk_indices=ci)
-        ctx.save_for_backward(q, k, k_m, v, gc, beta, m, h0, A, cu_seqlens, ci)
+        ctx.save_for_backward(q, k, k_m, v, gc, gs, beta, m, z, h0, A, cu_seqlens, ci)
         ctx.family, ctx.scale, ctx.has_g = family, scale, g is not None
         return o, ht
 
     @staticmethod
     def backward(ctx, do, dht):
         f = _fla()
-        q, k, k_m, v, gc, beta, m, h0, A, cu, ci = ctx.saved_tensors
+        q, k, k_m, v, gc, gs, beta, m, z, h0, A, cu, ci = ctx.saved_tensors
         family, scale = ctx.family, ctx.scale
         do = do.contiguous()
+        use_z = z is not None and gc is not None
+        # the state passes decay by gs; their read of the carried state keeps the real decay: q·exp(G − G_state)
+        q_s = q if not use_z else q * torch.exp2(gc - gs if family == KEY else (gc - gs)[..., None]).to(q.dtype)
         co = f["chunk_o"]
         common = dict(cu_seqlens=cu, chunk_size=FLA_CHUNK, chunk_indices=ci)
         db = dv_fix = None
         dv_masked = False  # whether dv holds no write term yet (then the kernel adds m·dv_w, else removes (1-m)·dv_w)
         if family == DELTA:
             w, u = f["recompute_w_u"](k=k, v=v, beta=beta, A=A, g=gc, cu_seqlens=cu, chunk_indices=ci)
-            h, v_new, _ = _states(f, family, k_m, v, gc, h0, False, cu, ci, w, u)
+            h, v_new, _ = _states(f, family, k_m, v, gs, h0, False, cu, ci, w, u)
             dv = co.chunk_bwd_dv_local(q=q, k=k, do=do, g=gc, scale=scale, **common)
-            dh, dh0, dv = f["dhu"](q=q, k=k_m, w=w, do=do, dv=dv, g=gc, h0=h0, dht=dht, scale=scale, **common)
+            dh, dh0, dv = f["dhu"](q=q_s, k=k_m, w=w, do=do, dv=dv, g=gs, h0=h0, dht=dht, scale=scale, **common)
             dq, dk, dw, dg = co.chunk_bwd_dqkwg(q=q, k=k, v=v_new, do=do, h=h, dh=dh, w=w, g=gc, dv=dv,
                                                 scale=scale, **common)
             dk2, dv, db, dg2 = f["wy_bwd"](k=k, v=v, beta=beta, A=A, dw=dw, du=dv, g=gc, cu_seqlens=cu,
@@ -105,10 +120,10 @@ class MaskedChunkFunction(torch.autograd.Function):
             dg = f["cumsum"](dg + dg2, chunk_size=FLA_CHUNK, reverse=True, cu_seqlens=cu, chunk_indices=ci)
             x = v_new
         else:
-            h, _, _ = _states(f, family, k_m, v, gc, h0, False, cu, ci, fp32=True)
-            dh, dh0 = f["chunk_h"].chunk_bwd_dh(q=q, k=k, v=v, do=do, h0=h0, dht=dht, scale=scale,
-                                                g=gc if family == SCALAR else None,
-                                                gk=gc if family == KEY else None, cu_seqlens=cu,
+            h, _, _ = _states(f, family, k_m, v, gs, h0, False, cu, ci, fp32=True)
+            dh, dh0 = f["chunk_h"].chunk_bwd_dh(q=q_s, k=k, v=v, do=do, h0=h0, dht=dht, scale=scale,
+                                                g=gs if family == SCALAR else None,
+                                                gk=gs if family == KEY else None, cu_seqlens=cu,
                                                 chunk_size=FLA_CHUNK, states_in_fp32=True)
             if family == SCALAR:
                 dq, dk, _, dg = co.chunk_bwd_dqkwg(q=q, k=k, v=v, do=do, h=h, dh=dh, g=gc, scale=scale, **common)
@@ -126,14 +141,16 @@ class MaskedChunkFunction(torch.autograd.Function):
                                                     scale=scale, **common)
             x, dv_fix = v, dv
         dk = dk.contiguous()
-        dm = masked_write_bwd(x, k, m, dh, dk, dv=dv_fix, dv_add=dv_masked, dg=dg if ctx.has_g else None,
-                              g=gc if family != KEY else None, gk=gc if family == KEY else None, **common)
+        dm = masked_write_bwd(x, k, m.reshape(-1, m.shape[-1]), dh, dk, dv=dv_fix, dv_add=dv_masked,
+                              dg=dg if ctx.has_g else None, g=gc if family != KEY else None,
+                              gk=gc if family == KEY else None, z=z.reshape(-1, z.shape[-1]) if use_z else None,
+                              h=h if use_z else None, **common)
         return (None, dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dg if ctx.has_g else None,
-                None if db is None else db.to(beta.dtype), dm.to(m.dtype), None, dh0, None, None)
+                None if db is None else db.to(beta.dtype), dm.view_as(m), None, None, dh0, None, None, None)
 
 
-def masked_chunk(backend: str, q, k, v, g=None, beta=None, *, write_mask, scale, initial_state=None,
-                 output_final_state=False, cu_seqlens=None):
+def masked_chunk(backend: str, q, k, v, g=None, beta=None, *, block_mask, block_decay=None, scale,
+                 initial_state=None, output_final_state=False, cu_seqlens=None, token_block=None):
     r"""The masked chunk pass (spec §3.2) over fla 0.6.0's chunk functions, routing blocks = fla's 64-token chunks.
 
     Args:
@@ -142,12 +159,15 @@ def masked_chunk(backend: str, q, k, v, g=None, beta=None, *, write_mask, scale,
         v (torch.Tensor): `[B, T, H, V]`.
         g (torch.Tensor, Optional): log decay `[B, T, H]` (gdn, mamba2) or `[B, T, H, K]` (gla).
         beta (torch.Tensor, Optional): activated write strength `[B, T, H]` (gdn, deltanet).
-        write_mask (torch.Tensor): `[B, T, H]` `m` per token (1 linear block, 0 softmax block); carries the router
-            gradient (spec §1.7).
+        block_mask (torch.Tensor): `[B, N, H]` `m` per (block, head) (1 linear block, 0 softmax block), blocks of
+            64 tokens restarting at every packed sequence; carries the router gradient (spec §1.7).
+        block_decay (torch.Tensor, Optional): `[B, N, H]` 0/1 whether each block decays the carried state
+            (`decay_through_softmax=False`: 1 in linear blocks only); no gradient. Default: `None` (every block).
         scale (float): read-out scale.
         initial_state (torch.Tensor, Optional): `[B or N_seq, H, K, V]`.
         output_final_state (bool): Default: `False`.
         cu_seqlens (torch.LongTensor, Optional): `[N_seq + 1]` packed offsets (`B = 1`).
+        token_block (torch.LongTensor, Optional): `[T]` block of every token; needed with `cu_seqlens`.
 
     Returns:
         `o [B, T, H, V]` (dtype of `q`) and `final_state [B or N_seq, H, K, V]` (float32) or `None`.
@@ -158,6 +178,7 @@ def masked_chunk(backend: str, q, k, v, g=None, beta=None, *, write_mask, scale,
     if beta is not None:
         beta = beta.to(q.dtype).contiguous()
     h0 = None if initial_state is None else initial_state.float().contiguous()
-    o, ht = MaskedChunkFunction.apply(family, q, k, v, g, beta, write_mask.float().contiguous(), scale, h0,
-                                      output_final_state, cu_seqlens)
+    z = None if block_decay is None else block_decay.detach().float().contiguous()
+    o, ht = MaskedChunkFunction.apply(family, q, k, v, g, beta, block_mask.float().contiguous(), z, scale, h0,
+                                      output_final_state, cu_seqlens, token_block)
     return o, ht
