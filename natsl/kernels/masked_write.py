@@ -137,9 +137,10 @@ def masked_write_bwd_kernel(
 def masked_write_bwd(x: torch.Tensor, k: torch.Tensor, m: torch.Tensor, dh: torch.Tensor, dk: torch.Tensor, *,
                      dv: torch.Tensor | None = None, dv_add: bool = False, dg: torch.Tensor | None = None,
                      g: torch.Tensor | None = None, gk: torch.Tensor | None = None, z: torch.Tensor | None = None,
-                     h: torch.Tensor | None = None, cu_seqlens: torch.Tensor | None = None, chunk_indices: torch.Tensor | None = None, chunk_size: int = 64) -> torch.Tensor:
-    r"""Remove the write term of tokens with `m < 1` from fla's real-k gradients, in place; return the router
-    gradient per token.
+                     h: torch.Tensor | None = None, cu_seqlens: torch.Tensor | None = None,
+                     chunk_indices: torch.Tensor | None = None, chunk_size: int = 64) -> torch.Tensor:
+    r"""Remove the write term of chunks with `m < 1` from fla's real-k gradients, in place; return the router
+    gradient per (chunk, head).
 
     Args:
         x (torch.Tensor): `[B, T, H, V]` the written values (fla's `v_new` for the delta rule, `v` otherwise).
@@ -165,8 +166,8 @@ def masked_write_bwd(x: torch.Tensor, k: torch.Tensor, m: torch.Tensor, dh: torc
         `dm [B * NT, H]` float32: `Σ_t k_t · dk_w[t]`, the gradient of the loss with respect to `m`.
     """
     if not x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":  # no Triton backend: the PyTorch twin
-        return naive_masked_write_bwd(x, k, m, dh, dk, dv=dv, dv_add=dv_add, dg=dg, g=g, gk=gk, z=z, h=h, cu_seqlens=cu_seqlens,
-                                      chunk_size=chunk_size)
+        return naive_masked_write_bwd(x, k, m, dh, dk, dv=dv, dv_add=dv_add, dg=dg, g=g, gk=gk, z=z, h=h,
+                                      cu_seqlens=cu_seqlens, chunk_size=chunk_size)
     B, T, H, K = k.shape
     V = x.shape[-1]
     if K > 256:
