@@ -27,7 +27,13 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_softmax_backends as softmax_bench  # noqa: E402
-from utils import allow_fla_gated_backward_on_hopper, bench_ms, env_line, markdown_table  # noqa: E402
+from utils import (  # noqa: E402
+    allow_fla_gated_backward_on_hopper,
+    bench_graph_ms,
+    bench_ms,
+    env_line,
+    markdown_table,
+)
 
 from natsl.layers.linear import TORCH_LINEAR_OPS  # noqa: E402
 from natsl.layers.linear.branch import linear_branch  # noqa: E402
@@ -271,6 +277,14 @@ def main():
                     row[f"{tag} {m}"] = bench_ms(setup(backend, sh, T, frac, p, m)[0])[0]
             row["frozen fwd+bwd / plain"] = row["frozen fwd+bwd"] / plain["fwd+bwd"]
             row["train fwd+bwd / plain"] = row["train fwd+bwd"] / plain["fwd+bwd"]
+            # the GPU's work alone: one CUDA-graph replay of the whole fwd+bwd (no host launch overhead)
+            try:
+                g_plain = bench_graph_ms(setup(backend, sh, T, 0.0, "fla-plain", "fwd+bwd")[0])[0]
+                g_train = bench_graph_ms(setup(backend, sh, T, frac, "natsl-branch", "fwd+bwd")[0])[0]
+                row.update({"graphed plain fwd+bwd": g_plain, "graphed train fwd+bwd": g_train,
+                            "graphed train / plain": g_train / g_plain})
+            except Exception as e:  # noqa: BLE001 (report, keep the eager rows)
+                row["graphed train / plain"] = f"capture failed: {type(e).__name__}"
             for p, tag in (("fla-plain", "plain"), ("natsl-branch", "train")):
                 fn = setup(backend, sh, T, frac, p, "fwd+bwd")[0]
                 torch.cuda.synchronize()
@@ -282,7 +296,8 @@ def main():
             print(row, flush=True)  # noqa: T201
         emit(markdown_table(rows, ["B", "T", "softmax", "plain no-grad fwd", "no-grad fwd", "plain fwd", "plain fwd+bwd",
                                    "frozen fwd", "frozen fwd+bwd", "train fwd", "train fwd+bwd",
-                                   "frozen fwd+bwd / plain", "train fwd+bwd / plain", "peak MiB (plain)",
+                                   "frozen fwd+bwd / plain", "train fwd+bwd / plain", "graphed plain fwd+bwd",
+                                   "graphed train fwd+bwd", "graphed train / plain", "peak MiB (plain)",
                                    "peak MiB (train)"]))
         if args.op:
             op_tab = [r for (B, T) in cases if B == 1 for frac in map(float, args.fractions.split(","))

@@ -47,6 +47,8 @@ CASES = {
     "gdn-packed": ("gdn", 1, 300, 2, 2, 64, 128, 64, [0, 70, 71, 300], True, "selected", 0.5),
     "gla-packed": ("gla", 1, 300, 2, 2, 64, 128, 64, [0, 70, 71, 300], True, "selected", 0.5),
     "gdn-paper-heads": ("gdn", 1, 256, 6, 1, 128, 256, 64, None, True, "selected", 0.25),
+    "gdn-no-decay-through-softmax": ("gdn", 1, 200, 2, 2, 64, 128, 64, None, False, "selected", 0.4),
+    "gla-no-decay-through-softmax-both": ("gla", 1, 200, 2, 2, 64, 128, 64, None, False, "both", 0.4),
     "gdn-router-grad-both": ("gdn", 1, 200, 2, 2, 64, 128, 64, None, True, "both", 0.4),
     "mamba2-router-grad-both": ("mamba2", 1, 200, 2, 2, 64, 128, 64, None, True, "both", 0.4),
 }
