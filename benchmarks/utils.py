@@ -9,7 +9,21 @@ import time
 import torch
 import triton
 
-from natsl.utils import capture_cuda_graph
+
+def capture_cuda_graph(fn, *, warmup: int = 2, pool=None):
+    """`(graph, out)`: `fn()` run `warmup` times on a side stream (compiles, autotuning and allocator warm-up stay
+    outside the graph), then captured into a `torch.cuda.CUDAGraph` (in the memory pool `pool`, if given). `out` is
+    what the captured call returned: static tensors that every `graph.replay()` overwrites. CUDA only."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(warmup):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool):
+        out = fn()
+    return graph, out
 
 
 def bench_ms(fn, quantiles=(0.5, 0.2, 0.8)) -> tuple[float, float, float]:
