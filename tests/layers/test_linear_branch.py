@@ -53,9 +53,10 @@ def make_case(seed, backend, B, T, Hr, G, K, V, C, *, routing="random", p_soft=0
     return x, w, cu
 
 
-def outputs_and_grads(backend, x, w, cu, C, *, impl, dts, router_grad, scale, dtype):
+def outputs_and_grads(backend, x, w, cu, C, *, impl, dts, router_grad, scale, dtype, final_state=True):
     """`{o, final_state, dq, dk, dv, dg, dbeta, dinitial_state, drouting}` of `linear_branch` (`impl` given) or of
-    the reference (`impl=None`), for the inputs cast to `dtype` and fixed random cotangents of o and final state."""
+    the reference (`impl=None`), for the inputs cast to `dtype` and fixed random cotangents of o and final state
+    (`final_state=False`: `output_final_state=False`, and the loss and the result leave the final state out)."""
     leaves = {n: t.detach().to(dtype).requires_grad_() for n, t in x.items()}
     rw = w.detach().to(dtype).requires_grad_()
     route = Routing(rw, C, "both", cu)
@@ -68,21 +69,26 @@ def outputs_and_grads(backend, x, w, cu, C, *, impl, dts, router_grad, scale, dt
         o, s = linear_branch(leaves["q"], leaves["k"], leaves["v"], route, backend=backend, g=leaves.get("g"),
                              beta=leaves.get("beta"), impl=impl, scale=scale, decay_through_softmax=dts,
                              router_grad=router_grad, initial_state=leaves.get("initial_state"),
-                             output_final_state=True)
-        assert o.dtype == dtype and s.dtype == dtype
+                             output_final_state=final_state)
+        assert o.dtype == dtype and (s.dtype == dtype if final_state else s is None)
     cot = gen(12345)
-    cot_o = torch.randn(o.shape, generator=cot, dtype=torch.float64)
-    cot_s = torch.randn(s.shape, generator=cot, dtype=torch.float64)
-    loss = (o.double() * cot_o).sum() + (s.double() * cot_s).sum()
+    loss = (o.double() * torch.randn(o.shape, generator=cot, dtype=torch.float64)).sum()
+    res = {"o": o}
+    if final_state:
+        loss = loss + (s.double() * torch.randn(s.shape, generator=cot, dtype=torch.float64)).sum()
+        res["final_state"] = s
     names = [f"d{n}" for n in leaves] + ["drouting"]
-    grads = torch.autograd.grad(loss, [*leaves.values(), rw])
-    return {"o": o, "final_state": s, **dict(zip(names, grads))}
+    tensors = [*leaves.values(), rw]
+    # without the final state, a routing whose every block is the last of its sequence has no effect
+    grads = torch.autograd.grad(loss, tensors, allow_unused=True)
+    grads = [torch.zeros_like(t) if gr is None else gr for t, gr in zip(tensors, grads)]
+    return {**res, **dict(zip(names, grads))}
 
 
 def run_both(backend, x, w, cu, C, *, impl="torch", dts=True, router_grad="selected", scale=None,
-             dtype=torch.float64):
+             dtype=torch.float64, final_state=True):
     scale = x["q"].shape[-1] ** -0.5 if scale is None else scale
-    kw = dict(dts=dts, router_grad=router_grad, scale=scale)
+    kw = dict(dts=dts, router_grad=router_grad, scale=scale, final_state=final_state)
     out = outputs_and_grads(backend, x, w, cu, C, impl=impl, dtype=dtype, **kw)
     ref = outputs_and_grads(backend, x, w, cu, C, impl=None, dtype=torch.float64, **kw)
     assert set(out) == set(ref)
@@ -137,28 +143,29 @@ case = st.fixed_dictionaries(dict(
     HrG=st.sampled_from([(1, 1), (2, 1), (1, 2), (2, 2)]), K=st.sampled_from([4, 8]), V=st.sampled_from([3, 8]),
     C=st.sampled_from([4, 8, 16]), routing=st.sampled_from(["random", "softmax", "linear"]),
     p_soft=st.sampled_from([0.3, 0.6]), n_seq=st.sampled_from([None, 1, 2, 3]), init=st.booleans(),
-    dts=st.booleans(), router_grad=st.sampled_from(["selected", "both"])))
+    dts=st.booleans(), router_grad=st.sampled_from(["selected", "both"]), final_state=st.booleans()))
 
 
 @settings(deadline=None)
 @given(c=case)
 @example(c=dict(seed=1, backend="gdn", B=2, T=1, HrG=(2, 1), K=4, V=3, C=4, routing="random", p_soft=0.6,
-                n_seq=None, init=True, dts=True, router_grad="both"))  # T = 1
+                n_seq=None, init=True, dts=True, router_grad="both", final_state=True))  # T = 1
 @example(c=dict(seed=2, backend="gla", B=1, T=1, HrG=(1, 2), K=4, V=3, C=16, routing="linear", p_soft=0.3,
-                n_seq=1, init=True, dts=False, router_grad="selected"))  # packed, one sequence of one token
+                n_seq=1, init=True, dts=False, router_grad="selected", final_state=True))  # packed, one sequence of one token
 @example(c=dict(seed=3, backend="deltanet", B=2, T=64, HrG=(2, 2), K=8, V=3, C=16, routing="random", p_soft=0.6,
-                n_seq=None, init=False, dts=True, router_grad="both"))  # T a multiple of the block size
+                n_seq=None, init=False, dts=True, router_grad="both", final_state=False))  # T a multiple of the block size
 @example(c=dict(seed=4, backend="mamba2", B=1, T=97, HrG=(2, 1), K=4, V=8, C=8, routing="random", p_soft=0.3,
-                n_seq=3, init=True, dts=False, router_grad="both"))  # packed, random lengths
+                n_seq=3, init=True, dts=False, router_grad="both", final_state=True))  # packed, random lengths
 @example(c=dict(seed=5, backend="linear_attn", B=2, T=33, HrG=(1, 1), K=8, V=8, C=4, routing="softmax",
-                p_soft=0.3, n_seq=None, init=True, dts=True, router_grad="both"))
+                p_soft=0.3, n_seq=None, init=True, dts=True, router_grad="both", final_state=False))
 def test_torch_impl_matches_reference_property(c):
     Hr, G = c["HrG"]
     n_seq = None if c["n_seq"] is None else min(c["n_seq"], c["T"])
     B = 1 if n_seq is not None else c["B"]
     x, w, cu = make_case(c["seed"], c["backend"], B, c["T"], Hr, G, c["K"], c["V"], c["C"], routing=c["routing"],
                          p_soft=c["p_soft"], n_seq=n_seq, init=c["init"])
-    out, ref = run_both(c["backend"], x, w, cu, c["C"], dts=c["dts"], router_grad=c["router_grad"])
+    out, ref = run_both(c["backend"], x, w, cu, c["C"], dts=c["dts"], router_grad=c["router_grad"],
+                        final_state=c["final_state"])
     check(out, ref)
 
 
@@ -301,6 +308,22 @@ def test_fla_impl_interpreted_matches_reference(backend, layout, dts, router_gra
         err_torch = rel_err(ref[n], out_torch[n])
         assert_close(n, ref[n], out[n], max(2 * err_torch, FLA_FLOOR), atol=1e-7)
     assert out["drouting"][..., 1].ne(0).any()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend,B,T,lens,dts,final_state", [
+    pytest.param("gdn", 2, 1, None, True, True, id="gdn-one_token"),
+    pytest.param("gla", 2, 64, None, False, False, id="gla-one_block-nodecay-no_final_state"),
+    pytest.param("mamba2", 1, 129, [64, 65], False, False, id="mamba2-packed_full_blocks-nodecay-no_final_state"),
+])
+def test_fla_impl_interpreted_edge_cases(backend, B, T, lens, dts, final_state):
+    """One token; one full block per row; packed sequences of whole blocks and a one-token block; without the
+    final state (its gradient `dht` is then absent)."""
+    pytest.importorskip("fla")
+    x, w, cu = make_case(31, backend, B, T, 2, 1, 16, 16, 64, routing="mixed", lens=lens)
+    out, ref = run_both(backend, x, w, cu, 64, impl="fla", dts=dts, router_grad="both", dtype=torch.float32,
+                        final_state=final_state)
+    check(out, ref, FLA_FLOOR, atol=1e-7)
 
 
 # ---------------------------------------------------------------------------------------------------------------

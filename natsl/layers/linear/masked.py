@@ -1,10 +1,11 @@
 """The masked chunk pass over fla's chunk functions (spec §3.2): the NAtS-L linear branch at the cost of one fla call.
 
 With routing blocks equal to fla's chunks, the branch is fla's chunk pipeline in which only the state write sees
-the keys `k·m` (`m` per token: 1 in linear blocks, 0 in softmax blocks); the WY solve, `v_new` and the outputs use
-the real inputs. The forward calls fla's functions with `k·m` where they write the state; the backward calls
-fla's backward functions likewise and `natsl.kernels.masked_write.masked_write_bwd` removes the write term of the
-masked tokens from the gradients fla computes with the real `k` (and returns the router gradient `dm`).
+the keys `k·m` (`m` per (block, head): 1 in linear blocks, 0 in softmax blocks); the WY solve, `v_new` and the
+outputs use the real inputs. The forward calls fla's functions with `k·m` where they write the state; the backward
+calls fla's backward functions likewise and `natsl.kernels.masked_write.masked_write_bwd` removes the write term of
+the masked blocks from the gradients fla computes with the real `k` (and returns the router gradient `dm`).
+Maths: `natsl/layers/README.md`, "Linear branch".
 No gather, no data-dependent shape, no host sync (dense input). fla is imported lazily.
 """
 
@@ -62,6 +63,7 @@ class MaskedChunkFunction(torch.autograd.Function):
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         B, T, H = k.shape[:3]
         N = m.shape[1]
+
         def per_token(x):  # [B, N, H] per block → [B, T, H] per token
             if cu_seqlens is None:
                 return x[:, :, None].expand(B, N, FLA_CHUNK, H).reshape(B, N * FLA_CHUNK, H)[:, :T]
@@ -91,7 +93,7 @@ class MaskedChunkFunction(torch.autograd.Function):
                                          g=gc if family != KEY else None, scale=scale, cu_seqlens=cu_seqlens,
                                          chunk_size=FLA_CHUNK, chunk_indices=ci)
         ctx.save_for_backward(q, k, k_m, v, gc, gs, beta, m, z, h0, A, cu_seqlens, ci)
-        ctx.family, ctx.scale, ctx.has_g = family, scale, g is not None
+        ctx.family, ctx.scale = family, scale
         return o, ht
 
     @staticmethod
@@ -100,6 +102,7 @@ class MaskedChunkFunction(torch.autograd.Function):
         q, k, k_m, v, gc, gs, beta, m, z, h0, A, cu, ci = ctx.saved_tensors
         family, scale = ctx.family, ctx.scale
         do = do.contiguous()
+        need_dg = ctx.needs_input_grad[4]  # g: not for deltanet's internal g = 0, nor for a frozen gate
         use_z = z is not None and gc is not None
         # the state passes decay by gs; their read of the carried state keeps the real decay: q·exp(G − G_state)
         q_s = q if not use_z else q * torch.exp2(gc - gs if family == KEY else (gc - gs)[..., None]).to(q.dtype)
@@ -142,10 +145,11 @@ class MaskedChunkFunction(torch.autograd.Function):
             x, dv_fix = v, dv
         dk = dk.contiguous()
         dm = masked_write_bwd(x, k, m.reshape(-1, m.shape[-1]), dh, dk, dv=dv_fix, dv_add=dv_masked,
-                              dg=dg if ctx.has_g else None, g=gc if family != KEY else None,
-                              gk=gc if family == KEY else None, z=z.reshape(-1, z.shape[-1]) if use_z else None,
-                              h=h if use_z else None, **common)
-        return (None, dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dg if ctx.has_g else None,
+                              dg=dg if need_dg else None, g=gc if family != KEY else None,
+                              gk=gc if family == KEY else None,
+                              z=z.reshape(-1, z.shape[-1]) if use_z and need_dg else None,
+                              h=h if use_z and need_dg else None, **common)
+        return (None, dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dg if need_dg else None,
                 None if db is None else db.to(beta.dtype), dm.view_as(m), None, None, dh0, None, None, None)
 
 
@@ -174,7 +178,9 @@ def masked_chunk(backend: str, q, k, v, g=None, beta=None, *, block_mask, block_
     """
     family = FAMILY[backend]
     if backend == "deltanet":  # the delta rule is gdn with g = 0 (also in float32, which chunk_delta_rule refuses)
-        g = q.new_zeros(q.shape[:3], dtype=torch.float32)
+        g, block_decay = q.new_zeros(q.shape[:3], dtype=torch.float32), None
+    if g is None:
+        block_decay = None  # nothing decays
     if beta is not None:
         beta = beta.to(q.dtype).contiguous()
     h0 = None if initial_state is None else initial_state.float().contiguous()
