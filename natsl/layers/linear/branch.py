@@ -83,6 +83,9 @@ def linear_branch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, routing: Ro
         raise ValueError(f"routing {tuple(routing.weights.shape)} does not fit B={B} and H={H} linear heads "
                          f"(a multiple of the router heads)")
     impl = resolve_linear_impl(impl, q.device, routing.block_size)
+    from natsl.layers.linear.torch_ops import check_linear_inputs
+
+    check_linear_inputs(backend, q, k, v, g, beta, initial_state, routing.cu_seqlens)
     scale = K ** -0.5 if scale is None else float(scale)
     cdt = torch.promote_types(q.dtype, torch.float32)
     m = _block_gates(routing, router_grad, cdt).repeat_interleave(H // Hr, dim=-1)  # [B, N, H] linear gate m_L

@@ -58,6 +58,16 @@ def _check(q, k, v, g, beta, initial_state, cu_seqlens, *, g_kind: Literal['head
         raise ValueError(f"initial_state must have shape {(N, H, K, v.shape[-1])}, got {tuple(initial_state.shape)}")
 
 
+def check_linear_inputs(backend: str, q, k, v, g, beta, initial_state=None, cu_seqlens=None) -> None:
+    """Validate the recurrence inputs of `backend` (shapes of q, k, v; whether it takes `g` (per head or per key) and
+    `beta`; the initial state's shape; `cu_seqlens`, one host sync when given). Raises `ValueError` naming the
+    argument."""
+    if backend not in _BACKENDS:
+        raise ValueError(f"backend must be one of {sorted(_BACKENDS)}, got {backend!r}")
+    g_kind, uses_beta, _ = _BACKENDS[backend]
+    _check(q, k, v, g, beta, initial_state, cu_seqlens, g_kind=g_kind, uses_beta=uses_beta)
+
+
 def _check_mask(name: str, mask, q: torch.Tensor) -> None:
     if not isinstance(mask, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor [B, T, H], got {type(mask).__name__}")
@@ -212,14 +222,11 @@ def torch_masked_chunk(backend, q, k, v, g=None, beta=None, *, write_mask, decay
         final_state (torch.Tensor or None): `[N, H, K, V]` in fp32 (fp64 for fp64 inputs), the carried state after
             the last chunk.
     """
-    if backend not in _BACKENDS:
-        raise ValueError(f"backend must be one of {sorted(_BACKENDS)}, got {backend!r}")
+    check_linear_inputs(backend, q, k, v, g, beta, initial_state, cu_seqlens)
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int):
         raise TypeError(f"chunk_size must be a positive int, got {type(chunk_size).__name__}")
     if chunk_size <= 0:
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size}")
-    g_kind, uses_beta, _ = _BACKENDS[backend]
-    _check(q, k, v, g, beta, initial_state, cu_seqlens, g_kind=g_kind, uses_beta=uses_beta)
     _check_mask("write_mask", write_mask, q)
     if decay_mask is not None:
         _check_mask("decay_mask", decay_mask, q)
