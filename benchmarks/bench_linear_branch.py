@@ -153,15 +153,21 @@ def first_call_s(backend, shape, provider, T=1024) -> float:
     return time.perf_counter() - t0
 
 
-def profile_table(backend, shape, T, frac, provider="natsl-branch", top=15) -> str:
-    """The `top` GPU kernels (by total device time) of one fwd+bwd of the branch, and the sum over all kernels."""
+def _profile(backend, shape, T, frac, provider, activity):
+    """`key_averages()` of one profiled fwd+bwd of `provider` (after one warm call)."""
     fn, _ = setup(backend, shape, T, frac, provider, "fwd+bwd")
     fn()
     torch.cuda.synchronize()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+    with torch.profiler.profile(activities=[activity]) as prof:
         fn()
         torch.cuda.synchronize()
-    events = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
+    return prof.key_averages()
+
+
+def profile_table(backend, shape, T, frac, provider="natsl-branch", top=15) -> str:
+    """The `top` GPU kernels (by total device time) of one fwd+bwd of the branch, and the sum over all kernels."""
+    events = [e for e in _profile(backend, shape, T, frac, provider, torch.profiler.ProfilerActivity.CUDA)
+              if e.device_type == torch.autograd.DeviceType.CUDA]
     rows = [{"kernel": e.key[:70], "calls": e.count, "ms": e.device_time_total / 1e3}
             for e in sorted(events, key=lambda e: -e.device_time_total)[:top]]
     total = sum(e.self_device_time_total for e in events) / 1e3
@@ -182,14 +188,9 @@ def host_rows(backend, shape, T, frac) -> list[dict]:
 
 def cpu_profile_table(backend, shape, T, frac, provider="natsl-branch", top=25) -> str:
     """The `top` host-side ops (self CPU time) of one fwd+bwd: where the launch overhead goes."""
-    fn, _ = setup(backend, shape, T, frac, provider, "fwd+bwd")
-    fn()
-    torch.cuda.synchronize()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-        fn()
-        torch.cuda.synchronize()
-    events = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:top]
-    rows = [{"op": e.key[:70], "calls": e.count, "self CPU us": e.self_cpu_time_total} for e in events]
+    events = _profile(backend, shape, T, frac, provider, torch.profiler.ProfilerActivity.CPU)
+    rows = [{"op": e.key[:70], "calls": e.count, "self CPU us": e.self_cpu_time_total}
+            for e in sorted(events, key=lambda e: -e.self_cpu_time_total)[:top]]
     return markdown_table(rows, ["op", "calls", "self CPU us"])
 
 
