@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 
+from natsl.layers.linear.torch_ops import check_linear_inputs
 from natsl.layers.routing import LINEAR, Routing
 from natsl.utils import LINEAR_BACKENDS, ROUTER_GRADS, check_choice
 
@@ -72,9 +73,7 @@ def linear_branch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, routing: Ro
     check_choice("router_grad", router_grad, ROUTER_GRADS)
     if not isinstance(routing, Routing):
         raise TypeError(f"routing must be a natsl Routing, got {type(routing).__name__}")
-    if q.dim() != 4 or k.shape != q.shape or v.dim() != 4 or v.shape[:3] != q.shape[:3]:
-        raise ValueError(f"q, k must be [B, T, H, K] and v [B, T, H, V], got {tuple(q.shape)}, {tuple(k.shape)}, "
-                         f"{tuple(v.shape)}")
+    check_linear_inputs(backend, q, k, v, g, beta, initial_state, routing.cu_seqlens)
     if not q.is_floating_point():
         raise TypeError(f"q, k, v must be floating point, got {q.dtype}")
     B, T, H, K = q.shape
@@ -83,15 +82,12 @@ def linear_branch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, routing: Ro
         raise ValueError(f"routing {tuple(routing.weights.shape)} does not fit B={B} and H={H} linear heads "
                          f"(a multiple of the router heads)")
     impl = resolve_linear_impl(impl, q.device, routing.block_size)
-    from natsl.layers.linear.torch_ops import check_linear_inputs
-
-    check_linear_inputs(backend, q, k, v, g, beta, initial_state, routing.cu_seqlens)
     scale = K ** -0.5 if scale is None else float(scale)
     cdt = torch.promote_types(q.dtype, torch.float32)
     m = _block_gates(routing, router_grad, cdt).repeat_interleave(H // Hr, dim=-1)  # [B, N, H] linear gate m_L
     z = None  # decay_through_softmax=False: the carried state decays in linear blocks only (hard types, no gradient)
     if not decay_through_softmax:
-        z = (routing.weights.detach()[..., LINEAR] > 0.5).to(cdt).repeat_interleave(H // Hr, dim=-1)
+        z = _is_linear(routing).to(cdt).repeat_interleave(H // Hr, dim=-1)
     if impl == "fla":
         from natsl.layers.linear.masked import masked_chunk
 
@@ -125,8 +121,13 @@ def _per_token(routing: Routing, x: torch.Tensor, T: int) -> torch.Tensor:
 def _block_gates(routing: Routing, router_grad: str, dtype: torch.dtype) -> torch.Tensor:
     """`m_L` of spec §1.7, `[B, N, Hr]` in `dtype`: the routing's linear weight, which carries its straight-through
     gradient; with `router_grad="selected"` only in blocks routed linear (`routing.gates` without its float64
-    copies; the type is the argmax of the one-hot weights, i.e. linear iff its weight exceeds 1/2)."""
+    copies)."""
     lin = routing.weights[..., LINEAR].to(dtype)
     if router_grad == "selected":
-        lin = torch.where(lin.detach() > 0.5, lin, 0.0)
+        lin = torch.where(_is_linear(routing), lin, 0.0)
     return lin
+
+
+def _is_linear(routing: Routing) -> torch.Tensor:
+    """`[B, N, Hr]` bool: the block is routed linear (the argmax of the one-hot weights, without an argmax)."""
+    return routing.weights.detach()[..., LINEAR] > 0.5
