@@ -35,6 +35,11 @@ class RMSNorm(nn.Module):
         return xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight.to(xf.dtype)
 
 
+def _mean_over_blocks(x: torch.Tensor) -> torch.Tensor:
+    """`[B, N, H_R]` → `[H_R]` mean over batch and blocks; zero (not NaN) when there are no blocks (T = 0)."""
+    return x.sum(dim=(0, 1)) / max(x.shape[0] * x.shape[1], 1)
+
+
 def rotary(x: torch.Tensor, pos: torch.Tensor, theta: float) -> torch.Tensor:
     """Rotate-half RoPE of `x [B, T, H, D]` at integer positions `pos [T]`."""
     D = x.shape[-1]
@@ -207,8 +212,10 @@ class NAtSLAttention(nn.Module):
         is_soft = weights.detach()[..., 0]
         aux = None
         if self.router_budget is not None:
-            aux = self.router_budget_weight * (probs[..., 0].mean() - self.router_budget) ** 2
-        stats = NAtSLLayerStats(softmax_fraction=is_soft.float().mean(dim=(0, 1)), router_aux_loss=aux)
+            # no blocks (T = 0): no term (an empty sum keeps the graph)
+            aux = (self.router_budget_weight * (probs[..., 0].mean() - self.router_budget) ** 2 if probs.shape[1]
+                   else probs.sum())
+        stats = NAtSLLayerStats(softmax_fraction=_mean_over_blocks(is_soft.float()), router_aux_loss=aux)
         return o, stats, past_key_values
 
     def _heads(self, x, q, k, v, pos):
@@ -338,5 +345,5 @@ class NAtSLAttention(nn.Module):
         o = self._merge(x, q, o_s.to(x.dtype), self.gates.skip(o_l.to(x.dtype), v_l))
         stats = None
         if weights is not None:
-            stats = NAtSLLayerStats(softmax_fraction=weights.detach()[..., 0].float().mean(dim=(0, 1)))
+            stats = NAtSLLayerStats(softmax_fraction=_mean_over_blocks(weights.detach()[..., 0].float()))
         return o, stats

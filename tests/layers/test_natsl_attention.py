@@ -250,3 +250,21 @@ def test_bad_forward_input_raises():
         layer(x, past_key_values=object())
     assert torch.equal(layer(x, attention_mask=torch.ones(2, 10))[0], layer(x)[0])
 
+
+
+@pytest.mark.parametrize("budget", [None, 0.25])
+def test_empty_input_gives_empty_outputs_and_finite_statistics(budget):
+    """T = 0: an empty output, zero softmax fractions (not NaN) and, with the budget, a finite regulariser that the
+    backward passes through."""
+    layer = make_layer("gdn")
+    layer.router_budget = budget
+    x = x_of(2, 0).requires_grad_()
+    o, stats, _ = layer(x)
+    assert o.shape == x.shape
+    assert torch.equal(stats.softmax_fraction, torch.zeros_like(stats.softmax_fraction))
+    if budget is None:
+        assert stats.router_aux_loss is None
+    else:
+        assert stats.router_aux_loss == 0
+        (o.sum() + stats.router_aux_loss).backward()
+        assert torch.isfinite(layer.router.proj.weight.grad).all()
