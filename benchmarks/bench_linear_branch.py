@@ -32,6 +32,7 @@ from utils import (  # noqa: E402
     bench_graph_ms,
     bench_ms,
     env_line,
+    host_us_per_call,
     markdown_table,
 )
 
@@ -176,8 +177,6 @@ def profile_table(backend, shape, T, frac, provider="natsl-branch", top=15) -> s
 
 def host_rows(backend, shape, T, frac) -> list[dict]:
     """Host issue time per fwd+bwd call (no wait for the GPU) and wall time per call, plain fla vs the branch."""
-    from utils import host_us_per_call
-
     rows = []
     for p in PROVIDERS:
         fn = setup(backend, shape, T, frac, p, "fwd+bwd")[0]

@@ -109,13 +109,10 @@ def linear_branch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, routing: Ro
 
 
 def _per_token(routing: Routing, x: torch.Tensor, T: int) -> torch.Tensor:
-    """`[B, N, H]` per (block, head) → `[B, T, H]` per (token, head): an expand-copy for dense input, a gather by the
-    layout's `token_block` for packed input."""
-    if routing.cu_seqlens is not None:
-        return x[:, routing.layout(T).token_block]
-    B, N, H = x.shape
-    C = routing.block_size
-    return x[:, :, None].expand(B, N, C, H).reshape(B, N * C, H)[:, :T]
+    """`[B, N, H]` per (block, head) → `[B, T, H]` per (token, head) (`masked.blocks_to_tokens` over the routing)."""
+    from natsl.layers.linear.masked import blocks_to_tokens
+
+    return blocks_to_tokens(x, T, routing.block_size, None if routing.cu_seqlens is None else routing.layout(T).token_block)
 
 
 def _block_gates(routing: Routing, router_grad: str, dtype: torch.dtype) -> torch.Tensor:

@@ -43,6 +43,15 @@ def _fla() -> dict:
     return _FLA
 
 
+def blocks_to_tokens(x: torch.Tensor, T: int, block_size: int, token_block: torch.Tensor | None = None) -> torch.Tensor:
+    """`[B, N, H]` per (block, head) → `[B, T, H]` per (token, head): one expand-copy for dense input, a gather by
+    `token_block [T]` (each token's global block) for packed input."""
+    if token_block is not None:
+        return x[:, token_block]
+    B, N, H = x.shape
+    return x[:, :, None].expand(B, N, block_size, H).reshape(B, N * block_size, H)[:, :T]
+
+
 def _states(f, family, k_m, v, gc, h0, output_final_state, cu, ci, w=None, u=None, fp32=False):
     """fla's state pass over the masked keys: `(h [B, NT, H, K, V], v_new or None, final state or None)`."""
     if family == DELTA:
@@ -61,22 +70,16 @@ class MaskedChunkFunction(torch.autograd.Function):
     def forward(ctx, family, q, k, v, g, beta, m, z, scale, h0, output_final_state, cu_seqlens, token_block):
         f = _fla()
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-        B, T, H = k.shape[:3]
-        N = m.shape[1]
-
-        def per_token(x):  # [B, N, H] per block → [B, T, H] per token
-            if cu_seqlens is None:
-                return x[:, :, None].expand(B, N, FLA_CHUNK, H).reshape(B, N * FLA_CHUNK, H)[:, :T]
-            return x[:, token_block]
-
-        m_tok = per_token(m)
+        T = k.shape[1]
+        tb = None if cu_seqlens is None else token_block
+        m_tok = blocks_to_tokens(m, T, FLA_CHUNK, tb)
         ci = None if cu_seqlens is None else f["chunk_indices"](cu_seqlens, FLA_CHUNK)
         gc = None if g is None else f["cumsum"](g.contiguous().float(), chunk_size=FLA_CHUNK, scale=f["RCP_LN2"],
                                                  cu_seqlens=cu_seqlens, chunk_indices=ci)
         k_m = k * m_tok[..., None].to(k.dtype)
         gs = gc  # the gate of the carried state: decays only in blocks with z = 1 (decay_through_softmax=False)
         if z is not None and gc is not None:
-            z_tok = per_token(z)
+            z_tok = blocks_to_tokens(z, T, FLA_CHUNK, tb)
             gs = gc * (z_tok if family != KEY else z_tok[..., None])
         A = w = u = None
         if family == DELTA:

@@ -174,9 +174,9 @@ def _run(q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens,
 
 
 def _plain(backend, q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens):
-    g_kind, uses_beta, chunk_size = _BACKENDS[backend]
-    _check(q, k, v, g, beta, initial_state, cu_seqlens, g_kind=g_kind, uses_beta=uses_beta)
-    return _run(q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens, chunk_size=chunk_size)
+    check_linear_inputs(backend, q, k, v, g, beta, initial_state, cu_seqlens)
+    return _run(q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens,
+                chunk_size=_BACKENDS[backend][2])
 
 
 def torch_masked_chunk(backend, q, k, v, g=None, beta=None, *, write_mask, decay_mask=None, chunk_size, scale=None,
