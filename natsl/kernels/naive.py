@@ -98,3 +98,18 @@ def naive_masked_write_bwd(x, k, m, dh, dk, *, dv=None, dv_add=False, dg=None, g
                 dg[b, s:e] -= corr.to(dg.dtype)
             i_tg += 1
     return dm
+
+
+def naive_norm_merge(o_s: torch.Tensor, o_l: torch.Tensor, w: torch.Tensor, g: torch.Tensor, gamma_s: torch.Tensor,
+                     gamma_l: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """Twin of `merge.norm_merge`: `(ω_0 γ_s ⊙ RMS(o_s) + ω_1 γ_l ⊙ RMS(o_l)) ⊙ SiLU(g)`, `ω = softmax(w)`,
+    computed in at least float32 and returned in `o_s`'s dtype (shapes as there)."""
+    ct = torch.promote_types(o_s.dtype, torch.float32)
+
+    def rms(x, gamma):
+        x = x.to(ct)
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * gamma.to(ct)
+
+    omega = torch.softmax(w.to(ct), dim=-1)
+    y = omega[..., 0:1] * rms(o_s, gamma_s) + omega[..., 1:2] * rms(o_l, gamma_l)
+    return (y * torch.nn.functional.silu(g.to(ct))).to(o_s.dtype)

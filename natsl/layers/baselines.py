@@ -8,16 +8,18 @@ output projection), computed with the same linear ops natsl's linear branch uses
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from natsl.kernels.index import block_layout
-from natsl.layers.conv import ShortConv
+from natsl.layers.conv import ShortConv, conv_qkv
 from natsl.layers.gates import LinearGates
-from natsl.layers.natsl_attention import RMSNorm, rotary
+from natsl.layers.fused import GatedRMSNorm, l2_norm, rotary, rotary_torch, use_fused
 from natsl.layers.state import LinearLayerState, SoftmaxLayerState, layer_state, linear_step
-from natsl.utils import LINEAR_BACKENDS, check_choice, check_mixer_forward, compute_dtype, upcast
+from natsl.utils import LINEAR_BACKENDS, check_choice, check_mixer_forward, compute_dtype
 
 
 def linear_op(backend: str, impl: str, device: torch.device):
@@ -68,7 +70,7 @@ class LinearAttention(nn.Module):
         self.v_conv1d = ShortConv(value_dim, conv_size)
         self.gates = LinearGates(hidden_size, num_heads, head_dim, linear_backend)
         self.g_proj = nn.Linear(hidden_size, value_dim, bias=False)
-        self.o_norm = RMSNorm(self.head_v_dim, norm_eps)
+        self.o_norm = GatedRMSNorm(self.head_v_dim, norm_eps)
         self.o_proj = nn.Linear(value_dim, hidden_size, bias=False)
 
     def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
@@ -90,31 +92,49 @@ class LinearAttention(nn.Module):
         B, T, _ = x.shape
         H, K, V = self.num_heads, self.head_dim, self.head_v_dim
         if state is None:
-            q, k, v = (c(p(x), cu_seqlens) for c, p in ((self.q_conv1d, self.q_proj), (self.k_conv1d, self.k_proj),
-                                                         (self.v_conv1d, self.v_proj)))
+            q, k, v = conv_qkv(x, (self.q_proj, self.k_proj, self.v_proj),
+                               (self.q_conv1d, self.k_conv1d, self.v_conv1d), cu_seqlens)
         else:
             (q, cq), (k, ck), (v, cv) = (c.forward_with_state(p(x), state.conv.get(n)) for n, c, p in (
                 ("q", self.q_conv1d, self.q_proj), ("k", self.k_conv1d, self.k_proj), ("v", self.v_conv1d, self.v_proj)))
         cdt = compute_dtype(x)  # bf16 under autocast even though the residual stream x is fp32
-        q = F.normalize(upcast(q.view(B, T, H, K)), dim=-1).to(cdt)
-        k = F.normalize(upcast(k.view(B, T, H, K)), dim=-1).to(cdt)
-        v = v.view(B, T, H, V).to(cdt)
-        g, beta, dt = self.gates(x)
-        v_in = self.gates.value_input(v, dt)
-        if state is None:
-            op = linear_op(self.linear_backend, self.linear_impl, x.device)
-            o, _ = op(q, k, v_in, g, beta, scale=K ** -0.5, cu_seqlens=cu_seqlens)
+        q, k, v = q.view(B, T, H, K), k.view(B, T, H, K), v.view(B, T, H, V)
+        if state is None and self._fused_gdn(q):
+            o = self._fused_gdn_forward(x, q, k, v, cu_seqlens)
         else:
-            if T == 1 and state.state is not None:
-                o, S = linear_step(self.linear_backend, q, k, v_in, g, beta, state.state, K ** -0.5)
-            else:
+            q, k, v = l2_norm(q, cdt), l2_norm(k, cdt), v.to(cdt)
+            g, beta, dt = self.gates(x)
+            v_in = self.gates.value_input(v, dt)
+            if state is None:
                 op = linear_op(self.linear_backend, self.linear_impl, x.device)
-                o, S = op(q, k, v_in, g, beta, scale=K ** -0.5, initial_state=state.state, output_final_state=True)
-            state.append(T, S, q=cq, k=ck, v=cv)
-        o = self.gates.skip(o, v)
-        y = self.o_norm(o) * F.silu(upcast(self.g_proj(x))).view(B, T, H, V)
-        out = self.o_proj(y.reshape(B, T, H * V).to(x.dtype))
+                o, _ = op(q, k, v_in, g, beta, scale=K ** -0.5, cu_seqlens=cu_seqlens)
+            else:
+                if T == 1 and state.state is not None:
+                    o, S = linear_step(self.linear_backend, q, k, v_in, g, beta, state.state, K ** -0.5)
+                else:
+                    op = linear_op(self.linear_backend, self.linear_impl, x.device)
+                    o, S = op(q, k, v_in, g, beta, scale=K ** -0.5, initial_state=state.state,
+                              output_final_state=True)
+                state.append(T, S, q=cq, k=ck, v=cv)
+            o = self.gates.skip(o, v)
+        y = self.o_norm(o.to(cdt), self.g_proj(x).view(B, T, H, V))
+        out = self.o_proj(y.reshape(B, T, H * V))
         return out, None, (state if state is not None and past_key_values is None else past_key_values)
+
+    def _fused_gdn(self, q: torch.Tensor) -> bool:
+        return self.linear_backend == "gdn" and self.linear_impl != "torch" and use_fused(q)
+
+    def _fused_gdn_forward(self, x, q, k, v, cu_seqlens):
+        """fla's `chunk_gated_delta_rule` with q/k L2 norm, β sigmoid and the GDN gate inside the kernel (the
+        call of fla's `GatedDeltaNet` layer): same maths as the unfused path, fewer saved tensors and launches."""
+        from fla.ops.gated_delta_rule import chunk_gated_delta_rule
+
+        gates = self.gates
+        o, _ = chunk_gated_delta_rule(q, k, v, g=gates.a_proj(x), beta=gates.b_proj(x), scale=self.head_dim ** -0.5,
+                                      use_qk_l2norm_in_kernel=True, use_beta_sigmoid_in_kernel=True,
+                                      use_gate_in_kernel=True, A_log=gates.A_log, dt_bias=gates.dt_bias,
+                                      cu_seqlens=cu_seqlens)
+        return o
 
 
 class SoftmaxAttention(nn.Module):
@@ -157,7 +177,7 @@ class SoftmaxAttention(nn.Module):
                 raise ValueError(f"the cache holds batch size {state.batch_size}, got hidden_states with batch {B}")
             t0 = state.seen_tokens
             pos = state.device_position(x.device) + torch.arange(T, device=x.device)  # device counter (graphs)
-            q, k = rotary(q, pos, self.rope_theta), rotary(k, pos, self.rope_theta)
+            q, k = rotary_torch(q, pos, self.rope_theta), rotary_torch(k, pos, self.rope_theta)
             state.append(k, v)
             if t0 == 0:
                 o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
@@ -166,15 +186,25 @@ class SoftmaxAttention(nn.Module):
                 o = state.attend_last(q, self.head_dim ** -0.5)
             out = self.o_proj(o.reshape(B, T, self.hidden_size))
             return out, None, (state if past_key_values is None else past_key_values)
-        pos = torch.arange(T, device=x.device)
         if cu_seqlens is None:
             mask, causal = None, True
         else:
             lay = block_layout(T, T, cu_seqlens, device=x.device)
-            pos = pos - cu_seqlens.to(pos.device)[lay.token_seq]
             same = lay.token_seq[:, None] == lay.token_seq[None, :]
             mask, causal = same & torch.ones(T, T, dtype=torch.bool, device=x.device).tril(), False
-        q, k = rotary(q, pos, self.rope_theta), rotary(k, pos, self.rope_theta)
-        o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
-                                           is_causal=causal)
+        q, k = rotary(q, self.rope_theta, cu_seqlens), rotary(k, self.rope_theta, cu_seqlens)
+        with _sdpa_priority(x):
+            o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                               attn_mask=mask, is_causal=causal)
         return self.o_proj(o.transpose(1, 2).reshape(B, T, self.hidden_size)), None, past_key_values
+
+
+def _sdpa_priority(x: torch.Tensor):
+    """On CUDA, SDPA tries cuDNN's attention first (the fastest dense causal kernel torch ships on Hopper; spec
+    §6), then flash, memory-efficient and math; elsewhere SDPA's own order."""
+    if not x.is_cuda:
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
+                        SDPBackend.MATH], set_priority=True)

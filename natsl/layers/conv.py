@@ -52,6 +52,30 @@ def causal_conv1d_torch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
     return F.silu(y) if activation else y
 
 
+def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                  cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
+    """Causal depthwise convolution + SiLU of `x [B, T, D]` with `weight [D, W]`: fla's `causal_conv1d` for CUDA
+    tensors of float16/bfloat16/float32 with fla installed, else :func:`causal_conv1d_torch`."""
+    if x.is_cuda and x.dtype in FLA_CONV_DTYPES:  # fla's Triton kernel fails to compile for float64
+        fla_conv = _fla_causal_conv1d()
+        if fla_conv is not None:
+            y, _ = fla_conv(x=x, weight=weight, bias=bias, activation="silu", cu_seqlens=cu_seqlens)
+            return y
+    return causal_conv1d_torch(x, weight, bias, cu_seqlens)
+
+
+def conv_qkv(x: torch.Tensor, projs, convs, cu_seqlens: torch.Tensor | None = None):
+    """`conv_i(proj_i(x))` for the q, k, v pairs of a layer as one matmul over the concatenated projection weights
+    and one convolution over the concatenated channels (fla's `GatedDeltaNet` fuses its q/k/v convolution the same
+    way); returns the three outputs (views of one tensor)."""
+    weight = torch.cat([p.weight for p in projs], 0)
+    conv_w = torch.cat([c.weight.squeeze(1) for c in convs], 0)
+    bias = None if all(c.bias is None for c in convs) else torch.cat(
+        [c.bias if c.bias is not None else c.weight.new_zeros(c.out_channels) for c in convs])
+    y = causal_conv1d(F.linear(x, weight), conv_w, bias, cu_seqlens)
+    return torch.split(y, [p.out_features for p in projs], dim=-1)
+
+
 class ShortConv(nn.Conv1d):
     """Depthwise causal convolution + SiLU over `[B, T, D]` (kernel `conv_size`, no bias by default)."""
 
@@ -59,13 +83,7 @@ class ShortConv(nn.Conv1d):
         super().__init__(hidden_size, hidden_size, conv_size, groups=hidden_size, padding=conv_size - 1, bias=bias)
 
     def forward(self, x: torch.Tensor, cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
-        weight = self.weight.squeeze(1)
-        if x.is_cuda and x.dtype in FLA_CONV_DTYPES:  # fla's Triton kernel fails to compile for float64
-            fla_conv = _fla_causal_conv1d()
-            if fla_conv is not None:
-                y, _ = fla_conv(x=x, weight=weight, bias=self.bias, activation="silu", cu_seqlens=cu_seqlens)
-                return y
-        return causal_conv1d_torch(x, weight, self.bias, cu_seqlens)
+        return causal_conv1d(x, self.weight.squeeze(1), self.bias, cu_seqlens)
 
     def forward_with_state(self, x: torch.Tensor, conv_state: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """Continue a sequence (inference cache, spec §1.8): `x [B, T, D]` after the inputs held in `conv_state`.

@@ -13,7 +13,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from natsl.kernels.index import block_layout
-from natsl.layers.conv import ShortConv
+from natsl.kernels.merge import norm_merge
+from natsl.layers.conv import ShortConv, conv_qkv
+from natsl.layers.fused import RMSNorm, l2_norm, rotary_torch
 from natsl.layers.gates import LinearGates
 from natsl.layers.router import BlockRouter, straight_through
 from natsl.layers.state import NAtSLLayerState, layer_state, linear_step
@@ -22,32 +24,9 @@ from natsl.utils import LINEAR_BACKENDS, check_choice, check_mixer_forward, comp
 LinearBackend = Literal["gdn", "deltanet", "gla", "mamba2", "linear_attn"]
 
 
-class RMSNorm(nn.Module):
-    """`x / sqrt(mean(x²) + eps) · γ` over the last dim, computed in at least float32."""
-
-    def __init__(self, dim: int, eps: float = 1e-5):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = upcast(x)
-        return xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight.to(xf.dtype)
-
-
 def _mean_over_blocks(x: torch.Tensor) -> torch.Tensor:
     """`[B, N, H_R]` → `[H_R]` mean over batch and blocks; zero (not NaN) when there are no blocks (T = 0)."""
     return x.sum(dim=(0, 1)) / max(x.shape[0] * x.shape[1], 1)
-
-
-def rotary(x: torch.Tensor, pos: torch.Tensor, theta: float) -> torch.Tensor:
-    """Rotate-half RoPE of `x [B, T, H, D]` at integer positions `pos [T]`."""
-    D = x.shape[-1]
-    inv = theta ** (-torch.arange(0, D // 2, device=x.device, dtype=torch.float32) * 2 / D)
-    ang = pos.float()[:, None] * inv[None]  # [T, D/2]
-    cos, sin = ang.cos()[None, :, None], ang.sin()[None, :, None]
-    x1, x2 = x.float().chunk(2, -1)
-    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1).to(x.dtype)
 
 
 @dataclass
@@ -188,9 +167,8 @@ class NAtSLAttention(nn.Module):
         B, T, _ = x.shape
         layout = block_layout(T, self.block_size, cu_seqlens, device=x.device)
 
-        q = self.q_conv1d(self.q_proj(x), cu_seqlens)
-        k = self.k_conv1d(self.k_proj(x), cu_seqlens)
-        v = self.v_conv1d(self.v_proj(x), cu_seqlens)
+        q, k, v = conv_qkv(x, (self.q_proj, self.k_proj, self.v_proj), (self.q_conv1d, self.k_conv1d, self.v_conv1d),
+                           cu_seqlens)
         weights, probs = self.router(x, cu_seqlens, layout)
 
         pos = None
@@ -223,25 +201,26 @@ class NAtSLAttention(nn.Module):
         B, T, _ = x.shape
         H_L, H_A = self.num_heads, self.num_softmax_heads
         cdt = compute_dtype(x)  # one dtype for every head tensor (bf16 under autocast, else x's)
-        q_l = F.normalize(upcast(q.view(B, T, H_L, self.head_dim)), dim=-1).to(cdt)
-        k_l = F.normalize(upcast(k.view(B, T, H_L, self.head_dim)), dim=-1).to(cdt)
+        q_l = l2_norm(q.view(B, T, H_L, self.head_dim), cdt)
+        k_l = l2_norm(k.view(B, T, H_L, self.head_dim), cdt)
         v_l = v.view(B, T, H_L, self.head_v_dim).to(cdt)
         q_s = self.q_norm(q.view(B, T, H_A, self.softmax_head_dim)).to(cdt)
         k_s = self.k_norm(k.view(B, T, H_A, self.softmax_head_dim)).to(cdt)
         v_s = v.view(B, T, H_A, self.softmax_value_dim).to(cdt)
         if pos is not None:
-            q_s, k_s = rotary(q_s, pos, self.rope_theta), rotary(k_s, pos, self.rope_theta)
+            q_s, k_s = rotary_torch(q_s, pos, self.rope_theta), rotary_torch(k_s, pos, self.rope_theta)
         return q_s, k_s, v_s, q_l, k_l, v_l
 
     def _merge(self, x, q, o_s, o_l):
-        """Spec §1.6: weighted two-norm merge of `o_s [B,T,H_A,d_va]` and `o_l [B,T,H_L,d_v]`, SiLU gate, `o_proj`."""
+        """Spec §1.6: weighted two-norm merge of `o_s [B,T,H_A,d_va]` and `o_l [B,T,H_L,d_v]`, SiLU gate, `o_proj`
+        (one fused kernel on CUDA: `natsl.kernels.merge.norm_merge`)."""
         B, T, _ = x.shape
-        H_A = self.num_softmax_heads
-        omega = torch.softmax(upcast(self.w_proj(q)).view(B, T, H_A, 2), dim=-1)  # index 0 = softmax, 1 = linear
-        y = (omega[..., 0:1] * self.o_norm_softmax(o_s)
-             + omega[..., 1:2] * self.o_norm_linear(o_l.reshape(B, T, H_A, self.softmax_value_dim)))
-        y = y * F.silu(upcast(self.g_proj(x))).view(B, T, H_A, self.softmax_value_dim)
-        return self.o_proj(y.reshape(B, T, self.value_dim).to(x.dtype))
+        H_A, d = self.num_softmax_heads, self.softmax_value_dim
+        cdt = compute_dtype(x)
+        y = norm_merge(o_s.to(cdt), o_l.reshape(B, T, H_A, d).to(cdt), self.w_proj(q).view(B, T, H_A, 2),
+                       self.g_proj(x).view(B, T, H_A, d), self.o_norm_softmax.weight, self.o_norm_linear.weight,
+                       self.norm_eps)
+        return self.o_proj(y.reshape(B, T, self.value_dim))
 
     def _linear_in_block(self, q, k, v, g, beta, state: torch.Tensor):
         """Virtual run over tokens of one block from `state`: `(o, end state)` (plain recurrence, spec §1.4)."""

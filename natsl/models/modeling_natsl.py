@@ -6,29 +6,18 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.utils import ModelOutput
 
 from natsl.layers.baselines import LinearAttention, SoftmaxAttention
-from natsl.layers.natsl_attention import NAtSLAttention, RMSNorm
+from natsl.layers.fused import RMSNorm, SwiGLU, causal_lm_loss
+from natsl.layers.natsl_attention import NAtSLAttention
 from natsl.models.cache import NAtSLCache
 from natsl.models.configuration_natsl import NAtSLConfig
 
 
-class SwiGLU(nn.Module):
-    def __init__(self, hidden_size: int, intermediate_size: int):
-        super().__init__()
-        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
-        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
-        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
-
-
 class NAtSLBlock(nn.Module):
-    """RMSNorm → mixer → residual → RMSNorm → SwiGLU → residual."""
+    """RMSNorm → mixer → residual → RMSNorm → SwiGLU → residual (the second residual add fused into its norm)."""
 
     def __init__(self, config: NAtSLConfig, layer_idx: int):
         super().__init__()
@@ -45,11 +34,10 @@ class NAtSLBlock(nn.Module):
         self.mlp = SwiGLU(config.hidden_size, config.intermediate_size)
 
     def forward(self, x: torch.Tensor, cu_seqlens: torch.Tensor | None = None, cache: NAtSLCache | None = None):
-        h, stats, _ = self.attn(self.attn_norm(x).to(x.dtype), past_key_values=cache, use_cache=cache is not None,
+        h, stats, _ = self.attn(self.attn_norm(x), past_key_values=cache, use_cache=cache is not None,
                                 cu_seqlens=cu_seqlens)
-        x = x + h
-        x = x + self.mlp(self.mlp_norm(x).to(x.dtype))
-        return x, stats
+        h, x = self.mlp_norm(h, residual=x, prenorm=True)
+        return x + self.mlp(h), stats
 
 
 @dataclass
@@ -69,7 +57,9 @@ class NAtSLModelOutput(ModelOutput):
 
 @dataclass
 class NAtSLCausalLMOutput(ModelOutput):
-    """`loss` includes the router-budget term when the budget is on; `lm_loss` is the cross-entropy alone."""
+    """`loss` includes the router-budget term when the budget is on; `lm_loss` is the cross-entropy alone. `logits`
+    is `None` when the fused linear cross-entropy computed the loss (training on CUDA: it never materialises them;
+    `config.fuse_linear_cross_entropy`)."""
 
     loss: torch.Tensor | None = None
     lm_loss: torch.Tensor | None = None
@@ -176,7 +166,7 @@ class NAtSLModel(NAtSLPreTrainedModel):
                 hidden.append(x)
             x, s = layer(x, cu_seqlens, cache)
             stats.append(s)
-        x = self.norm(x).to(x.dtype)
+        x = self.norm(x)
         if output_hidden_states:
             hidden.append(x)
         aux = [s.router_aux_loss for s in stats if s is not None and s.router_aux_loss is not None]
@@ -227,18 +217,20 @@ class NAtSLForCausalLM(NAtSLPreTrainedModel, GenerationMixin):
         h = out.last_hidden_state
         if logits_to_keep:
             h = h[:, -logits_to_keep:]
-        logits = self.lm_head(h)
-        loss = lm_loss = None
+        loss = lm_loss = logits = None
         if labels is not None:
-            target = labels[:, 1:]
+            # position t predicts t+1: the last position (and, packed, each sequence's last token) predicts nothing
+            target = torch.cat([labels[:, 1:], labels.new_full((labels.shape[0], 1), -100)], 1)
             if cu_seqlens is None and position_ids is not None and labels.shape[0] == 1 and \
                     bool((position_ids[0, 1:] == 0).any()):
                 cu_seqlens = cu_seqlens_from_position_ids(position_ids)
-            if cu_seqlens is not None:  # the last token of a packed sequence does not predict the next sequence
-                target = target.clone()
+            if cu_seqlens is not None:
                 target[:, cu_seqlens[1:-1].to(target.device) - 1] = -100
-            lm_loss = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), target.flatten(), ignore_index=-100)
+            fuse = self.config.fuse_linear_cross_entropy and torch.is_grad_enabled()
+            lm_loss, logits = causal_lm_loss(h, self.lm_head, target[:, target.shape[1] - h.shape[1]:], fuse)
             loss = lm_loss if out.router_aux_loss is None else lm_loss + out.router_aux_loss
+        else:
+            logits = self.lm_head(h)
         return NAtSLCausalLMOutput(loss=loss, lm_loss=lm_loss, logits=logits, hidden_states=out.hidden_states,
                                    routing_stats=out.routing_stats, router_aux_loss=out.router_aux_loss,
                                    cache=out.cache)

@@ -10,6 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from natsl import NAtSLAttention
+from natsl.layers.fused import L2_NORM_EPS
 from natsl.layers.router import BlockRouter, straight_through
 from natsl.reference import natsl_attention_reference
 
@@ -56,8 +57,10 @@ def recompose(layer, x, cu_seqlens=None):
     def rms(h, w, eps=layer.norm_eps):
         return h / torch.sqrt(h.pow(2).mean(-1, keepdim=True) + eps) * w
 
-    q_l = q.view(B, T, HL, dk) / q.view(B, T, HL, dk).norm(dim=-1, keepdim=True)
-    k_l = k.view(B, T, HL, dk) / k.view(B, T, HL, dk).norm(dim=-1, keepdim=True)
+    def l2(h):  # fla's l2norm convention (natsl.layers.fused.L2_NORM_EPS)
+        return h / torch.sqrt(h.pow(2).sum(-1, keepdim=True) + L2_NORM_EPS)
+
+    q_l, k_l = l2(q.view(B, T, HL, dk)), l2(k.view(B, T, HL, dk))
     q_s = rms(q.view(B, T, HA, -1), layer.q_norm.weight)
     k_s = rms(k.view(B, T, HA, -1), layer.k_norm.weight)
     v_l = v.view(B, T, HL, dv)
