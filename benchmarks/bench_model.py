@@ -1,15 +1,16 @@
-"""Training-step throughput of whole models (issue 7): NAtS-L Hybrid vs GDN Hybrid (3:1) vs Transformer.
+"""Training-step throughput and peak memory of whole models (issues 7, 20, 21): natsl's model families side by side
+with fla's own `GatedDeltaNetForCausalLM` (`fla_gdn`, fla's default fused modules and loss).
 
 One step = forward with labels (shifted cross-entropy over the full vocabulary), backward, gradient clipping at 1.0
-and a fused AdamW step; fp32 master weights under bf16 autocast (what `natsl train --device cuda` does), batch 1.
+and a fused AdamW step; fp32 master weights under bf16 autocast (what `natsl train --device cuda` does).
 Every natsl layer's router decision is forced to random blocks with softmax fraction `--frac` (a trained router's
 sparsity; its straight-through gradient still flows, so the training path with router gradients is what runs).
-Step time = median of `--steps` synchronised steps after 2 warm-up steps; the first step at T=1024 (fla's compile
+Step time = median of `--steps` synchronised steps after 2 warm-up steps; the first step at 1 x 1024 (fla's compile
 and autotune) is reported separately.
 
 Usage (H200, fla wheels on PYTHONPATH):
-    python3 benchmarks/bench_model.py [--T 4096,16384,32768] [--models hybrid,layer_hybrid,softmax] [--out F]
-CPU smoke run: python3 benchmarks/bench_model.py --device cpu --size tiny --T 128 --steps 1
+    python3 benchmarks/bench_model.py [--shapes 8x4096,1x32768] [--models linear,fla_gdn,hybrid,softmax] [--out F]
+CPU smoke run: python3 benchmarks/bench_model.py --device cpu --size tiny --shapes 2x128 --models linear,hybrid --steps 1
 """
 
 from __future__ import annotations
@@ -27,12 +28,20 @@ from utils import add_common_args, env_line, force_router, markdown_table, parse
 from natsl import NAtSLAttention, NAtSLConfig, NAtSLForCausalLM  # noqa: E402
 
 NAMES = {"hybrid": "NAtS-L Hybrid", "layer_hybrid": "GDN Hybrid 3:1", "softmax": "Transformer",
-         "natsl": "NAtS-L (all layers)", "linear": "GDN (all layers)"}
+         "natsl": "NAtS-L (all layers)", "linear": "GDN (all layers)", "fla_gdn": "fla GatedDeltaNetForCausalLM"}
 
 
 def build(size: str, family: str, frac: float, device: str, backend: str):
-    config = NAtSLConfig.preset(size, family, linear_backend=backend)
-    model = NAtSLForCausalLM(config).to(device)
+    if family == "fla_gdn":  # fla's own model of natsl's `linear` dims (natsl.models.convert)
+        from fla.models import GatedDeltaNetForCausalLM
+
+        from natsl.models.convert import fla_gdn_config_from
+
+        config = fla_gdn_config_from(NAtSLConfig.preset(size, "linear"))
+        model = GatedDeltaNetForCausalLM(config).to(device)
+    else:
+        config = NAtSLConfig.preset(size, family, linear_backend=backend)
+        model = NAtSLForCausalLM(config).to(device)
     for module in model.modules():
         if isinstance(module, NAtSLAttention):
             force_router(module, frac)
@@ -40,8 +49,8 @@ def build(size: str, family: str, frac: float, device: str, backend: str):
     return model, opt
 
 
-def make_step(model, opt, T: int, device: str, vocab: int):
-    ids = torch.randint(0, vocab, (1, T), device=device)
+def make_step(model, opt, B: int, T: int, device: str, vocab: int):
+    ids = torch.randint(0, vocab, (B, T), device=device)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else torch.autocast(
         "cpu", enabled=False)
 
@@ -58,8 +67,8 @@ def make_step(model, opt, T: int, device: str, vocab: int):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--T", default="4096,16384,32768")
-    ap.add_argument("--models", default="hybrid,layer_hybrid,softmax")
+    ap.add_argument("--shapes", default="8x4096,1x32768", help="comma-separated BxT training shapes")
+    ap.add_argument("--models", default="linear,fla_gdn,hybrid,layer_hybrid,softmax")
     ap.add_argument("--size", default="340m")
     ap.add_argument("--linear-backend", default="gdn")
     ap.add_argument("--frac", type=float, default=0.125)
@@ -67,7 +76,7 @@ def main():
     add_common_args(ap)
     args = parse_common(ap)
     cuda = args.device.startswith("cuda")
-    Ts = [int(t) for t in args.T.split(",")]
+    shapes = [tuple(int(n) for n in sh.split("x")) for sh in args.shapes.split(",")]
     header = f"# {env_line()}; size {args.size}, backend {args.linear_backend}, forced softmax fraction {args.frac}"
     print(header, flush=True)
     rows = []
@@ -76,30 +85,31 @@ def main():
         vocab = model.config.vocab_size
         params = sum(p.numel() for p in model.parameters()) / 1e6
         t0 = time.time()
-        make_step(model, opt, min(1024, Ts[0]), args.device, vocab)()
+        make_step(model, opt, 1, min(1024, shapes[0][1]), args.device, vocab)()
         if cuda:
             torch.cuda.synchronize()
         first = time.time() - t0
         print(f"{family}: {params:.1f}M parameters, first step {first:.1f} s", flush=True)
-        for T in Ts:
+        for B, T in shapes:
             if cuda:
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats()
             try:
-                ms = time_ms(make_step(model, opt, T, args.device, vocab), warmup=2, rep=args.steps)
+                ms = time_ms(make_step(model, opt, B, T, args.device, vocab), warmup=2, rep=args.steps)
             except torch.OutOfMemoryError:
-                print(f"{family} T={T}: out of memory", flush=True)
-                rows.append(dict(model=NAMES.get(family, family), T=T, note="OOM"))
+                print(f"{family} {B}x{T}: out of memory", flush=True)
+                rows.append(dict(model=NAMES.get(family, family), shape=f"{B}x{T}", note="OOM"))
                 continue
             peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
-            row = dict(model=NAMES.get(family, family), params_M=round(params, 1), T=T, step_ms=ms,
-                       tokens_per_s=round(T / ms * 1e3), peak_GiB=peak, first_step_s=round(first, 1))
+            row = dict(model=NAMES.get(family, family), params_M=round(params, 1), shape=f"{B}x{T}", step_ms=ms,
+                       tokens_per_s=round(B * T / ms * 1e3), peak_GiB=peak, first_step_s=round(first, 1))
             rows.append(row)
             print(row, flush=True)
         del model, opt
         if cuda:
             torch.cuda.empty_cache()
-    table = markdown_table(rows, ["model", "params_M", "T", "step_ms", "tokens_per_s", "peak_GiB", "first_step_s"])
+    table = markdown_table(rows, ["model", "params_M", "shape", "step_ms", "tokens_per_s", "peak_GiB",
+                                  "first_step_s"])
     print("\n" + table)
     if args.out:
         with open(args.out, "w") as f:
