@@ -143,7 +143,8 @@ def rotary(x: torch.Tensor, theta: float, cu_seqlens: torch.Tensor | None = None
 
         inv = theta ** (-torch.arange(0, D // 2, device=x.device, dtype=torch.float32) * 2 / D)
         ang = torch.arange(T, device=x.device, dtype=torch.float32)[:, None] * inv[None]
-        return rotary_embedding(x, ang.cos(), ang.sin(), cu_seqlens=cu_seqlens)
+        # fla's kernel takes cos/sin in x's dtype; rotating in float32 keeps the twin's precision for bf16 inputs
+        return rotary_embedding(x.float(), ang.cos(), ang.sin(), cu_seqlens=cu_seqlens).to(x.dtype)
     pos = torch.arange(T, device=x.device)
     if cu_seqlens is not None:
         cu = cu_seqlens.to(device=x.device, dtype=torch.long)
