@@ -2,7 +2,7 @@
 
 Every function here has one semantics and two implementations. On a CUDA tensor of a float dtype fla runs with fla
 installed (`fla.modules`: `rms_norm`, `rms_norm_gated`, `l2norm`, `swiglu_linear`, `rotary_embedding`,
-`FusedLinearCrossEntropyLoss`); elsewhere (CPU, float64, no fla) the `*_torch` twin computes the same maths in at
+`FusedCrossEntropyLoss`); elsewhere (CPU, float64, no fla) the `*_torch` twin computes the same maths in at
 least float32. `tests/gpu/test_fused_gpu.py` holds each fused path equal to its twin on the H200, so the CPU suite
 tests the semantics the GPU runs. Output dtypes follow fla: a norm returns its input's dtype.
 """
@@ -152,23 +152,18 @@ def rotary(x: torch.Tensor, theta: float, cu_seqlens: torch.Tensor | None = None
     return rotary_torch(x, pos, theta)
 
 
-def causal_lm_loss(hidden: torch.Tensor, lm_head: nn.Linear, target: torch.Tensor, fuse_linear: bool):
-    """Mean token cross-entropy of `lm_head(hidden)` against `target` (`-100` ignored).
+def cross_entropy_torch(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Twin of fla's `FusedCrossEntropyLoss`: mean cross-entropy of `logits [N, V]` (in float32 or float64) against
+    `target [N]`, `-100` ignored."""
+    return F.cross_entropy(upcast(logits), target, ignore_index=-100)
 
-    Args:
-        hidden (torch.Tensor): `[B, T, D]` final hidden states.
-        lm_head (nn.Linear): the `D → vocab` head.
-        target (torch.LongTensor): `[B, T]` the class of each position (already shifted).
-        fuse_linear (bool): use fla's `FusedLinearCrossEntropyLoss` on CUDA (chunked: never materialises the
-            logits; the head's gradient is accumulated in float32).
 
-    Returns:
-        `(loss, logits)`: `logits [B, T, vocab]`, or `None` when the fused loss ran.
-    """
-    if fuse_linear and use_fused(hidden):
-        from fla.modules import FusedLinearCrossEntropyLoss
+def cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean token cross-entropy of `logits [N, V]` against `target [N]` (`-100` ignored). On CUDA fla's
+    `FusedCrossEntropyLoss` reads the logits in their own dtype (bf16 under autocast) and never materialises a
+    float32 copy; elsewhere :func:`cross_entropy_torch`."""
+    if use_fused(logits):
+        from fla.modules import FusedCrossEntropyLoss
 
-        loss = FusedLinearCrossEntropyLoss()(hidden.contiguous(), target, lm_head.weight, lm_head.bias)
-        return loss, None
-    logits = lm_head(hidden)
-    return F.cross_entropy(logits.float().flatten(0, 1), target.flatten(), ignore_index=-100), logits
+        return FusedCrossEntropyLoss()(logits, target)
+    return cross_entropy_torch(logits, target)

@@ -38,9 +38,6 @@ class NAtSLConfig(PretrainedConfig):
         num_attention_heads (int): heads of full-softmax layers. Default: `16`.
         tie_word_embeddings (bool): Default: `False` (untied LM head, as in the paper).
         initializer_range (float): std of the normal init of linear and embedding weights. Default: `0.02`.
-        fuse_linear_cross_entropy (bool): with labels, grad enabled and CUDA (fla installed), compute the LM loss
-            with fla's chunked `FusedLinearCrossEntropyLoss`, which never materialises the logits (the output's
-            `logits` is then `None`). Default: `True`.
         The remaining arguments are NAtSLAttention's (same names, same defaults: the paper's 340M layer) and reach
         every natsl layer through `attention_kwargs()`.
     """
@@ -56,7 +53,7 @@ class NAtSLConfig(PretrainedConfig):
                  decay_through_softmax: bool = True, router_sample: str = "argmax", router_temperature: float = 1.0,
                  router_grad: str = "selected", router_budget: float | None = None, router_budget_weight: float = 1.0,
                  use_rope: bool = False, rope_theta: float = 10000.0, conv_size: int = 4, norm_eps: float = 1e-5,
-                 initializer_range: float = 0.02, fuse_linear_cross_entropy: bool = True, tie_word_embeddings: bool = False, pad_token_id: int | None = None,
+                 initializer_range: float = 0.02, tie_word_embeddings: bool = False, pad_token_id: int | None = None,
                  bos_token_id: int | None = None, eos_token_id: int | None = None, **kwargs):
         layer_layout = list(layer_layout) if layer_layout is not None else ["natsl"] * num_hidden_layers
         if len(layer_layout) != num_hidden_layers:
@@ -77,7 +74,6 @@ class NAtSLConfig(PretrainedConfig):
         self.router_budget, self.router_budget_weight = router_budget, router_budget_weight
         self.use_rope, self.rope_theta, self.conv_size, self.norm_eps = use_rope, rope_theta, conv_size, norm_eps
         self.initializer_range = initializer_range
-        self.fuse_linear_cross_entropy = fuse_linear_cross_entropy
         super().__init__(tie_word_embeddings=tie_word_embeddings, pad_token_id=pad_token_id,
                          bos_token_id=bos_token_id, eos_token_id=eos_token_id, **kwargs)
 

@@ -10,7 +10,7 @@ from transformers import GenerationMixin, PreTrainedModel
 from transformers.utils import ModelOutput
 
 from natsl.layers.baselines import LinearAttention, SoftmaxAttention
-from natsl.layers.fused import RMSNorm, SwiGLU, causal_lm_loss
+from natsl.layers.fused import RMSNorm, SwiGLU, cross_entropy
 from natsl.layers.natsl_attention import NAtSLAttention
 from natsl.models.cache import NAtSLCache
 from natsl.models.configuration_natsl import NAtSLConfig
@@ -57,9 +57,8 @@ class NAtSLModelOutput(ModelOutput):
 
 @dataclass
 class NAtSLCausalLMOutput(ModelOutput):
-    """`loss` includes the router-budget term when the budget is on; `lm_loss` is the cross-entropy alone. `logits`
-    is `None` when the fused linear cross-entropy computed the loss (training on CUDA: it never materialises them;
-    `config.fuse_linear_cross_entropy`)."""
+    """`loss` includes the router-budget term when the budget is on; `lm_loss` is the cross-entropy alone (fla's
+    fused cross-entropy on CUDA, over the logits in their own dtype)."""
 
     loss: torch.Tensor | None = None
     lm_loss: torch.Tensor | None = None
@@ -217,7 +216,8 @@ class NAtSLForCausalLM(NAtSLPreTrainedModel, GenerationMixin):
         h = out.last_hidden_state
         if logits_to_keep:
             h = h[:, -logits_to_keep:]
-        loss = lm_loss = logits = None
+        logits = self.lm_head(h)
+        loss = lm_loss = None
         if labels is not None:
             # position t predicts t+1: the last position (and, packed, each sequence's last token) predicts nothing
             target = torch.cat([labels[:, 1:], labels.new_full((labels.shape[0], 1), -100)], 1)
@@ -226,11 +226,8 @@ class NAtSLForCausalLM(NAtSLPreTrainedModel, GenerationMixin):
                 cu_seqlens = cu_seqlens_from_position_ids(position_ids)
             if cu_seqlens is not None:
                 target[:, cu_seqlens[1:-1].to(target.device) - 1] = -100
-            fuse = self.config.fuse_linear_cross_entropy and torch.is_grad_enabled()
-            lm_loss, logits = causal_lm_loss(h, self.lm_head, target[:, target.shape[1] - h.shape[1]:], fuse)
+            lm_loss = cross_entropy(logits.flatten(0, 1), target[:, target.shape[1] - h.shape[1]:].flatten())
             loss = lm_loss if out.router_aux_loss is None else lm_loss + out.router_aux_loss
-        else:
-            logits = self.lm_head(h)
         return NAtSLCausalLMOutput(loss=loss, lm_loss=lm_loss, logits=logits, hidden_states=out.hidden_states,
                                    routing_stats=out.routing_stats, router_aux_loss=out.router_aux_loss,
                                    cache=out.cache)
