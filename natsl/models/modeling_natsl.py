@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 from transformers import GenerationMixin, PreTrainedModel
+from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.utils import ModelOutput
 
 from natsl.layers.baselines import LinearAttention, SoftmaxAttention
@@ -16,8 +17,12 @@ from natsl.models.cache import NAtSLCache
 from natsl.models.configuration_natsl import NAtSLConfig
 
 
-class NAtSLBlock(nn.Module):
-    """RMSNorm → mixer → residual → RMSNorm → SwiGLU → residual (the second residual add fused into its norm)."""
+class NAtSLBlock(GradientCheckpointingLayer):
+    """RMSNorm → mixer → residual → RMSNorm → SwiGLU → residual (the second residual add fused into its norm).
+
+    With `model.gradient_checkpointing_enable()` (transformers' activation checkpointing; natsl's default is the
+    non-reentrant `torch.utils.checkpoint`, which carries the router-budget term's gradient too) each block keeps
+    only its input for the backward and recomputes the rest."""
 
     def __init__(self, config: NAtSLConfig, layer_idx: int):
         super().__init__()
@@ -77,7 +82,15 @@ class NAtSLPreTrainedModel(PreTrainedModel):
     config_class = NAtSLConfig
     base_model_prefix = "model"
     _no_split_modules = ["NAtSLBlock"]
-    supports_gradient_checkpointing = False
+    supports_gradient_checkpointing = True
+
+    if not hasattr(PreTrainedModel, "activation_checkpointing_enable"):  # older transformers: reentrant default
+        def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None, **kwargs):
+            """Recompute each block in the backward. Default `{"use_reentrant": False}` (newer transformers'
+            default too): the block also returns the router statistics, whose budget term needs the non-reentrant
+            checkpoint to carry a gradient."""
+            kw = {"use_reentrant": False, **(gradient_checkpointing_kwargs or {})}
+            return super().gradient_checkpointing_enable(gradient_checkpointing_kwargs=kw, **kwargs)
 
     def _init_weights(self, module):
         std = self.config.initializer_range
@@ -163,7 +176,7 @@ class NAtSLModel(NAtSLPreTrainedModel):
         for layer in self.layers:
             if output_hidden_states:
                 hidden.append(x)
-            x, s = layer(x, cu_seqlens, cache)
+            x, s = layer(x, cu_seqlens=cu_seqlens, cache=cache)
             stats.append(s)
         x = self.norm(x)
         if output_hidden_states:

@@ -167,3 +167,32 @@ def test_router_budget_adds_to_the_loss():
     out = m(ids, labels=ids)
     assert out.router_aux_loss is not None and out.router_aux_loss > 0
     torch.testing.assert_close(out.loss, out.lm_loss + out.router_aux_loss)
+
+
+@pytest.mark.parametrize("family", ["hybrid", "softmax"])
+def test_gradient_checkpointing_gives_the_same_gradients(family):
+    """Activation checkpointing per block: the same loss and every parameter gradient (the router-budget term's
+    too), and the checkpointed blocks are recomputed in the backward."""
+    torch.manual_seed(0)
+    config = NAtSLConfig.preset("tiny", family, router_budget=0.3, linear_impl="torch")
+    model = NAtSLForCausalLM(config)
+    ids = torch.randint(0, config.vocab_size, (2, 40), generator=torch.Generator().manual_seed(1))
+
+    def grads():
+        model.zero_grad()
+        out = model(input_ids=ids, labels=ids)
+        out.loss.backward()
+        return out.loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    loss, ref = grads()
+    calls = []
+    hook = model.model.layers[0].attn.register_forward_hook(lambda *a: calls.append(1))
+    model.gradient_checkpointing_enable()
+    assert all(layer.gradient_checkpointing for layer in model.model.layers)
+    loss_ckpt, got = grads()
+    hook.remove()
+    assert len(calls) == 2, "the first block's mixer should run again in the backward"
+    torch.testing.assert_close(loss_ckpt, loss)
+    assert set(got) == set(ref)
+    for n, g in ref.items():
+        torch.testing.assert_close(got[n], g, rtol=1e-5, atol=1e-7, msg=n)
