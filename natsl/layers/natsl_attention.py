@@ -36,10 +36,13 @@ class NAtSLLayerStats:
     Attributes:
         softmax_fraction (torch.Tensor): `[H_R]` fraction of blocks routed to softmax (detached).
         router_aux_loss (torch.Tensor or None): scalar router-budget regulariser (`None` when the budget is off).
+        router_entropy (torch.Tensor or None): `[H_R]` mean entropy (nats, at most ln 2) of the router's
+            probabilities over the blocks (detached); `None` where the call does not compute them (cached steps).
     """
 
     softmax_fraction: torch.Tensor
     router_aux_loss: torch.Tensor | None = None
+    router_entropy: torch.Tensor | None = None
 
 
 class NAtSLAttention(nn.Module):
@@ -193,7 +196,10 @@ class NAtSLAttention(nn.Module):
             # no blocks (T = 0): no term (an empty sum keeps the graph)
             aux = (self.router_budget_weight * (probs[..., 0].mean() - self.router_budget) ** 2 if probs.shape[1]
                    else probs.sum())
-        stats = NAtSLLayerStats(softmax_fraction=_mean_over_blocks(is_soft.float()), router_aux_loss=aux)
+        p = probs.detach().float()
+        entropy = _mean_over_blocks(-(p * p.clamp_min(1e-30).log()).sum(-1))
+        stats = NAtSLLayerStats(softmax_fraction=_mean_over_blocks(is_soft.float()), router_aux_loss=aux,
+                                router_entropy=entropy)
         return o, stats, past_key_values
 
     def _heads(self, x, q, k, v, pos):

@@ -3,6 +3,7 @@
     natsl train --task mqar --models natsl,linear,softmax,layer_hybrid --steps 500 --out runs/mqar
     python -m natsl.train --task needle --device cuda --size 340m --seq-len 4096
     torchrun --nproc_per_node 2 -m natsl.train --device cuda ...     (DDP)
+    torchrun --nproc_per_node 8 -m natsl.train --device cuda --fsdp ...     (FSDP2, sharded checkpoints)
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from natsl.train.loop import (
     init_distributed,
     make_eval_set,
     train_model,
+    under_torchrun,
 )
 from natsl.train.tasks import TASKS, make_task
 
@@ -117,6 +119,13 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--eval-every", type=_nonneg_int, default=None,
                    help="steps between held-out evaluations (0 = only at the end). Default: --steps / 10")
     g.add_argument("--eval-examples", type=_positive_int, default=256, help="held-out examples. Default: 256")
+    g.add_argument("--fsdp", action="store_true",
+                   help="under torchrun only: shard the model with FSDP2 (fully_shard on every transformer block, "
+                        "then on the whole model) instead of replicating it with DDP, so each process holds 1/N of "
+                        "the parameters, gradients and AdamW state (each still trains on its own --batch-size). On "
+                        "CUDA the compute copies of the weights are bf16 and gradients are reduced in fp32; on CPU "
+                        "(gloo) everything stays fp32. Checkpoints are sharded (torch.distributed.checkpoint, one "
+                        "dcp-step* folder) plus a consolidated HF model; resume them with --resume --fsdp")
 
     g = p.add_argument_group("output")
     g.add_argument("--out", default=None, help="run folder (metrics, plots, checkpoints). Default: runs/<task>")
@@ -190,6 +199,9 @@ def run_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
                          num_queries=args.num_queries, kv_at=args.kv_at, data=args.data, tokenizer=args.tokenizer)
         if args.stop_at is not None and args.stop_at > args.steps:
             raise ValueError(f"--stop-at {args.stop_at} is beyond --steps {args.steps}")
+        if args.fsdp and not under_torchrun():
+            raise ValueError("--fsdp needs torchrun (it shards the model over the torchrun processes): run "
+                             "torchrun --nproc_per_node N -m natsl.train ... --fsdp")
         cpu = not device.startswith("cuda")
         overrides = {field: getattr(args, flag) for flag, field in MODEL_FLAGS.items()
                      if getattr(args, flag) is not None}
@@ -216,10 +228,11 @@ def run_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
                              min_lr_ratio=args.min_lr_ratio, weight_decay=args.weight_decay, grad_clip=args.grad_clip,
                              seed=args.seed, device=device, eval_every=eval_every, eval_examples=args.eval_examples,
                              save_every=args.save_every, stop_at=args.stop_at, resume=args.resume,
-                             progress=not args.no_progress)
+                             progress=not args.no_progress, fsdp=args.fsdp)
+    parallel = (" (FSDP)" if args.fsdp else " (DDP)") if ddp_active() else ""
     header = (f"natsl train: task {task.describe()}; models {', '.join(models)} ({args.size}, "
               f"{configs[models[0]].linear_backend}, block {configs[models[0]].block_size}); {args.steps} steps x "
-              f"{args.batch_size} x {world} process(es){' (DDP)' if ddp_active() else ''} on {device}; out {out}")
+              f"{args.batch_size} x {world} process(es){parallel} on {device}; out {out}")
     if rank == 0:
         _log(header)
     eval_set = make_eval_set(task, args.eval_examples, args.batch_size, args.seed)
@@ -241,7 +254,8 @@ def run_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from natsl.train import report
 
     run_info = {"command": " ".join(sys.argv), "task": task.describe(), "args": vars(args), "device": device,
-                "world_size": world, "ddp": ddp_active(), "torch": torch.__version__, "total_s": time.perf_counter() - t0,
+                "world_size": world, "ddp": ddp_active() and not args.fsdp,
+                "fsdp": args.fsdp, "torch": torch.__version__, "total_s": time.perf_counter() - t0,
                 "settings": settings.__dict__, "configs": {m: c.to_dict() for m, c in configs.items()}}
     files = report.write_metrics(out, results, run_info)
     summary = report.format_summary(results, header)

@@ -1,5 +1,6 @@
 """The training loop of `natsl train`: AdamW, warmup + cosine, clipping, bf16 autocast on CUDA, step-seeded data,
-held-out evaluation, checkpoints (`save_pretrained` + optimizer state) with resume, and DDP under `torchrun`.
+held-out evaluation, checkpoints (`save_pretrained` + optimizer state) with resume, and DDP under `torchrun` (or
+FSDP2 with sharded checkpoints, `TrainSettings.fsdp`; see `natsl.train.fsdp`).
 """
 
 from __future__ import annotations
@@ -44,6 +45,9 @@ class TrainSettings:
         stop_at (int, Optional): stop after this step (checkpointed; continue with `resume`).
         resume (bool): continue from the checkpoint in the output dir if there is one.
         progress (bool): tqdm progress bars.
+        fsdp (bool): shard the model with FSDP2 instead of wrapping it in DDP (needs a process group, i.e.
+            torchrun); checkpoints are then sharded (`torch.distributed.checkpoint`) plus a consolidated HF model.
+            See `natsl.train.fsdp`.
     """
 
     steps: int = 1000
@@ -61,6 +65,7 @@ class TrainSettings:
     stop_at: int | None = None
     resume: bool = False
     progress: bool = True
+    fsdp: bool = False
 
 
 @dataclass
@@ -111,13 +116,16 @@ def lr_factor(step: int, steps: int, warmup: int, min_lr_ratio: float) -> float:
     return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """AdamW groups: no decay on 0/1-d params (biases, norms) and params marked `_no_weight_decay`."""
+def param_groups(model: nn.Module, weight_decay: float, no_decay_names: set[str] | None = None) -> list[dict]:
+    """AdamW groups: no decay on 0/1-d params (biases, norms) and params marked `_no_weight_decay`; or, given
+    `no_decay_names` (taken before FSDP sharding, which drops the marks), on the parameters of those names."""
     decay, no_decay = [], []
-    for p in model.parameters():
+    for n, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (no_decay if p.ndim < 2 or getattr(p, "_no_weight_decay", False) else decay).append(p)
+        skip = n in no_decay_names if no_decay_names is not None else \
+            p.ndim < 2 or getattr(p, "_no_weight_decay", False)
+        (no_decay if skip else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
@@ -287,7 +295,8 @@ def _same_config(a: NAtSLConfig, b: NAtSLConfig) -> list[str]:
     return sorted(k for k in set(da) | set(db) if k not in skip and da.get(k) != db.get(k))
 
 
-def save_checkpoint(path: Path, model: NAtSLForCausalLM, optimizer, scheduler, state: dict) -> None:
+def save_hf_model(path: Path, model: NAtSLForCausalLM) -> None:
+    """`model.save_pretrained(path)` without HF's progress bars."""
     from transformers.utils import logging as hf_logging
 
     path.mkdir(parents=True, exist_ok=True)
@@ -298,6 +307,11 @@ def save_checkpoint(path: Path, model: NAtSLForCausalLM, optimizer, scheduler, s
     finally:
         if bars:
             hf_logging.enable_progress_bar()
+
+
+def save_checkpoint(path: Path, model: NAtSLForCausalLM, optimizer, scheduler, state: dict) -> None:
+    """The non-FSDP checkpoint (rank 0): the HF model plus `trainer_state.pt` with the optimizer state."""
+    save_hf_model(path, model)
     rng = {"cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state_all()
@@ -308,6 +322,10 @@ def save_checkpoint(path: Path, model: NAtSLForCausalLM, optimizer, scheduler, s
 def train_model(name: str, config: NAtSLConfig, task: Task, settings: TrainSettings, out_dir: Path | None,
                 eval_set: list[TaskBatch], log=None) -> ModelResult:
     """Train one model on `task` and evaluate it on `eval_set`.
+
+    Under a process group (torchrun) the model is wrapped in `DistributedDataParallel`, or, with `settings.fsdp`,
+    sharded with FSDP2 (`natsl.train.fsdp`): then every process evaluates (the sharded forward is a collective) and
+    writes its shards of each checkpoint; otherwise rank 0 alone evaluates and checkpoints.
 
     Args:
         name (str): the model's kind (see `MODEL_KINDS`), also its folder under `out_dir`.
@@ -320,10 +338,20 @@ def train_model(name: str, config: NAtSLConfig, task: Task, settings: TrainSetti
 
     Returns:
         ModelResult.
+
+    Raises:
+        ValueError: a checkpoint to resume that does not match the settings (config, `steps`, FSDP or not), or
+            `settings.fsdp` without a process group.
     """
     t_wall = time.perf_counter()
     rank, world, _ = dist_info()
     device = torch.device(settings.device)
+    fsdp = settings.fsdp
+    if fsdp and not ddp_active():
+        raise ValueError("--fsdp needs a process group: launch with torchrun (torchrun --nproc_per_node N -m "
+                         "natsl.train ... --fsdp)")
+    # under FSDP every rank runs the forward passes (evaluations) and the checkpoint saves; else rank 0 alone
+    leader = rank == 0 or fsdp
     ckpt = None if out_dir is None else Path(out_dir) / name / "checkpoint"
     trainer_state: dict = {}
     if settings.resume and ckpt is not None and (ckpt / TRAINER_STATE).is_file():
@@ -331,11 +359,19 @@ def train_model(name: str, config: NAtSLConfig, task: Task, settings: TrainSetti
         diff = _same_config(saved, config)
         if diff:
             raise ValueError(f"cannot resume {name} from {ckpt}: its config differs in {diff}")
-        model = NAtSLForCausalLM.from_pretrained(ckpt)
         trainer_state = torch.load(ckpt / TRAINER_STATE, map_location="cpu", weights_only=False)
         if trainer_state.get("steps") != settings.steps:
             raise ValueError(f"cannot resume {name}: the checkpoint was made for --steps {trainer_state.get('steps')}"
                              f", not {settings.steps} (the LR schedule depends on it)")
+        if ("fsdp" in trainer_state) != fsdp:
+            raise ValueError(f"cannot resume {name} from {ckpt}: it is "
+                             + ("a sharded --fsdp checkpoint; resume it with --fsdp" if not fsdp else
+                                "a non-FSDP checkpoint (DDP or one process); resume it without --fsdp"))
+        if fsdp:
+            torch.manual_seed(settings.seed)  # the weights come from the sharded checkpoint below
+            model = NAtSLForCausalLM(config)
+        else:
+            model = NAtSLForCausalLM.from_pretrained(ckpt)
     else:
         torch.manual_seed(settings.seed)
         model = NAtSLForCausalLM(config)
@@ -343,29 +379,45 @@ def train_model(name: str, config: NAtSLConfig, task: Task, settings: TrainSetti
     n_params = sum(p.numel() for p in model.parameters())
     peak = PeakMemory(device)
 
-    optimizer = torch.optim.AdamW(param_groups(model, settings.weight_decay), lr=settings.lr, betas=(0.9, 0.95),
-                                  eps=1e-8, fused=device.type == "cuda")
+    if fsdp:
+        from natsl.train import fsdp as fsdp_lib
+
+        no_decay = fsdp_lib.no_decay_names(model)
+        fsdp_lib.shard_model(model, device)
+        groups = param_groups(model, settings.weight_decay, no_decay)
+    else:
+        groups = param_groups(model, settings.weight_decay)
+    optimizer = torch.optim.AdamW(groups, lr=settings.lr, betas=(0.9, 0.95), eps=1e-8, fused=device.type == "cuda")
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, settings.steps, settings.warmup, settings.min_lr_ratio))
     start = 0
     history: list[dict] = []
     train_s, train_tokens = 0.0, 0
     if trainer_state:
-        optimizer.load_state_dict(trainer_state["optimizer"])
-        scheduler.load_state_dict(trainer_state["scheduler"])
-        torch.set_rng_state(trainer_state["rng"]["cpu"])
-        if "cuda" in trainer_state["rng"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(trainer_state["rng"]["cuda"])
+        if fsdp:
+            fsdp_lib.load_fsdp_checkpoint(ckpt, model, optimizer, scheduler, trainer_state)
+        else:
+            optimizer.load_state_dict(trainer_state["optimizer"])
+            scheduler.load_state_dict(trainer_state["scheduler"])
+            torch.set_rng_state(trainer_state["rng"]["cpu"])
+            if "cuda" in trainer_state["rng"] and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(trainer_state["rng"]["cuda"])
         start, history = trainer_state["step"], trainer_state["history"]
         train_s, train_tokens = trainer_state["train_s"], trainer_state["train_tokens"]
         if rank == 0 and log is not None:
             log(f"{name}: resumed from {ckpt} at step {start}")
 
     train_model_ = model
-    if ddp_active():
+    if ddp_active() and not fsdp:
         from torch.nn.parallel import DistributedDataParallel
 
         train_model_ = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    def save(step: int):
+        if fsdp:
+            return fsdp_lib.save_fsdp_checkpoint(ckpt, model, optimizer, scheduler, state(step), config)
+        save_checkpoint(ckpt, model, optimizer, scheduler, state(step))
+        return None
 
     end = settings.steps if settings.stop_at is None else min(settings.steps, settings.stop_at)
     eval_every = settings.eval_every
@@ -402,7 +454,7 @@ def train_model(name: str, config: NAtSLConfig, task: Task, settings: TrainSetti
         aux_acc += 0.0 if out.router_aux_loss is None else float(out.router_aux_loss.detach())
         n_acc += 1
         done = step + 1
-        if rank == 0 and ((eval_every and done % eval_every == 0) or done == settings.steps):
+        if leader and ((eval_every and done % eval_every == 0) or done == settings.steps):
             ev = evaluate(model, eval_set, device)
             last_eval = ev
             history.append({"step": done, "lr": scheduler.get_last_lr()[0], "train_loss": loss_acc / n_acc,
@@ -418,9 +470,9 @@ def train_model(name: str, config: NAtSLConfig, task: Task, settings: TrainSetti
                     post["softmax"] = f"{last_eval['softmax_fraction_mean']:.2f}"
             bar.set_postfix(post, refresh=False)
             bar.update(1)
-        if (ckpt is not None and rank == 0 and settings.save_every and done % settings.save_every == 0
+        if (ckpt is not None and leader and settings.save_every and done % settings.save_every == 0
                 and done != end):
-            save_checkpoint(ckpt, model, optimizer, scheduler, state(done))
+            save(done)
     if bar is not None:
         bar.close()
     if ddp_active():
@@ -429,13 +481,21 @@ def train_model(name: str, config: NAtSLConfig, task: Task, settings: TrainSetti
         dist.barrier()
 
     step = max(end, start)
-    if ckpt is not None and rank == 0 and end > start:
-        save_checkpoint(ckpt, model, optimizer, scheduler, state(step))
+    full = None  # under FSDP: the consolidated model on rank 0 (None on the others), for the routing map
+    saved_now = ckpt is not None and leader and end > start
+    if saved_now:
+        full = save(step)
     final = {}
-    if rank == 0:  # the model has not changed since an evaluation at the last step
+    if leader:  # the model has not changed since an evaluation at the last step
         final = last_eval if last_eval is not None and history[-1]["step"] == step else evaluate(model, eval_set, device)
     last_train = loss_acc / n_acc if n_acc else (history[-1]["train_loss"] if history else float("nan"))
-    rmap = routing_map(model, eval_set[0], device) if rank == 0 else None
+    if fsdp:
+        if not saved_now:  # a collective: every rank gathers
+            full = fsdp_lib.full_model(model, config)
+        rmap = routing_map(full.to(device), eval_set[0], device) if rank == 0 else None
+        del full
+    else:
+        rmap = routing_map(model, eval_set[0], device) if rank == 0 else None
     return ModelResult(
         name=name, kind=name, layer_layout=list(config.layer_layout), params=n_params, steps=step,
         train_loss=last_train, eval_loss=final.get("eval_loss", float("nan")),

@@ -110,6 +110,10 @@ def test_layer_matches_recomposition(backend, router_grad, decay_through):
             torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-9, msg=name)
     assert got["router.proj.weight"].abs().sum() > 0, "the router must receive gradient"
     assert stats.softmax_fraction.shape == (2,)
+    _, p = layer.router(x)  # the entropy statistic is the mean over (batch, block) of the router's entropy
+    want = -(p * p.log()).sum(-1).mean(dim=(0, 1))
+    torch.testing.assert_close(stats.router_entropy, want.float().to(stats.router_entropy.dtype))
+    assert bool((stats.router_entropy >= 0).all() and (stats.router_entropy <= torch.log(torch.tensor(2.0))).all())
 
 
 @pytest.mark.parametrize("packed", [False, True], ids=["dense", "packed"])
@@ -265,6 +269,7 @@ def test_empty_input_gives_empty_outputs_and_finite_statistics(budget):
     o, stats, _ = layer(x)
     assert o.shape == x.shape
     assert torch.equal(stats.softmax_fraction, torch.zeros_like(stats.softmax_fraction))
+    assert torch.equal(stats.router_entropy, torch.zeros_like(stats.router_entropy))
     if budget is None:
         assert stats.router_aux_loss is None
     else:
