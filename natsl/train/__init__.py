@@ -1,5 +1,8 @@
 """`natsl train`: training and comparison of natsl models on synthetic recall tasks and local text (issue 9).
 
+Multi-process training under torchrun: DDP by default, FSDP2 with sharded checkpoints with `--fsdp`
+(`natsl.train.fsdp`).
+
 Optional dependencies (`pip install 'natsl[train]'`): tqdm (progress bars), matplotlib (plots).
 """
 

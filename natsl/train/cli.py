@@ -135,7 +135,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
                    help="stop after this step and checkpoint (the schedule still spans --steps); continue with "
                         "--resume")
     g.add_argument("--resume", action="store_true",
-                   help="continue every model from its checkpoint in --out (models without one start afresh)")
+                   help="continue every model from its checkpoint in --out (models without one start afresh; a "
+                        "--fsdp checkpoint needs --fsdp again, a non-FSDP one no --fsdp)")
     g.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
 

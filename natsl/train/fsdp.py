@@ -166,4 +166,4 @@ def load_fsdp_checkpoint(path: Path, model: NAtSLForCausalLM, optimizer, schedul
     scheduler.load_state_dict(trainer_state["scheduler"])
     rank, world = dist.get_rank(), dist.get_world_size()
     rngs = trainer_state.get("rng_per_rank")
-    pass
+    set_rng_state(rngs[rank] if rngs is not None and len(rngs) == world else trainer_state["rng"])

@@ -406,6 +406,11 @@ def train_model(name: str, config: NAtSLConfig, task: Task, settings: TrainSetti
         train_s, train_tokens = trainer_state["train_s"], trainer_state["train_tokens"]
         if rank == 0 and log is not None:
             log(f"{name}: resumed from {ckpt} at step {start}")
+            saved_world = trainer_state["fsdp"]["world_size"] if fsdp else None
+            if saved_world is not None and saved_world != world:
+                log(f"{name}: the checkpoint was written by {saved_world} processes, this run has {world}: the "
+                    "sharded state is resharded, but the data stream (one batch per rank) differs from the "
+                    "uninterrupted run")
 
     train_model_ = model
     if ddp_active() and not fsdp:

@@ -139,3 +139,31 @@ def test_help_describes_fsdp(capsys):
         main(["train", "--help"])
     out = " ".join(capsys.readouterr().out.split())
     assert "--fsdp" in out and "FSDP2" in out and "torch.distributed.checkpoint" in out
+
+
+@pytest.mark.gpu
+def test_fsdp_on_cuda_trains_and_resumes(tmp_path):
+    """The CUDA path (NCCL, bf16 compute copies, fp32 reduction, fused AdamW on DTensors) on every visible GPU:
+    trains, and a stopped + resumed run follows the uninterrupted one (loosely: CUDA kernels need not be
+    bitwise deterministic)."""
+    nproc = torch.cuda.device_count()
+    args = [*TASK, "--steps", "8", "--eval-every", "2", "--warmup", "2", "--models", "natsl,linear", "--no-plots",
+            "--device", "cuda", *TINY, *FSDP]
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    env.pop("TRITON_INTERPRET", None)  # set by conftest unless NATSL_TEST_DEVICE=cuda: real kernels here
+    for tag, jobs in [("a", [[*args, "--out", str(tmp_path / "full")], [*args, "--stop-at", "5", "--out",
+                                                                          str(tmp_path / "split")]]),
+                      ("b", [[*args, "--resume", "--out", str(tmp_path / "split")]])]:
+        (tmp_path / f"{tag}.json").write_text(json.dumps(jobs))
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+               str(DRIVER), str(tmp_path / f"{tag}.json"), str(tmp_path / f"{tag}_rc.json")]
+        res = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+        assert res.returncode == 0, res.stderr[-4000:]
+        assert all(rc == 0 for rc in json.loads((tmp_path / f"{tag}_rc.json").read_text())), res.stderr[-4000:]
+    full, split = metrics(tmp_path / "full"), metrics(tmp_path / "split")
+    assert full["run"]["fsdp"] and full["run"]["world_size"] == nproc
+    for a, b in zip(full["models"], split["models"], strict=True):
+        assert b["steps"] == 8 and a["peak_memory_kind"] == "cuda_max_allocated"
+        for ha, hb in zip(a["history"], b["history"], strict=True):
+            assert math.isfinite(ha["train_loss"]) and hb["train_loss"] == pytest.approx(ha["train_loss"], rel=1e-2)
+        assert NAtSLForCausalLM.from_pretrained(tmp_path / "full" / a["name"] / "checkpoint").config.vocab_size == 24
