@@ -83,6 +83,9 @@ class ModelResult:
     eval_seq_acc: float
     softmax_fraction_mean: float | None
     softmax_fraction: dict[str, list[float]]
+    router_entropy: dict[str, list[float]]
+    heads_at_0: float | None
+    heads_at_100: float | None
     tokens_per_s: float
     peak_memory_mb: float
     peak_memory_kind: str
@@ -224,14 +227,26 @@ def _autocast(device: torch.device):
     return contextlib.nullcontext()
 
 
+def routing_stats(fractions: dict[str, list[float]], entropies: dict[str, list[float]]) -> dict:
+    """Summary of per-(layer, router head) routing: the mean softmax fraction, the mean router entropy (nats; ln 2 =
+    undecided, 0 = certain), and the share of heads that route no block (0%) or every block (100%) to softmax."""
+    fr = [f for v in fractions.values() for f in v]
+    en = [e for v in entropies.values() for e in v]
+    if not fr:
+        return {"softmax_fraction_mean": None, "router_entropy_mean": None, "heads_at_0": None, "heads_at_100": None}
+    return {"softmax_fraction_mean": sum(fr) / len(fr), "router_entropy_mean": sum(en) / len(en) if en else None,
+            "heads_at_0": sum(f <= 0.0 for f in fr) / len(fr), "heads_at_100": sum(f >= 1.0 for f in fr) / len(fr)}
+
+
 @torch.no_grad()
 def evaluate(model: NAtSLForCausalLM, batches: list[TaskBatch], device: torch.device) -> dict:
     """Held-out loss, token accuracy on scored positions, sequence accuracy, and per natsl layer the `[H_R]`
-    softmax fraction (mean over the examples)."""
+    softmax fraction and router entropy (means over the examples), summarised by :func:`routing_stats`."""
     was_training = model.training
     model.eval()
     loss_sum = n_tok = hit = seq_ok = n_seq = 0
     frac: dict[int, torch.Tensor] = {}
+    ent: dict[int, torch.Tensor] = {}
     n_ex = 0
     for batch in batches:
         batch = batch.to(device)
@@ -244,12 +259,15 @@ def evaluate(model: NAtSLForCausalLM, batches: list[TaskBatch], device: torch.de
         for i, st in enumerate(out.routing_stats):
             if st is not None:
                 frac[i] = frac.get(i, 0) + st.softmax_fraction.float().cpu() * B
+                if st.router_entropy is not None:
+                    ent[i] = ent.get(i, 0) + st.router_entropy.float().cpu() * B
         n_ex += B
     model.train(was_training)
     fractions = {str(i): [round(float(x), 4) for x in f / n_ex] for i, f in frac.items()}
-    mean = float(torch.cat([f / n_ex for f in frac.values()]).mean()) if frac else None
+    entropies = {str(i): [round(float(x), 4) for x in e / n_ex] for i, e in ent.items()}
     return {"eval_loss": loss_sum / max(n_tok, 1), "eval_acc": hit / max(n_tok, 1),
-            "eval_seq_acc": seq_ok / max(n_seq, 1), "softmax_fraction": fractions, "softmax_fraction_mean": mean}
+            "eval_seq_acc": seq_ok / max(n_seq, 1), "softmax_fraction": fractions, "router_entropy": entropies,
+            **routing_stats(fractions, entropies)}
 
 
 @torch.no_grad()
@@ -465,6 +483,8 @@ def train_model(name: str, config: NAtSLConfig, task: Task, settings: TrainSetti
             history.append({"step": done, "lr": scheduler.get_last_lr()[0], "train_loss": loss_acc / n_acc,
                             "router_aux_loss": aux_acc / n_acc, "eval_loss": ev["eval_loss"], "eval_acc": ev["eval_acc"],
                             "eval_seq_acc": ev["eval_seq_acc"], "softmax_fraction_mean": ev["softmax_fraction_mean"],
+                            "router_entropy_mean": ev["router_entropy_mean"], "heads_at_0": ev["heads_at_0"],
+                            "heads_at_100": ev["heads_at_100"], "softmax_fraction": ev["softmax_fraction"],
                             "tokens_per_s": train_tokens / max(train_s, 1e-9)})
             loss_acc, aux_acc, n_acc = 0.0, 0.0, 0
         if bar is not None:
@@ -473,6 +493,8 @@ def train_model(name: str, config: NAtSLConfig, task: Task, settings: TrainSetti
                 post["acc"] = f"{last_eval['eval_acc']:.3f}"
                 if last_eval["softmax_fraction_mean"] is not None:
                     post["softmax"] = f"{last_eval['softmax_fraction_mean']:.2f}"
+                    post["H"] = f"{last_eval['router_entropy_mean']:.2f}"
+                    post["heads0/100"] = f"{last_eval['heads_at_0']:.0%}/{last_eval['heads_at_100']:.0%}"
             bar.set_postfix(post, refresh=False)
             bar.update(1)
         if (ckpt is not None and leader and settings.save_every and done % settings.save_every == 0
@@ -506,6 +528,8 @@ def train_model(name: str, config: NAtSLConfig, task: Task, settings: TrainSetti
         train_loss=last_train, eval_loss=final.get("eval_loss", float("nan")),
         eval_acc=final.get("eval_acc", float("nan")), eval_seq_acc=final.get("eval_seq_acc", float("nan")),
         softmax_fraction_mean=final.get("softmax_fraction_mean"), softmax_fraction=final.get("softmax_fraction", {}),
+        router_entropy=final.get("router_entropy", {}), heads_at_0=final.get("heads_at_0"),
+        heads_at_100=final.get("heads_at_100"),
         tokens_per_s=train_tokens / max(train_s, 1e-9), peak_memory_mb=peak.peak_mb(), peak_memory_kind=peak.kind,
         train_s=train_s, wall_s=time.perf_counter() - t_wall, history=history, routing_map=rmap,
         checkpoint=None if ckpt is None else str(ckpt))

@@ -61,13 +61,20 @@ def format_table(rows: list[dict], columns=SUMMARY_COLUMNS) -> str:
 
 
 def format_softmax_fractions(results: list[ModelResult]) -> str:
-    """Per natsl layer, the per-router-head softmax fraction on the held-out set."""
+    """Per natsl layer, the per-router-head softmax fraction and router entropy on the held-out set, and the share
+    of (layer, head) pairs at 0% / 100% softmax."""
     lines = []
     for r in results:
         if not r.softmax_fraction:
             continue
         parts = [f"L{i}: [" + " ".join(f"{100 * f:.0f}%" for f in fr) + "]" for i, fr in r.softmax_fraction.items()]
         lines.append(f"  {r.name}: " + "  ".join(parts))
+        if r.router_entropy:
+            parts = [f"L{i}: [" + " ".join(f"{e:.2f}" for e in en) + "]" for i, en in r.router_entropy.items()]
+            lines.append(f"  {'':<{len(r.name)}}  router entropy (nats, ln 2 = 0.69 undecided): " + "  ".join(parts))
+        if r.heads_at_0 is not None:
+            lines.append(f"  {'':<{len(r.name)}}  heads at 0% softmax: {r.heads_at_0:.0%}, at 100%: "
+                         f"{r.heads_at_100:.0%}")
     return "softmax fraction per natsl layer [per router head] (held-out set):\n" + "\n".join(lines) if lines else ""
 
 
@@ -133,7 +140,7 @@ def write_metrics(out_dir: Path, results: list[ModelResult], run_info: dict) -> 
             row["softmax_fraction"] = json.dumps(r.softmax_fraction)
             w.writerow(row)
     hist_fields = ["model", "step", "lr", "train_loss", "router_aux_loss", "eval_loss", "eval_acc", "eval_seq_acc",
-                   "softmax_fraction_mean", "tokens_per_s"]
+                   "softmax_fraction_mean", "router_entropy_mean", "heads_at_0", "heads_at_100", "tokens_per_s"]
     with open(paths[2], "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=hist_fields)
         w.writeheader()
@@ -144,13 +151,14 @@ def write_metrics(out_dir: Path, results: list[ModelResult], run_info: dict) -> 
 
 
 def plot_curves(path: Path, results: list[ModelResult], title: str = "") -> Path | None:
-    """Held-out accuracy, held-out loss and train loss against steps, one line per model."""
+    """Held-out accuracy, held-out loss and train loss against steps, one line per model; the softmax fraction of
+    every (natsl layer, router head) against steps."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    fig, axes = plt.subplots(1, 4, figsize=(20, 4.2))
     for r in results:
         if not r.history:
             continue
@@ -158,12 +166,21 @@ def plot_curves(path: Path, results: list[ModelResult], title: str = "") -> Path
         axes[0].plot(steps, [100 * h["eval_acc"] for h in r.history], marker="o", ms=3, label=r.name)
         axes[1].plot(steps, [h["eval_loss"] for h in r.history], marker="o", ms=3, label=r.name)
         axes[2].plot(steps, [h["train_loss"] for h in r.history], marker="o", ms=3, label=r.name)
-    for ax, t in zip(axes, ("held-out accuracy (%)", "held-out loss", "train loss")):
+        per_head = [h.get("softmax_fraction") or {} for h in r.history]
+        for layer, heads in (per_head[-1] or {}).items():  # one line per (natsl layer, router head)
+            for k in range(len(heads)):
+                axes[3].plot(steps, [100 * (f.get(layer) or [0] * len(heads))[k] for f in per_head], ms=2,
+                             marker=".", label=f"{r.name} L{layer}h{k}")
+    for ax, t in zip(axes, ("held-out accuracy (%)", "held-out loss", "train loss",
+                            "softmax fraction per natsl layer/head (%)")):
         ax.set_title(t)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
     axes[0].set_ylim(-2, 102)
+    axes[3].set_ylim(-2, 102)
     axes[0].legend()
+    if axes[3].lines:
+        axes[3].legend(fontsize=7)
     if title:
         fig.suptitle(title)
     fig.tight_layout()

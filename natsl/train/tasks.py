@@ -259,13 +259,14 @@ class SelectiveCopyTask(Task):
 
 class TextTask(Task):
     """Next-token prediction on a local text file (`.txt`: the whole file; `.jsonl`: the `"text"` field of every
-    line, or its first string field), or on an installed HF dataset (`hf:NAME[:CONFIG]`, offline).
+    line, or its first string field), on an installed HF dataset (`hf:NAME[:CONFIG]`, offline), or on `stdlib`:
+    the Python standard library's own sources (:func:`stdlib_texts`, on every machine, no download).
 
     Tokenised with `tokenizer` (a locally installed HF tokenizer: name or path, loaded with `local_files_only=True`)
     or, without one, as UTF-8 bytes (vocab 256). The last `eval_fraction` of the tokens is held out for evaluation.
 
     Args:
-        source (str): file path or `hf:NAME[:CONFIG]`.
+        source (str): file path, `hf:NAME[:CONFIG]` or `stdlib`.
         seq_len (int): window length `T`.
         tokenizer (str, Optional): HF tokenizer name/path. Default: `None` (bytes).
         eval_fraction (float): held-out share of the token stream. Default: `0.1`.
@@ -276,7 +277,7 @@ class TextTask(Task):
     def __init__(self, source: str, seq_len: int, tokenizer: str | None = None, eval_fraction: float = 0.1):
         texts = _read_texts(source)
         if tokenizer is None:
-            ids = list("\n".join(texts).encode("utf-8"))
+            ids = torch.frombuffer(bytearray("\n".join(texts).encode("utf-8")), dtype=torch.uint8).long()
             self.vocab_size = 256
         else:
             tok = _load_tokenizer(tokenizer)
@@ -286,7 +287,7 @@ class TextTask(Task):
                 if tok.eos_token_id is not None:
                     ids.append(tok.eos_token_id)
             self.vocab_size = len(tok)
-        stream = torch.tensor(ids, dtype=torch.long)
+        stream = ids if isinstance(ids, torch.Tensor) else torch.tensor(ids, dtype=torch.long)
         n_eval = max(seq_len + 1, int(len(stream) * eval_fraction))
         if len(stream) < n_eval + seq_len + 1:
             raise ValueError(f"{source} has {len(stream)} tokens, too few for seq_len {seq_len} plus a held-out "
@@ -305,7 +306,36 @@ class TextTask(Task):
         return TaskBatch(ids, ids.clone(), torch.zeros_like(ids, dtype=torch.bool))
 
 
+STDLIB_SOURCE = "stdlib"
+STDLIB_MAX_BYTES = 16 * 2**20
+_STDLIB_SKIP = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"}
+
+
+def stdlib_texts(max_bytes: int = STDLIB_MAX_BYTES) -> list[str]:
+    """A real-text corpus every machine has, built without the network: the `.py` files (code, comments and
+    docstrings) of the running Python's standard library (`sysconfig`'s `stdlib` path; test suites and installed
+    packages skipped), one document per file in sorted path order, up to `max_bytes` of UTF-8 in all. The corpus
+    depends on the Python version (3.11 and 3.12 differ)."""
+    import sysconfig
+
+    root = Path(sysconfig.get_paths()["stdlib"])
+    texts, total = [], 0
+    for path in sorted(root.rglob("*.py")):
+        if _STDLIB_SKIP & set(path.relative_to(root).parts):
+            continue
+        text = path.read_text(encoding="utf-8", errors="replace")
+        total += len(text.encode("utf-8"))
+        if total > max_bytes:
+            break
+        texts.append(text)
+    if not texts:
+        raise ValueError(f"no Python sources found under the standard library path {root}")
+    return texts
+
+
 def _read_texts(source: str) -> list[str]:
+    if source == STDLIB_SOURCE:
+        return stdlib_texts()
     if source.startswith("hf:"):
         return _read_hf_dataset(source[3:])
     path = Path(source)

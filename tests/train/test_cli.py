@@ -55,6 +55,15 @@ def test_compare_all_model_kinds_writes_reports(tmp_path, capsys):
     natsl = by_name["natsl"]
     assert set(natsl["softmax_fraction"]) == {"0", "1"} and all(len(f) == 2 for f in natsl["softmax_fraction"].values())
     assert 0 <= natsl["softmax_fraction_mean"] <= 1
+    # per-head routing statistics: entropies in [0, ln 2], the 0% / 100% head shares consistent with the fractions
+    ents = [e for v in natsl["router_entropy"].values() for e in v]
+    fracs = [f for v in natsl["softmax_fraction"].values() for f in v]
+    assert set(natsl["router_entropy"]) == {"0", "1"} and all(0 <= e <= 0.6932 for e in ents)
+    assert natsl["heads_at_0"] == sum(f == 0 for f in fracs) / 4 and natsl["heads_at_100"] == sum(f == 1 for f in fracs) / 4
+    assert all(set(h["softmax_fraction"]) == {"0", "1"} and 0 <= h["router_entropy_mean"] <= 0.6932
+               for h in natsl["history"])
+    assert "router entropy (nats" in printed and "heads at 0% softmax" in printed
+    assert by_name["linear"]["heads_at_0"] is None and by_name["linear"]["router_entropy"] == {}
     rmap = natsl["routing_map"]
     assert len(rmap["relevant_blocks"]) == 4 and rmap["relevant_blocks"][0] == 1.0  # 4 pairs = the first block
     assert all(len(heads) == 2 and all(len(row) == 4 for row in heads) for heads in rmap["layers"].values())

@@ -245,3 +245,18 @@ def test_text_task_with_a_local_hf_tokenizer(tmp_path):
     stream = torch.cat([task.train_stream, task.eval_stream]).tolist()
     assert stream[:len(words) + 1] == [vocab[w] for w in words] + [1]  # each document ends with EOS
     assert 0 not in stream
+
+
+def test_text_task_on_the_standard_library():
+    """`--data stdlib`: a real-text corpus built from the running Python's own sources, without the network."""
+    from natsl.train.tasks import stdlib_texts
+
+    texts = stdlib_texts(max_bytes=2**20)
+    assert len(texts) > 5 and sum(len(t.encode()) for t in texts) <= 2**20
+    assert any("def " in t for t in texts)
+    task = TextTask("stdlib", seq_len=64)
+    assert task.vocab_size == 256 and len(task.train_stream) > 5 * len(task.eval_stream) > 0
+    batch = task.sample(4, torch.Generator().manual_seed(0))
+    assert batch.input_ids.shape == (4, 64) and int(batch.input_ids.max()) < 256
+    again = TextTask("stdlib", seq_len=64)
+    assert torch.equal(again.train_stream, task.train_stream)  # deterministic
