@@ -35,6 +35,7 @@ MODEL_FLAGS = {
     "attention_heads": "num_attention_heads", "intermediate_size": "intermediate_size", "block_size": "block_size",
     "linear_backend": "linear_backend", "router_budget": "router_budget",
     "router_budget_weight": "router_budget_weight", "router_sample": "router_sample", "use_rope": "use_rope",
+    "router_grad": "router_grad", "router_temperature": "router_temperature",
 }
 
 
@@ -103,6 +104,10 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
                    help="target softmax fraction of the router-budget regulariser (off by default, as in the paper)")
     g.add_argument("--router-budget-weight", type=float, help="weight of that regulariser. Default: 1.0")
     g.add_argument("--router-sample", choices=("argmax", "gumbel"), help="router sampling. Default: argmax")
+    g.add_argument("--router-grad", choices=("selected", "both"),
+                   help="router gradient of natsl layers (spec §1.7). Default: selected")
+    g.add_argument("--router-temperature", type=_positive_float,
+                   help="temperature of the router's straight-through softmax. Default: 1.0")
     g.add_argument("--use-rope", action="store_true", default=None, help="RoPE on the natsl softmax branch")
 
     g = p.add_argument_group("training")

@@ -156,8 +156,10 @@ def test_resume_refuses_a_different_model(tmp_path, capsys):
     (["--device", "tpu"], "--device must be cpu, cuda"),
     (["--stop-at", "50", "--steps", "10"], "beyond --steps"),
     (["--heads", "3"], "must both be multiples of num_router_heads"),
+    (["--router-temperature", "0"], "expected a positive number"),
+    (["--router-grad", "all"], "invalid choice: 'all'"),
 ], ids=["kind", "twice", "steps", "lr", "budget", "task", "seq-len", "vocab", "text-data", "text-missing", "device",
-        "stop-at", "heads"])
+        "stop-at", "heads", "temperature", "router-grad"])
 def test_bad_arguments_give_clear_errors(tmp_path, capsys, args, message):
     with pytest.raises(SystemExit) as e:
         main(["train", "--out", str(tmp_path / "x"), *args])
@@ -165,6 +167,15 @@ def test_bad_arguments_give_clear_errors(tmp_path, capsys, args, message):
     err = capsys.readouterr().err
     assert "natsl train: error:" in err and message in err
     assert not (tmp_path / "x").exists()
+
+
+def test_router_flags_reach_the_model(tmp_path):
+    assert run(tmp_path, "--task", "mqar", "--seq-len", "32", "--num-kv-pairs", "4", "--vocab", "24", "--steps", "2",
+               "--models", "natsl", "--router-grad", "both", "--router-temperature", "0.5") == 0
+    model = NAtSLForCausalLM.from_pretrained(tmp_path / "run" / "natsl" / "checkpoint")
+    assert (model.config.router_grad, model.config.router_temperature) == ("both", 0.5)
+    layer = model.model.layers[0].attn
+    assert (layer.router_grad, layer.router.temperature) == ("both", 0.5)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error without a GPU")
