@@ -38,6 +38,9 @@ class NAtSLConfig(PretrainedConfig):
         num_attention_heads (int): heads of full-softmax layers. Default: `16`.
         tie_word_embeddings (bool): Default: `False` (untied LM head, as in the paper).
         initializer_range (float): std of the normal init of linear and embedding weights. Default: `0.02`.
+        prefill_chunk_size (int, Optional): with an inference cache, an input longer than this runs through the
+            cache in pieces of this many tokens (chunked prefill: the activation memory of one piece; the same
+            outputs as one call, spec §1.8). Default: `None` (one call).
         The remaining arguments are NAtSLAttention's (same names, same defaults: the paper's 340M layer) and reach
         every natsl layer through `attention_kwargs()`.
     """
@@ -53,7 +56,7 @@ class NAtSLConfig(PretrainedConfig):
                  decay_through_softmax: bool = True, router_sample: str = "argmax", router_temperature: float = 1.0,
                  router_grad: str = "selected", router_budget: float | None = None, router_budget_weight: float = 1.0,
                  use_rope: bool = False, rope_theta: float = 10000.0, conv_size: int = 4, norm_eps: float = 1e-5,
-                 initializer_range: float = 0.02, tie_word_embeddings: bool = False, pad_token_id: int | None = None,
+                 initializer_range: float = 0.02, prefill_chunk_size: int | None = None, tie_word_embeddings: bool = False, pad_token_id: int | None = None,
                  bos_token_id: int | None = None, eos_token_id: int | None = None, **kwargs):
         layer_layout = list(layer_layout) if layer_layout is not None else ["natsl"] * num_hidden_layers
         if len(layer_layout) != num_hidden_layers:
@@ -74,6 +77,9 @@ class NAtSLConfig(PretrainedConfig):
         self.router_budget, self.router_budget_weight = router_budget, router_budget_weight
         self.use_rope, self.rope_theta, self.conv_size, self.norm_eps = use_rope, rope_theta, conv_size, norm_eps
         self.initializer_range = initializer_range
+        if prefill_chunk_size is not None and (not isinstance(prefill_chunk_size, int) or prefill_chunk_size < 1):
+            raise ValueError(f"prefill_chunk_size must be None or a positive int, got {prefill_chunk_size!r}")
+        self.prefill_chunk_size = prefill_chunk_size
         super().__init__(tie_word_embeddings=tie_word_embeddings, pad_token_id=pad_token_id,
                          bos_token_id=bos_token_id, eos_token_id=eos_token_id, **kwargs)
 

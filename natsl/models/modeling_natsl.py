@@ -172,12 +172,19 @@ class NAtSLModel(NAtSLPreTrainedModel):
         elif cu_seqlens is None and position_ids is not None and x.shape[0] == 1 and \
                 bool((position_ids[0, 1:] == 0).any()):
             cu_seqlens = cu_seqlens_from_position_ids(position_ids)
-        hidden, stats = [], []
-        for layer in self.layers:
-            if output_hidden_states:
-                hidden.append(x)
-            x, s = layer(x, cu_seqlens=cu_seqlens, cache=cache)
-            stats.append(s)
+        chunk = self.config.prefill_chunk_size
+        if cache is not None and chunk and x.shape[1] > chunk:  # chunked prefill: the same rows, bounded memory
+            pieces, touched = [], []
+            for i in range(0, x.shape[1], chunk):
+                t0, n = cache.get_seq_length(), min(chunk, x.shape[1] - i)
+                C = self.config.block_size
+                touched.append((t0 + n - 1) // C - t0 // C + 1)
+                pieces.append(self._layers(x[:, i:i + n], None, cache, output_hidden_states))
+            x = torch.cat([p[0] for p in pieces], 1)
+            hidden = [torch.cat(h, 1) for h in zip(*[p[1] for p in pieces])] if output_hidden_states else []
+            stats = [_merge_chunk_stats([p[2][i] for p in pieces], touched) for i in range(len(self.layers))]
+        else:
+            x, hidden, stats = self._layers(x, cu_seqlens, cache, output_hidden_states)
         x = self.norm(x)
         if output_hidden_states:
             hidden.append(x)
@@ -185,6 +192,27 @@ class NAtSLModel(NAtSLPreTrainedModel):
         return NAtSLModelOutput(last_hidden_state=x, hidden_states=tuple(hidden) if output_hidden_states else None,
                                 routing_stats=stats, router_aux_loss=torch.stack(aux).sum() if aux else None,
                                 cache=cache)
+
+    def _layers(self, x, cu_seqlens, cache, output_hidden_states):
+        """The blocks over `x [B, T, D]`: `(x before the final norm, hidden states per layer, stats per layer)`."""
+        hidden, stats = [], []
+        for layer in self.layers:
+            if output_hidden_states:
+                hidden.append(x)
+            x, s = layer(x, cu_seqlens=cu_seqlens, cache=cache)
+            stats.append(s)
+        return x, hidden, stats
+
+
+def _merge_chunk_stats(parts: list, touched: list[int]):
+    """One natsl layer's statistics over the pieces of a chunked prefill: the softmax fraction averaged over the
+    pieces that routed blocks, weighted by the blocks each touched; `None` for other layers or if none routed."""
+    got = [(p, w) for p, w in zip(parts, touched) if p is not None]
+    if not got:
+        return None
+    total = sum(w for _, w in got)
+    frac = sum(p.softmax_fraction * w for p, w in got) / total
+    return type(got[0][0])(softmax_fraction=frac)
 
 
 class NAtSLForCausalLM(NAtSLPreTrainedModel, GenerationMixin):

@@ -134,6 +134,41 @@ def test_several_prefills_then_decode_equal_one_prefill(backend):
             torch.testing.assert_close(s2.linear_run, s1.linear_run)
 
 
+@pytest.mark.parametrize("chunk", [16, 7])
+def test_chunked_prefill_equals_one_call(chunk):
+    """`config.prefill_chunk_size`: a long prompt runs through the cache in pieces (inside `forward`) and gives the
+    one-call prefill's logits, hidden states, cache and the routed fraction (weighted over the pieces)."""
+    model = tiny("hybrid", "gdn")
+    ids = ids_of(2, 48, seed=9)  # 3 whole blocks of the tiny preset
+    with torch.no_grad():
+        one = model(ids, use_cache=True, output_hidden_states=True)
+        model.config.prefill_chunk_size = chunk
+        try:
+            many = model(ids, use_cache=True, output_hidden_states=True)
+            step_one = model(ids[:, :1], cache=one.cache).logits
+            step_many = model(ids[:, :1], cache=many.cache).logits
+        finally:
+            model.config.prefill_chunk_size = None
+    torch.testing.assert_close(many.logits, one.logits, rtol=1e-9, atol=1e-10)
+    for a, b in zip(many.hidden_states, one.hidden_states):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
+    torch.testing.assert_close(step_many, step_one, rtol=1e-9, atol=1e-10)
+    assert many.cache.get_seq_length() == 49 and [s is None for s in many.routing_stats] == \
+        [s is None for s in one.routing_stats]
+    for s1, s2 in zip(one.cache.layers, many.cache.layers):
+        if isinstance(s1, NAtSLLayerState):
+            assert torch.equal(s1.lengths, s2.lengths)
+    if chunk == 16:  # pieces = blocks: the fraction weighted over the pieces is the one-call fraction
+        for a, b in zip(many.routing_stats, one.routing_stats):
+            if b is not None:
+                torch.testing.assert_close(a.softmax_fraction, b.softmax_fraction)
+
+
+def test_prefill_chunk_size_is_checked():
+    with pytest.raises(ValueError, match="prefill_chunk_size"):
+        NAtSLConfig.preset("tiny", "natsl", prefill_chunk_size=0)
+
+
 def test_routing_is_mixed_per_batch_row_and_router_head():
     """The fixtures exercise what the cache must handle: per-(batch, router head) lengths that differ."""
     model = tiny("natsl", "gdn")
