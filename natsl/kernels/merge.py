@@ -22,8 +22,8 @@ from natsl.kernels.naive import naive_norm_merge
 
 
 @triton.jit
-def norm_merge_fwd_kernel(os_, ol, w, g, gs, gl, y, rs, rl, eps, N, D: tl.constexpr, BT: tl.constexpr,
-                          BD: tl.constexpr):
+def _load_tile(os_, ol, w, g, gs, gl, N, D: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr):
+    """The program's `[BT, BD]` tile of the five inputs, in float32, with its offsets and masks."""
     i_n = tl.program_id(0).to(tl.int64)
     rows = i_n * BT + tl.arange(0, BT)
     cols = tl.arange(0, BD)
@@ -33,13 +33,20 @@ def norm_merge_fwd_kernel(os_, ol, w, g, gs, gl, y, rs, rl, eps, N, D: tl.conste
     b_os = tl.load(os_ + off, mask=mask, other=0.).to(tl.float32)
     b_ol = tl.load(ol + off, mask=mask, other=0.).to(tl.float32)
     b_g = tl.load(g + off, mask=mask, other=0.).to(tl.float32)
-    b_w0 = tl.load(w + rows * 2, mask=m_r, other=0.).to(tl.float32)
-    b_w1 = tl.load(w + rows * 2 + 1, mask=m_r, other=0.).to(tl.float32)
+    b_ws = tl.sigmoid(tl.load(w + rows * 2, mask=m_r, other=0.).to(tl.float32)
+                      - tl.load(w + rows * 2 + 1, mask=m_r, other=0.).to(tl.float32))  # the two-way softmax
     b_gs = tl.load(gs + cols, mask=m_c, other=0.).to(tl.float32)
     b_gl = tl.load(gl + cols, mask=m_c, other=0.).to(tl.float32)
+    return i_n, rows, cols, m_r, m_c, mask, off, b_os, b_ol, b_g, b_ws, b_gs, b_gl
+
+
+@triton.jit
+def norm_merge_fwd_kernel(os_, ol, w, g, gs, gl, y, rs, rl, eps, N, D: tl.constexpr, BT: tl.constexpr,
+                          BD: tl.constexpr):
+    i_n, rows, cols, m_r, m_c, mask, off, b_os, b_ol, b_g, b_ws, b_gs, b_gl = _load_tile(
+        os_, ol, w, g, gs, gl, N, D, BT, BD)
     b_rs = 1. / tl.sqrt(tl.sum(b_os * b_os, 1) / D + eps)
     b_rl = 1. / tl.sqrt(tl.sum(b_ol * b_ol, 1) / D + eps)
-    b_ws = tl.sigmoid(b_w0 - b_w1)  # the two-way softmax
     b_m = (b_ws * b_rs)[:, None] * b_os * b_gs[None, :] + ((1. - b_ws) * b_rl)[:, None] * b_ol * b_gl[None, :]
     b_y = b_m * (b_g * tl.sigmoid(b_g))
     tl.store(y + off, b_y.to(y.dtype.element_ty), mask=mask)
@@ -50,23 +57,11 @@ def norm_merge_fwd_kernel(os_, ol, w, g, gs, gl, y, rs, rl, eps, N, D: tl.conste
 @triton.jit
 def norm_merge_bwd_kernel(os_, ol, w, g, gs, gl, rs, rl, dy, dos, dol, dw, dg, dgs, dgl, N, D: tl.constexpr,
                           BT: tl.constexpr, BD: tl.constexpr):
-    i_n = tl.program_id(0).to(tl.int64)
-    rows = i_n * BT + tl.arange(0, BT)
-    cols = tl.arange(0, BD)
-    m_r, m_c = rows < N, cols < D
-    mask = m_r[:, None] & m_c[None, :]
-    off = rows[:, None] * D + cols[None, :]
-    b_os = tl.load(os_ + off, mask=mask, other=0.).to(tl.float32)
-    b_ol = tl.load(ol + off, mask=mask, other=0.).to(tl.float32)
-    b_g = tl.load(g + off, mask=mask, other=0.).to(tl.float32)
+    i_n, rows, cols, m_r, m_c, mask, off, b_os, b_ol, b_g, b_ws, b_gs, b_gl = _load_tile(
+        os_, ol, w, g, gs, gl, N, D, BT, BD)
     b_dy = tl.load(dy + off, mask=mask, other=0.).to(tl.float32)
-    b_w0 = tl.load(w + rows * 2, mask=m_r, other=0.).to(tl.float32)
-    b_w1 = tl.load(w + rows * 2 + 1, mask=m_r, other=0.).to(tl.float32)
-    b_gs = tl.load(gs + cols, mask=m_c, other=0.).to(tl.float32)
-    b_gl = tl.load(gl + cols, mask=m_c, other=0.).to(tl.float32)
     b_rs = tl.load(rs + rows, mask=m_r, other=0.)
     b_rl = tl.load(rl + rows, mask=m_r, other=0.)
-    b_ws = tl.sigmoid(b_w0 - b_w1)
     b_wl = 1. - b_ws
     b_ns, b_nl = b_os * b_rs[:, None], b_ol * b_rl[:, None]
     b_as, b_al = b_ns * b_gs[None, :], b_nl * b_gl[None, :]
