@@ -73,6 +73,8 @@ def main():
     ap.add_argument("--linear-backend", default="gdn")
     ap.add_argument("--frac", type=float, default=0.125)
     ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--gradient-checkpointing", action="store_true",
+                    help="recompute every block in the backward (model.gradient_checkpointing_enable())")
     add_common_args(ap)
     args = parse_common(ap)
     cuda = args.device.startswith("cuda")
@@ -82,6 +84,8 @@ def main():
     rows = []
     for family in args.models.split(","):
         model, opt = build(args.size, family, args.frac, args.device, args.linear_backend)
+        if args.gradient_checkpointing:
+            model.gradient_checkpointing_enable()
         vocab = model.config.vocab_size
         params = sum(p.numel() for p in model.parameters()) / 1e6
         t0 = time.time()
