@@ -22,7 +22,6 @@ from natsl.layers.state import NAtSLLayerState, layer_state, linear_step
 from natsl.utils import LINEAR_BACKENDS, check_choice, check_mixer_forward, compute_dtype, upcast
 
 LinearBackend = Literal["gdn", "deltanet", "gla", "mamba2", "linear_attn"]
-ROUTER_BUDGET_ON = ("expected", "routed")
 
 
 def _mean_over_blocks(x: torch.Tensor) -> torch.Tensor:
@@ -64,14 +63,10 @@ class NAtSLAttention(nn.Module):
         router_sample (str): `"argmax"` or `"gumbel"`. Default: `"argmax"`.
         router_temperature (float): straight-through softmax temperature. Default: `1.0`.
         router_grad (str): `"selected"` or `"both"` (spec §1.7). Default: `"selected"`.
-        router_budget (float, Optional): target softmax fraction of the optional regulariser (`None` = off, the
-            paper). See `router_budget_on`.
+        router_budget (float, Optional): target softmax fraction of the optional regulariser
+            `router_budget_weight · (mean p_softmax − router_budget)²` on the *expected* fraction (mean router
+            probability); with argmax routing the routed fraction can differ (even be 0). `None` = off (paper).
         router_budget_weight (float): weight of that regulariser. Default: `1.0`.
-        router_budget_on (str): what the regulariser holds at the target. `"expected"`: the mean router
-            probability over all blocks and heads, `w · (mean p_softmax − budget)²` (with argmax routing the routed
-            fraction can differ, even be 0); `"routed"`: each router head's routed fraction (the straight-through
-            one-hot, whose gradient is the probability's), `w · mean_h (frac_h − budget)²`, so that no head sits
-            at 0% or 100%. Default: `"expected"`.
         use_rope (bool): RoPE on the softmax branch's q/k. Default: `False` (paper).
         rope_theta (float): RoPE base. Default: `10000.0`.
         conv_size (int): short convolution width. Default: `4`.
@@ -84,8 +79,7 @@ class NAtSLAttention(nn.Module):
                  linear_backend: LinearBackend = "gdn", softmax_backend: str = "auto", linear_impl: str = "auto",
                  decay_through_softmax: bool = True, router_sample: Literal["argmax", "gumbel"] = "argmax",
                  router_temperature: float = 1.0, router_grad: Literal["selected", "both"] = "selected",
-                 router_budget: float | None = None, router_budget_weight: float = 1.0,
-                 router_budget_on: str = "expected", use_rope: bool = False,
+                 router_budget: float | None = None, router_budget_weight: float = 1.0, use_rope: bool = False,
                  rope_theta: float = 10000.0, conv_size: int = 4, norm_eps: float = 1e-5,
                  layer_idx: int | None = None):
         super().__init__()
@@ -93,7 +87,6 @@ class NAtSLAttention(nn.Module):
         check_choice("softmax_backend", softmax_backend, ("auto", "sdpa", "flex", "flash"))
         check_choice("linear_impl", linear_impl, ("auto", "fla", "torch"))
         check_choice("router_grad", router_grad, ("selected", "both"))
-        check_choice("router_budget_on", router_budget_on, ROUTER_BUDGET_ON)
         for name, val in (("hidden_size", hidden_size), ("num_heads", num_heads), ("head_dim", head_dim),
                           ("num_softmax_heads", num_softmax_heads), ("num_router_heads", num_router_heads),
                           ("block_size", block_size), ("conv_size", conv_size)):
@@ -122,7 +115,6 @@ class NAtSLAttention(nn.Module):
         self.linear_backend, self.softmax_backend, self.linear_impl = linear_backend, softmax_backend, linear_impl
         self.decay_through_softmax, self.router_grad = decay_through_softmax, router_grad
         self.router_budget, self.router_budget_weight = router_budget, router_budget_weight
-        self.router_budget_on = router_budget_on
         self.use_rope, self.rope_theta, self.norm_eps, self.layer_idx = use_rope, rope_theta, norm_eps, layer_idx
 
         self.q_proj = nn.Linear(hidden_size, self.key_dim, bias=False)
@@ -201,22 +193,14 @@ class NAtSLAttention(nn.Module):
         is_soft = weights.detach()[..., 0]
         aux = None
         if self.router_budget is not None:
-            aux = self._budget_term(weights, probs)
+            # no blocks (T = 0): no term (an empty sum keeps the graph)
+            aux = (self.router_budget_weight * (probs[..., 0].mean() - self.router_budget) ** 2 if probs.shape[1]
+                   else probs.sum())
         p = probs.detach().float()
         entropy = _mean_over_blocks(-(p * p.clamp_min(1e-30).log()).sum(-1))
         stats = NAtSLLayerStats(softmax_fraction=_mean_over_blocks(is_soft.float()), router_aux_loss=aux,
                                 router_entropy=entropy)
         return o, stats, past_key_values
-
-    def _budget_term(self, weights: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
-        """The router-budget regulariser (see `router_budget_on`); no blocks (T = 0): an empty sum (keeps the
-        graph)."""
-        if not probs.shape[1]:
-            return probs.sum()
-        if self.router_budget_on == "routed":
-            frac = weights[..., 0].mean(dim=(0, 1))  # [H_R], value = routed fraction, gradient via p
-            return self.router_budget_weight * ((frac - self.router_budget) ** 2).mean()
-        return self.router_budget_weight * (probs[..., 0].mean() - self.router_budget) ** 2
 
     def _heads(self, x, q, k, v, pos):
         """Post-conv `q, k, v` → softmax heads `(q_s, k_s, v_s)` and linear heads `(q_l, k_l, v_l)`."""

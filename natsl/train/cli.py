@@ -35,7 +35,7 @@ MODEL_FLAGS = {
     "attention_heads": "num_attention_heads", "intermediate_size": "intermediate_size", "block_size": "block_size",
     "linear_backend": "linear_backend", "router_budget": "router_budget",
     "router_budget_weight": "router_budget_weight", "router_sample": "router_sample", "use_rope": "use_rope",
-    "router_grad": "router_grad", "router_temperature": "router_temperature", "router_budget_on": "router_budget_on",
+    "router_grad": "router_grad", "router_temperature": "router_temperature",
 }
 
 
@@ -104,9 +104,6 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
                    help="target softmax fraction of the router-budget regulariser (off by default, as in the paper)")
     g.add_argument("--router-budget-weight", type=float, help="weight of that regulariser. Default: 1.0")
     g.add_argument("--router-sample", choices=("argmax", "gumbel"), help="router sampling. Default: argmax")
-    g.add_argument("--router-budget-on", choices=("expected", "routed"),
-                   help="the router budget holds the expected fraction (all heads) or each head's routed fraction at "
-                        "the target. Default: expected")
     g.add_argument("--router-grad", choices=("selected", "both"),
                    help="router gradient of natsl layers (spec §1.7). Default: selected")
     g.add_argument("--router-temperature", type=_positive_float,

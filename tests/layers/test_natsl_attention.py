@@ -205,23 +205,6 @@ def test_router_budget_pulls_fraction_toward_target():
     assert make_layer("gdn")(x)[1].router_aux_loss is None
 
 
-def test_router_budget_on_the_routed_fraction_per_head():
-    """`router_budget_on="routed"`: the term's value is each head's routed fraction against the target, its gradient
-    the straight-through one (the router's probabilities), so it also acts when every block is routed to linear."""
-    layer = make_layer("gdn", router_budget=0.25, router_budget_weight=2.0, router_budget_on="routed")
-    x = x_of(2, 32)
-    _, stats, _ = layer(x)
-    w, p = layer.router(x)
-    frac = w.detach()[..., 0].mean(dim=(0, 1))
-    torch.testing.assert_close(stats.router_aux_loss, 2.0 * ((frac - 0.25) ** 2).mean())
-    torch.testing.assert_close(stats.softmax_fraction, frac.float().to(stats.softmax_fraction.dtype))
-    (g,) = torch.autograd.grad(stats.router_aux_loss, layer.router.proj.weight)
-    (want,) = torch.autograd.grad(2.0 * ((frac + p[..., 0].mean(dim=(0, 1)) - p[..., 0].mean(dim=(0, 1)).detach()
-                                          - 0.25) ** 2).mean(), layer.router.proj.weight)
-    torch.testing.assert_close(g, want)
-    assert g.abs().sum() > 0
-
-
 def test_340m_parameter_count():
     layer = NAtSLAttention()
     D, HL, dk, dv, HA, HR = 1024, 6, 128, 256, 12, 6
@@ -251,7 +234,6 @@ def test_340m_parameter_count():
     (dict(router_temperature=0.0), "router_temperature"),
     (dict(router_budget=1.5), "router_budget"),
     (dict(router_grad="none"), "router_grad"),
-    (dict(router_budget_on="mean"), "router_budget_on"),
     (dict(block_size=0), "block_size"),
     (dict(num_softmax_heads=16, num_router_heads=2, use_rope=True, head_dim=8, num_heads=2), "even"),
 ])
