@@ -16,8 +16,8 @@ import torch.nn.functional as F
 
 from natsl.kernels.index import block_layout
 from natsl.layers.conv import ShortConv, conv_qkv
-from natsl.layers.gates import LinearGates
 from natsl.layers.fused import GatedRMSNorm, l2_norm, rotary, rotary_torch, use_fused
+from natsl.layers.gates import LinearGates
 from natsl.layers.state import LinearLayerState, SoftmaxLayerState, layer_state, linear_step
 from natsl.utils import LINEAR_BACKENDS, check_choice, check_mixer_forward, compute_dtype
 

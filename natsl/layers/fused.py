@@ -35,16 +35,17 @@ def use_fused(x: torch.Tensor) -> bool:
     return x.is_cuda and x.dtype in FUSED_DTYPES and fla_modules_available()
 
 
+def _rms_f32(xf: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """`xf / sqrt(mean(xf²) + eps) · weight` over the last dim, in `xf`'s (at least float32) dtype."""
+    return xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * weight.to(xf.dtype)
+
+
 def rms_norm_torch(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None,
                    prenorm: bool = False):
     """Twin of fla's `rms_norm`: `r = x (+ residual)`, `y = r / sqrt(mean(r²) + eps) · weight` in `x`'s dtype;
     with `prenorm` also returns `r` (in `residual`'s dtype)."""
-    if residual is not None:
-        r = (upcast(x) + upcast(residual)).to(residual.dtype)
-    else:
-        r = x
-    rf = upcast(r)
-    y = (rf * torch.rsqrt(rf.pow(2).mean(-1, keepdim=True) + eps) * weight.to(rf.dtype)).to(x.dtype)
+    r = x if residual is None else (upcast(x) + upcast(residual)).to(residual.dtype)
+    y = _rms_f32(upcast(r), weight, eps).to(x.dtype)
     return (y, r) if prenorm else y
 
 
@@ -70,9 +71,7 @@ class RMSNorm(nn.Module):
 
 def gated_rms_norm_torch(x: torch.Tensor, g: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """Twin of fla's `rms_norm_gated(activation="swish")`: `RMS(x) · weight ⊙ SiLU(g)` in `x`'s dtype."""
-    xf = upcast(x)
-    y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * weight.to(xf.dtype)
-    return (y * F.silu(upcast(g))).to(x.dtype)
+    return (_rms_f32(upcast(x), weight, eps) * F.silu(upcast(g))).to(x.dtype)
 
 
 class GatedRMSNorm(nn.Module):
@@ -124,11 +123,15 @@ class SwiGLU(nn.Module):
         return self.down_proj(F.silu(gate) * up)
 
 
+def _rope_angles(pos: torch.Tensor, D: int, theta: float) -> torch.Tensor:
+    """`[T, D/2]` float32 rotation angles `pos_t · θ^(-2i/D)`."""
+    inv = theta ** (-torch.arange(0, D // 2, device=pos.device, dtype=torch.float32) * 2 / D)
+    return pos.float()[:, None] * inv[None]
+
+
 def rotary_torch(x: torch.Tensor, pos: torch.Tensor, theta: float) -> torch.Tensor:
     """Rotate-half RoPE of `x [B, T, H, D]` at integer positions `pos [T]` (computed in float32)."""
-    D = x.shape[-1]
-    inv = theta ** (-torch.arange(0, D // 2, device=x.device, dtype=torch.float32) * 2 / D)
-    ang = pos.float()[:, None] * inv[None]  # [T, D/2]
+    ang = _rope_angles(pos, x.shape[-1], theta)
     cos, sin = ang.cos()[None, :, None], ang.sin()[None, :, None]
     x1, x2 = x.float().chunk(2, -1)
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1).to(x.dtype)
@@ -137,15 +140,14 @@ def rotary_torch(x: torch.Tensor, pos: torch.Tensor, theta: float) -> torch.Tens
 def rotary(x: torch.Tensor, theta: float, cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
     """RoPE of `x [B, T, H, D]` at positions `0..T-1`, restarting at every packed sequence start (`cu_seqlens`);
     fla's `rotary_embedding` (non-interleaved, the rotate-half layout) on CUDA."""
-    B, T, _, D = x.shape
+    T = x.shape[1]
+    pos = torch.arange(T, device=x.device)
     if use_fused(x):
         from fla.modules.rotary import rotary_embedding
 
-        inv = theta ** (-torch.arange(0, D // 2, device=x.device, dtype=torch.float32) * 2 / D)
-        ang = torch.arange(T, device=x.device, dtype=torch.float32)[:, None] * inv[None]
+        ang = _rope_angles(pos, x.shape[-1], theta)
         # fla's kernel takes cos/sin in x's dtype; rotating in float32 keeps the twin's precision for bf16 inputs
         return rotary_embedding(x.float(), ang.cos(), ang.sin(), cu_seqlens=cu_seqlens).to(x.dtype)
-    pos = torch.arange(T, device=x.device)
     if cu_seqlens is not None:
         cu = cu_seqlens.to(device=x.device, dtype=torch.long)
         pos = pos - cu[torch.searchsorted(cu[1:], pos, right=True)]

@@ -56,8 +56,9 @@ class NAtSLConfig(PretrainedConfig):
                  decay_through_softmax: bool = True, router_sample: str = "argmax", router_temperature: float = 1.0,
                  router_grad: str = "selected", router_budget: float | None = None, router_budget_weight: float = 1.0,
                  use_rope: bool = False, rope_theta: float = 10000.0, conv_size: int = 4, norm_eps: float = 1e-5,
-                 initializer_range: float = 0.02, prefill_chunk_size: int | None = None, tie_word_embeddings: bool = False, pad_token_id: int | None = None,
-                 bos_token_id: int | None = None, eos_token_id: int | None = None, **kwargs):
+                 initializer_range: float = 0.02, prefill_chunk_size: int | None = None,
+                 tie_word_embeddings: bool = False, pad_token_id: int | None = None, bos_token_id: int | None = None,
+                 eos_token_id: int | None = None, **kwargs):
         layer_layout = list(layer_layout) if layer_layout is not None else ["natsl"] * num_hidden_layers
         if len(layer_layout) != num_hidden_layers:
             raise ValueError(f"layer_layout has {len(layer_layout)} entries but num_hidden_layers={num_hidden_layers}")

@@ -12,7 +12,7 @@ from transformers.utils import ModelOutput
 
 from natsl.layers.baselines import LinearAttention, SoftmaxAttention
 from natsl.layers.fused import RMSNorm, SwiGLU, cross_entropy
-from natsl.layers.natsl_attention import NAtSLAttention
+from natsl.layers.natsl_attention import NAtSLAttention, NAtSLLayerStats
 from natsl.models.cache import NAtSLCache
 from natsl.models.configuration_natsl import NAtSLConfig
 
@@ -174,10 +174,9 @@ class NAtSLModel(NAtSLPreTrainedModel):
             cu_seqlens = cu_seqlens_from_position_ids(position_ids)
         chunk = self.config.prefill_chunk_size
         if cache is not None and chunk and x.shape[1] > chunk:  # chunked prefill: the same rows, bounded memory
-            pieces, touched = [], []
+            pieces, touched, C = [], [], self.config.block_size
             for i in range(0, x.shape[1], chunk):
                 t0, n = cache.get_seq_length(), min(chunk, x.shape[1] - i)
-                C = self.config.block_size
                 touched.append((t0 + n - 1) // C - t0 // C + 1)
                 pieces.append(self._layers(x[:, i:i + n], None, cache, output_hidden_states))
             x = torch.cat([p[0] for p in pieces], 1)
@@ -212,7 +211,7 @@ def _merge_chunk_stats(parts: list, touched: list[int]):
         return None
     total = sum(w for _, w in got)
     frac = sum(p.softmax_fraction * w for p, w in got) / total
-    return type(got[0][0])(softmax_fraction=frac)
+    return NAtSLLayerStats(softmax_fraction=frac)
 
 
 class NAtSLForCausalLM(NAtSLPreTrainedModel, GenerationMixin):

@@ -73,8 +73,9 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
                         "length. Default: start")
     g.add_argument("--vocab", type=_positive_int, default=None,
                    help="vocabulary of a synthetic task (= the model's vocab_size). Default: 64 (copy: 32)")
-    g.add_argument("--data", default=None, help="task text: a .txt or .jsonl file, hf:NAME[:CONFIG] (offline), or stdlib (the Python "
-                   "standard library's sources: a real-text corpus on every machine)")
+    g.add_argument("--data", default=None,
+                   help="task text: a .txt or .jsonl file, hf:NAME[:CONFIG] (offline), or stdlib (the Python standard "
+                        "library's sources: a real-text corpus on every machine)")
     g.add_argument("--tokenizer", default=None,
                    help="task text: a locally installed HF tokenizer (name or path); default: UTF-8 bytes")
 

@@ -36,7 +36,6 @@ import shutil
 from pathlib import Path
 
 import torch
-import torch.nn as nn
 
 from natsl.models import NAtSLConfig, NAtSLForCausalLM
 
@@ -77,25 +76,6 @@ def shard_model(model: NAtSLForCausalLM, device: torch.device) -> NAtSLForCausal
     return model
 
 
-def no_decay_names(model: nn.Module) -> set[str]:
-    """Names of the parameters AdamW must not decay (0/1-d ones and those marked `_no_weight_decay`). Taken before
-    sharding: `fully_shard` replaces the parameters, which drops attributes such as `_no_weight_decay`."""
-    return {n for n, p in model.named_parameters() if p.ndim < 2 or getattr(p, "_no_weight_decay", False)}
-
-
-def _rng_state() -> dict:
-    rng = {"cpu": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        rng["cuda"] = torch.cuda.get_rng_state_all()
-    return rng
-
-
-def set_rng_state(rng: dict) -> None:
-    torch.set_rng_state(rng["cpu"])
-    if "cuda" in rng and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(rng["cuda"])
-
-
 def full_model(model: NAtSLForCausalLM, config: NAtSLConfig) -> NAtSLForCausalLM | None:
     """The consolidated (unsharded, float32, CPU) copy of a sharded `model`: a collective every process must call;
     rank 0 gets the model, the others `None`. The global RNG is left untouched."""
@@ -119,7 +99,7 @@ def save_fsdp_checkpoint(path: Path, model: NAtSLForCausalLM, optimizer, schedul
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
-    from natsl.train.loop import TRAINER_STATE, save_hf_model
+    from natsl.train.loop import TRAINER_STATE, rng_state, save_hf_model
 
     rank, world = dist.get_rank(), dist.get_world_size()
     path = Path(path)
@@ -131,7 +111,7 @@ def save_fsdp_checkpoint(path: Path, model: NAtSLForCausalLM, optimizer, schedul
     msd, osd = get_state_dict(model, optimizer)
     dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(path / name))
     rngs: list = [None] * world
-    dist.all_gather_object(rngs, _rng_state())
+    dist.all_gather_object(rngs, rng_state())
     plain = full_model(model, config)
     if rank == 0:
         save_hf_model(path, plain)
@@ -154,6 +134,8 @@ def load_fsdp_checkpoint(path: Path, model: NAtSLForCausalLM, optimizer, schedul
     dist = _dist()
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    from natsl.train.loop import set_rng_state
 
     info = trainer_state["fsdp"]
     where = Path(path) / info["dcp"]

@@ -119,17 +119,37 @@ def lr_factor(step: int, steps: int, warmup: int, min_lr_ratio: float) -> float:
     return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def param_groups(model: nn.Module, weight_decay: float, no_decay_names: set[str] | None = None) -> list[dict]:
-    """AdamW groups: no decay on 0/1-d params (biases, norms) and params marked `_no_weight_decay`; or, given
-    `no_decay_names` (taken before FSDP sharding, which drops the marks), on the parameters of those names."""
-    decay, no_decay = [], []
+def no_decay_names(model: nn.Module) -> set[str]:
+    """Names of the parameters AdamW must not decay: 0/1-d ones (biases, norms) and those marked
+    `_no_weight_decay`. Under FSDP take them before sharding: `fully_shard` replaces the parameters, which drops the
+    marks."""
+    return {n for n, p in model.named_parameters() if p.ndim < 2 or getattr(p, "_no_weight_decay", False)}
+
+
+def param_groups(model: nn.Module, weight_decay: float, no_decay: set[str] | None = None) -> list[dict]:
+    """AdamW groups: decay on every trainable parameter but those named in `no_decay` (default:
+    :func:`no_decay_names` of `model`)."""
+    skip = no_decay_names(model) if no_decay is None else no_decay
+    decay, keep = [], []
     for n, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        skip = n in no_decay_names if no_decay_names is not None else \
-            p.ndim < 2 or getattr(p, "_no_weight_decay", False)
-        (no_decay if skip else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        if p.requires_grad:
+            (keep if n in skip else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": keep, "weight_decay": 0.0}]
+
+
+def rng_state() -> dict:
+    """The CPU (and, where there is one, every CUDA device's) RNG state, for a checkpoint."""
+    rng = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state_all()
+    return rng
+
+
+def set_rng_state(rng: dict) -> None:
+    """Restore what :func:`rng_state` captured."""
+    torch.set_rng_state(rng["cpu"])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
 
 
 def dist_info() -> tuple[int, int, int]:
@@ -330,10 +350,7 @@ def save_hf_model(path: Path, model: NAtSLForCausalLM) -> None:
 def save_checkpoint(path: Path, model: NAtSLForCausalLM, optimizer, scheduler, state: dict) -> None:
     """The non-FSDP checkpoint (rank 0): the HF model plus `trainer_state.pt` with the optimizer state."""
     save_hf_model(path, model)
-    rng = {"cpu": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        rng["cuda"] = torch.cuda.get_rng_state_all()
-    torch.save({**state, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng},
+    torch.save({**state, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state()},
                path / TRAINER_STATE)
 
 
@@ -400,7 +417,7 @@ def train_model(name: str, config: NAtSLConfig, task: Task, settings: TrainSetti
     if fsdp:
         from natsl.train import fsdp as fsdp_lib
 
-        no_decay = fsdp_lib.no_decay_names(model)
+        no_decay = no_decay_names(model)
         fsdp_lib.shard_model(model, device)
         groups = param_groups(model, settings.weight_decay, no_decay)
     else:
@@ -417,9 +434,7 @@ def train_model(name: str, config: NAtSLConfig, task: Task, settings: TrainSetti
         else:
             optimizer.load_state_dict(trainer_state["optimizer"])
             scheduler.load_state_dict(trainer_state["scheduler"])
-            torch.set_rng_state(trainer_state["rng"]["cpu"])
-            if "cuda" in trainer_state["rng"] and torch.cuda.is_available():
-                torch.cuda.set_rng_state_all(trainer_state["rng"]["cuda"])
+            set_rng_state(trainer_state["rng"])
         start, history = trainer_state["step"], trainer_state["history"]
         train_s, train_tokens = trainer_state["train_s"], trainer_state["train_tokens"]
         if rank == 0 and log is not None:

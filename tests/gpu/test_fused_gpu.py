@@ -87,7 +87,6 @@ def test_norms_match_twins(dtype):
 def test_swiglu_and_rotary_match_twins(dtype):
     mlp = fused.SwiGLU(256, 768).to(DEV)
     x = rnd(2, 300, 256, dtype=dtype, seed=7)
-    cot = rnd(2, 300, 256, dtype=torch.float32, seed=8)
 
     def twin(x_):
         return mlp.down_proj(torch.nn.functional.silu(mlp.gate_proj(x_)) * mlp.up_proj(x_))
@@ -99,8 +98,8 @@ def test_swiglu_and_rotary_match_twins(dtype):
     q = rnd(1, 300, 4, 64, dtype=dtype, seed=9)
     cu = torch.tensor([0, 100, 101, 300], device=DEV)
     for name, cu_ in (("rotary", None), ("rotary packed", cu)):
-        compare(name, lambda q_: fused.rotary(q_, 10000.0, cu_),
-                lambda q_: fused.rotary(q_.cpu(), 10000.0, None if cu_ is None else cu_.cpu()).to(DEV),
+        compare(name, lambda q_, c=cu_: fused.rotary(q_, 10000.0, c),
+                lambda q_, c=cu_: fused.rotary(q_.cpu(), 10000.0, None if c is None else c.cpu()).to(DEV),
                 [q], rnd(*q.shape, dtype=torch.float32, seed=10))
 
 

@@ -8,8 +8,13 @@ import torch
 from helpers import gen
 
 from natsl import NAtSLConfig, NAtSLForCausalLM
-from natsl.models.convert import (config_from_fla_gdn, fla_gdn_config_from, from_fla_gdn_state_dict,
-                                  load_fla_gdn_state_dict, to_fla_gdn_state_dict)
+from natsl.models.convert import (
+    config_from_fla_gdn,
+    fla_gdn_config_from,
+    from_fla_gdn_state_dict,
+    load_fla_gdn_state_dict,
+    to_fla_gdn_state_dict,
+)
 
 FLA_DIMS = dict(hidden_size=32, num_hidden_layers=2, num_heads=2, head_dim=8, expand_v=2, vocab_size=64,
                 hidden_ratio=4, norm_eps=1e-6)
