@@ -3,9 +3,10 @@
 The router's decision is forced to a fixed softmax fraction (random blocks) so that every T sees the same f.
 Providers: the paper's 340M NAtS-L layer (D=1024, H_L=6 x (128, 256), H_A=12 x (64, 128), H_R=6, C=64) with the gdn or
 mamba2 backend, a GDN-only layer (6 x (128, 256)) and the Transformer's softmax layer (16 x 64), same width D=1024.
-Times: do_bench medians (ms) of the forward (inputs requiring grad) and of forward+backward, bf16, B=1.
+Times: do_bench medians (ms) of the forward (inputs requiring grad) and of forward+backward, bf16, B=1 (`--batch`).
 Usage (H200, fla wheels on PYTHONPATH): python3 benchmarks/bench_layer.py [--T 4096,16384,65536] [--frac 0.125]
-    [--compile-check natsl-gdn] [--out F]; CPU smoke run: --device cpu --T 128
+    [--providers natsl-gdn@triton,natsl-gdn@flex,gdn-only,softmax] [--compile-check natsl-gdn] [--out F];
+    CPU smoke run: --device cpu --T 128
 """
 
 from __future__ import annotations
@@ -27,8 +28,9 @@ D = 1024
 
 
 def make(provider: str, frac: float, device: str, dtype: torch.dtype):
-    if provider.startswith("natsl-"):
-        layer = NAtSLAttention(hidden_size=D, linear_backend=provider.split("-", 1)[1], softmax_backend="auto")
+    if provider.startswith("natsl-"):  # natsl-<linear backend>[@<softmax backend>]
+        linear, _, softmax = provider.split("-", 1)[1].partition("@")
+        layer = NAtSLAttention(hidden_size=D, linear_backend=linear, softmax_backend=softmax or "auto")
         if frac is not None:
             force_router(layer, frac)
     elif provider == "gdn-only":
@@ -65,6 +67,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--T", default="4096,16384,65536")
     ap.add_argument("--frac", type=float, default=0.125)
+    ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--providers", default="natsl-gdn,natsl-mamba2,gdn-only,softmax")
     ap.add_argument("--compile-check", default="", help="comma-separated providers to run torch._dynamo.explain on")
     add_common_args(ap)
@@ -85,7 +88,7 @@ def main():
             torch.cuda.synchronize()
         warm = time.time() - t0
         for T in Ts:
-            x = torch.randn(1, T, D, device=args.device, dtype=dtype, requires_grad=True)
+            x = torch.randn(args.batch, T, D, device=args.device, dtype=dtype, requires_grad=True)
             dy = torch.randn_like(x)
             if cuda:
                 torch.cuda.reset_peak_memory_stats()
@@ -101,11 +104,12 @@ def main():
             ms_f = timer(fwd)[0]
             ms_fb = timer(fwd_bwd)[0]
             peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else float("nan")
-            rows.append((prov, T, ms_f, ms_fb, T / ms_fb * 1e3, peak, warm))
-            print(f"{prov:14s} T={T:6d} fwd {ms_f:8.3f} ms  fwd+bwd {ms_fb:8.3f} ms  {T / ms_fb * 1e3:12.0f} tok/s "
+            tps = args.batch * T / ms_fb * 1e3
+            rows.append((prov, f"{args.batch}x{T}", ms_f, ms_fb, tps, peak, warm))
+            print(f"{prov:14s} {args.batch}x{T:6d} fwd {ms_f:8.3f} ms  fwd+bwd {ms_fb:8.3f} ms  {tps:12.0f} tok/s "
                   f"peak {peak:8.0f} MiB  (first call {warm:.1f} s)", flush=True)
         del layer
-    lines = ["| provider | T | fwd ms | fwd+bwd ms | tokens/s (fwd+bwd) | peak MiB | first call s |",
+    lines = ["| provider | B x T | fwd ms | fwd+bwd ms | tokens/s (fwd+bwd) | peak MiB | first call s |",
              "|---|---|---|---|---|---|---|"]
     lines += [f"| {p} | {T} | {f:.3f} | {fb:.3f} | {tps:,.0f} | {pk:,.0f} | {w:.1f} |" for p, T, f, fb, tps, pk, w in rows]
     table = "\n".join(lines)

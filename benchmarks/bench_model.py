@@ -10,6 +10,7 @@ and autotune) is reported separately.
 
 Usage (H200, fla wheels on PYTHONPATH):
     python3 benchmarks/bench_model.py [--shapes 8x4096,1x32768] [--models linear,fla_gdn,hybrid,softmax] [--out F]
+    (a model name may name the NAtS-L layers' softmax backend: `hybrid@triton,hybrid@flex`)
 CPU smoke run: python3 benchmarks/bench_model.py --device cpu --size tiny --shapes 2x128 --models linear,hybrid --steps 1
 """
 
@@ -32,6 +33,8 @@ NAMES = {"hybrid": "NAtS-L Hybrid", "layer_hybrid": "GDN Hybrid 3:1", "softmax":
 
 
 def build(size: str, family: str, frac: float, device: str, backend: str):
+    """`family` may end in `@<softmax backend>` (e.g. `hybrid@flex`); default `auto`."""
+    family, _, softmax_backend = family.partition("@")
     if family == "fla_gdn":  # fla's own model of natsl's `linear` dims (natsl.models.convert)
         from fla.models import GatedDeltaNetForCausalLM
 
@@ -40,7 +43,7 @@ def build(size: str, family: str, frac: float, device: str, backend: str):
         config = fla_gdn_config_from(NAtSLConfig.preset(size, "linear"))
         model = GatedDeltaNetForCausalLM(config).to(device)
     else:
-        config = NAtSLConfig.preset(size, family, linear_backend=backend)
+        config = NAtSLConfig.preset(size, family, linear_backend=backend, softmax_backend=softmax_backend or "auto")
         model = NAtSLForCausalLM(config).to(device)
     for module in model.modules():
         if isinstance(module, NAtSLAttention):
@@ -102,10 +105,12 @@ def main():
                 ms = time_ms(make_step(model, opt, B, T, args.device, vocab), warmup=2, rep=args.steps)
             except torch.OutOfMemoryError:
                 print(f"{family} {B}x{T}: out of memory", flush=True)
-                rows.append(dict(model=NAMES.get(family, family), shape=f"{B}x{T}", note="OOM"))
+                rows.append(dict(model=family, shape=f"{B}x{T}", note="OOM"))
                 continue
             peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
-            row = dict(model=NAMES.get(family, family), params_M=round(params, 1), shape=f"{B}x{T}", step_ms=ms,
+            name, _, sb = family.partition("@")
+            row = dict(model=NAMES.get(name, name) + (f" ({sb})" if sb else ""), params_M=round(params, 1),
+                       shape=f"{B}x{T}", step_ms=ms,
                        tokens_per_s=round(B * T / ms * 1e3), peak_GiB=peak, first_step_s=round(first, 1))
             rows.append(row)
             print(row, flush=True)

@@ -5,7 +5,7 @@ Run on a GPU (one process; every provider is checked against the float64 referen
         [--fractions 0.125 0.25 0.5] [--providers ...]
 
 Paper head config (340M): H_A=12 softmax heads of d=64 (q/k) and d_v=128, H_R=6 router heads, block 64, bf16,
-B=1. Routing: exactly a fraction f of the blocks of every router head is softmax (random positions).
+B=1 (`--batch`). Routing: exactly a fraction f of the blocks of every router head is softmax (random positions).
 `fwd` is timed under `torch.no_grad()` (prefill); `fwd+bwd` with q, k, v and the routing requiring grad
 (router_grad="selected", the training setting; `natsl-flex-frozen-router`: the routing without grad). TFLOP/s
 count only visible (query, key) pairs: fwd = 2·pairs·(d + d_v), fwd+bwd = 3.5 × fwd. "x dense" = the fastest dense
@@ -42,11 +42,12 @@ FRACTIONS = (0.125, 0.25, 0.5)
 PROVIDERS = ["dense-sdpa-cudnn", "natsl-flash", "natsl-flex", "dense-fa4", "natsl-flash-fa4"]
 NATSL = {"natsl-flash": lambda: FlashSoftmax("varlen"), "natsl-flex": lambda: SOFTMAX_BACKENDS["flex"],
          "natsl-flex-frozen-router": lambda: SOFTMAX_BACKENDS["flex"],
-         "natsl-flex64": lambda: FlexSoftmax(mask_block=64), "natsl-flash-fa4": lambda: FlashSoftmax("fa4")}
+         "natsl-flex64": lambda: FlexSoftmax(mask_block=64), "natsl-flash-fa4": lambda: FlashSoftmax("fa4"),
+         "natsl-triton": lambda: SOFTMAX_BACKENDS["triton"], "natsl-triton-frozen-router": lambda: SOFTMAX_BACKENDS["triton"]}
 
 
 # natsl providers timed with the routing not requiring grad (no softmax-gate gradient: a frozen router)
-FROZEN_ROUTER = {"natsl-flex-frozen-router"}
+FROZEN_ROUTER = {"natsl-flex-frozen-router", "natsl-triton-frozen-router"}
 
 
 def make_inputs(T: int, frac: float, seed: int = 0) -> dict:
@@ -76,7 +77,7 @@ def visible_pairs(inp: dict) -> int:
 
 
 def dense_pairs(T: int) -> int:
-    return SHAPE["H"] * T * (T + 1) // 2
+    return SHAPE["B"] * SHAPE["H"] * T * (T + 1) // 2
 
 
 def fa4_available() -> bool:
@@ -179,6 +180,7 @@ def main() -> None:
     parser.add_argument("--T", type=int, nargs="+", default=list(T_LIST))
     parser.add_argument("--fractions", type=float, nargs="+", default=list(FRACTIONS))
     parser.add_argument("--providers", nargs="+", default=PROVIDERS)
+    parser.add_argument("--batch", type=int, default=SHAPE["B"], help="batch size B (default 1)")
     parser.add_argument("--name", default="bench_softmax_backends", help="report file stem under $OUT")
     parser.add_argument("--profile", nargs="*", default=None, metavar="PROVIDER",
                         help="also print the CUDA-kernel time breakdown of these natsl providers' fwd+bwd at the "
@@ -209,6 +211,7 @@ def main() -> None:
             status[p] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
         say(f"verify {p}: {'ok' if status[p] is None else 'FAILED ' + status[p]} ({time.time() - t0:.1f} s)")
     ok = [p for p in providers if status[p] is None]
+    SHAPE["B"] = args.batch  # verified at B=1 (the float64 reference is dense), timed at B
     rows = []
     for T in args.T:
         dense = {}
@@ -245,7 +248,7 @@ def main() -> None:
             say(profile(p, make_inputs(args.T[0], args.fractions[0])))
     cols = ["T", "f", "provider", "fwd ms", "fwd TF/s", "fwd x dense", "fwd+bwd ms", "fwd+bwd TF/s", "fwd+bwd x dense",
             "fwd+bwd peak MiB"]
-    text = "\n".join([f"Softmax branch, {DTYPE}, B=1 H_A=12 H_R=6 d=64 d_v=128 block=64, {env_line()}",
+    text = "\n".join([f"Softmax branch, {DTYPE}, B={SHAPE['B']} H_A=12 H_R=6 d=64 d_v=128 block=64, {env_line()}",
                       "verification: " + ", ".join(f"{p}: {'ok' if s is None else 'FAILED'}" for p, s in status.items()),
                       "", markdown_table(rows, cols)])
     say(text)

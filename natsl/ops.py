@@ -22,7 +22,7 @@ def natsl_attention(q_s: torch.Tensor, k_s: torch.Tensor, v_s: torch.Tensor, q_l
     """NAtS-L attention: the fast paths of `natsl.reference.natsl_attention_reference` (same arguments and results).
 
     Args (beyond the reference's):
-        softmax_backend (str): `"auto"`, `"sdpa"`, `"flex"` or `"flash"` (see `natsl.layers.softmax`).
+        softmax_backend (str): `"auto"`, `"sdpa"`, `"flex"`, `"flash"` or `"triton"` (see `natsl.layers.softmax`).
             Default: `"auto"` (the fastest backend that supports the call).
         linear_impl (str): `"auto"`, `"fla"` (fla's Triton ops) or `"torch"` (pure PyTorch).
             Default: `"auto"` (`"fla"` on CUDA, `"torch"` elsewhere).

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 LINEAR_BACKENDS = ("gdn", "deltanet", "gla", "mamba2", "linear_attn")
+SOFTMAX_BACKEND_CHOICES = ("auto", "sdpa", "flex", "flash", "triton")  # natsl.layers.softmax
 ROUTER_GRADS = ("selected", "both")
 
 # which extra inputs each linear backend takes: g ("head": [B,T,H], "key": [B,T,H,K]), beta

@@ -113,3 +113,32 @@ def naive_norm_merge(o_s: torch.Tensor, o_l: torch.Tensor, w: torch.Tensor, g: t
     omega = torch.softmax(w.to(ct), dim=-1)
     y = omega[..., 0:1] * rms(o_s, gamma_s) + omega[..., 1:2] * rms(o_l, gamma_l)
     return (y * torch.nn.functional.silu(g.to(ct))).to(o_s.dtype)
+
+
+def naive_block_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, soft: torch.Tensor,
+                          token_block: torch.Tensor, token_seq: torch.Tensor, *, scale: float,
+                          gate: torch.Tensor | None = None, own: bool = True) -> torch.Tensor:
+    """Twin of `natsl.kernels.block_attention.block_attention`: dense masked attention, differentiable.
+
+    `q, k [B, T, H, D]`, `v [B, T, H, DV]`, `soft [B, N, Hr]`, `token_block`/`token_seq [T]` (the `BlockLayout`
+    fields). A query sees the keys of the softmax blocks of its router head before its block in its sequence, each
+    weighted by `gate` (`[B, N, Hr]`, value 1; its gradient is the router gradient), and its own block causally
+    (`own`). Rows that see no key give 0. Computed in the inputs' dtype, O(T²) memory.
+    """
+    B, T, H, _ = q.shape
+    Hr = soft.shape[2]
+    G = H // Hr
+    tb, ts = token_block.to(q.device), token_seq.to(q.device)
+    past = (tb[None, :] < tb[:, None]) & (ts[None, :] == ts[:, None])  # [T(q), T(k)]
+    w = soft.to(q.dtype) if gate is None else gate.to(q.dtype) * soft.to(q.dtype)
+    key_w = w[:, tb].permute(0, 2, 1).repeat_interleave(G, dim=1)  # [B, H, T(k)]
+    weight = past * key_w[:, :, None, :]
+    if own:
+        weight = weight + ((tb[None, :] == tb[:, None]) & torch.ones(T, T, dtype=torch.bool, device=q.device).tril())
+    s = torch.einsum("bthd,bshd->bhts", q, k) * scale
+    s = s.masked_fill(weight == 0, float("-inf"))
+    m = s.amax(-1, keepdim=True)
+    e = torch.exp(s - torch.where(torch.isfinite(m), m, torch.zeros_like(m))) * weight
+    z = e.sum(-1, keepdim=True)
+    p = e / torch.where(z == 0, torch.ones_like(z), z)
+    return torch.einsum("bhts,bshd->bthd", p, v)

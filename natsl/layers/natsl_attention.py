@@ -19,7 +19,14 @@ from natsl.layers.fused import RMSNorm, l2_norm, rotary_torch
 from natsl.layers.gates import LinearGates
 from natsl.layers.router import BlockRouter, straight_through
 from natsl.layers.state import NAtSLLayerState, layer_state, linear_step
-from natsl.utils import LINEAR_BACKENDS, check_choice, check_mixer_forward, compute_dtype, upcast
+from natsl.utils import (
+    LINEAR_BACKENDS,
+    SOFTMAX_BACKEND_CHOICES,
+    check_choice,
+    check_mixer_forward,
+    compute_dtype,
+    upcast,
+)
 
 LinearBackend = Literal["gdn", "deltanet", "gla", "mamba2", "linear_attn"]
 
@@ -57,7 +64,7 @@ class NAtSLAttention(nn.Module):
         num_router_heads (int): router heads `H_R` (divides `H_L` and `H_A`). Default: `6`.
         block_size (int): routing block size `C`. Default: `64`.
         linear_backend (str): `"gdn"`, `"deltanet"`, `"gla"`, `"mamba2"` or `"linear_attn"`. Default: `"gdn"`.
-        softmax_backend (str): `"auto"`, `"sdpa"`, `"flex"` or `"flash"`. Default: `"auto"`.
+        softmax_backend (str): `"auto"`, `"sdpa"`, `"flex"`, `"flash"` or `"triton"`. Default: `"auto"`.
         linear_impl (str): `"auto"`, `"fla"` or `"torch"`. Default: `"auto"`.
         decay_through_softmax (bool): softmax blocks decay the carried linear state. Default: `True`.
         router_sample (str): `"argmax"` or `"gumbel"`. Default: `"argmax"`.
@@ -84,7 +91,7 @@ class NAtSLAttention(nn.Module):
                  layer_idx: int | None = None):
         super().__init__()
         check_choice("linear_backend", linear_backend, LINEAR_BACKENDS)
-        check_choice("softmax_backend", softmax_backend, ("auto", "sdpa", "flex", "flash"))
+        check_choice("softmax_backend", softmax_backend, SOFTMAX_BACKEND_CHOICES)
         check_choice("linear_impl", linear_impl, ("auto", "fla", "torch"))
         check_choice("router_grad", router_grad, ("selected", "both"))
         for name, val in (("hidden_size", hidden_size), ("num_heads", num_heads), ("head_dim", head_dim),

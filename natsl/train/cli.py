@@ -27,6 +27,7 @@ from natsl.train.loop import (
     under_torchrun,
 )
 from natsl.train.tasks import TASKS, make_task
+from natsl.utils import SOFTMAX_BACKEND_CHOICES
 
 # CLI flag → NAtSLConfig field (model overrides; unset flags keep the preset's value)
 MODEL_FLAGS = {
@@ -97,7 +98,7 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--block-size", type=_positive_int, help="routing block size (tokens)")
     g.add_argument("--linear-backend", choices=("gdn", "deltanet", "gla", "mamba2", "linear_attn"),
                    help="linear recurrence of natsl and linear layers (the same for every model)")
-    g.add_argument("--softmax-backend", default="auto", choices=("auto", "sdpa", "flex", "flash"),
+    g.add_argument("--softmax-backend", default="auto", choices=SOFTMAX_BACKEND_CHOICES,
                    help="softmax branch of natsl layers. Default: auto (sdpa on CPU)")
     g.add_argument("--linear-impl", default="auto", choices=("auto", "fla", "torch"),
                    help="fla Triton ops or PyTorch. Default: auto (torch on CPU, fla on CUDA)")

@@ -144,14 +144,15 @@ def test_linear_branch_bf16_vs_reference(name):
 
 
 
-def test_layer_training_step_makes_no_host_sync():
-    """Spec §3.1 / issue "masked chunk pass" item 4: a fwd+bwd of `NAtSLAttention` (paper heads, flex softmax
-    backend, router gradients on, bf16 autocast) at T=4096, B=2 makes no host sync once compiled
+@pytest.mark.parametrize("softmax_backend", ["flex", "triton"])
+def test_layer_training_step_makes_no_host_sync(softmax_backend):
+    """Spec §3.1 / issue "masked chunk pass" item 4: a fwd+bwd of `NAtSLAttention` (paper heads, the flex or
+    triton softmax backend, router gradients on, bf16 autocast) at T=4096, B=2 makes no host sync once compiled
     (`torch.cuda.set_sync_debug_mode("error")` raises on any synchronising CUDA call)."""
     from natsl.layers.natsl_attention import NAtSLAttention
 
     torch.manual_seed(0)
-    layer = NAtSLAttention(softmax_backend="flex").to(DEV)  # router_grad="selected" (paper): flex has both gates
+    layer = NAtSLAttention(softmax_backend=softmax_backend).to(DEV)  # router_grad="selected" (paper)
     x = torch.randn(2, 4096, layer.hidden_size, device=DEV, requires_grad=True)
 
     def step():

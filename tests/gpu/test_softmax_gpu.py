@@ -2,7 +2,7 @@
 
 Rule (flash-attn's): `err(out, ref_fp64) <= 2 * err(plain torch bf16, ref_fp64) + atol`, max abs error, for the
 output and the gradients of q, k, v and the routing. Backends: sdpa, flex, flash over torch's varlen flash
-kernels and over flash-attn-4 (each skipped with its reasons where it cannot run).
+kernels and over flash-attn-4, natsl's Triton kernels (each skipped with its reasons where it cannot run).
 
 Run on the H200 with `NATSL_TEST_DEVICE=cuda pytest -q -m gpu tests/gpu/test_softmax_gpu.py`.
 """
@@ -36,6 +36,7 @@ BACKENDS = {
     "flex": SOFTMAX_BACKENDS["flex"],
     "flash-varlen": FlashSoftmax("varlen"),
     "flash-fa4": FlashSoftmax("fa4"),
+    "triton": SOFTMAX_BACKENDS["triton"],
 }
 
 
@@ -131,16 +132,18 @@ def test_flash_decode_gpu(kernel):
     assert max_err(lse[finite], ref_lse[finite]) < 2e-2
 
 
-def test_layer_auto_training_under_autocast_takes_flex(monkeypatch):
-    """A training step of the layer on CUDA (fp32 weights, bf16 autocast, `softmax_backend="auto"`) resolves to
-    `flex` (AUTO_ORDER["cuda-train"]) and matches the same layer with `sdpa` under the 2x rule against the float64
-    layer: output and the router's gradient (T=200: a partial last block)."""
+@pytest.mark.parametrize("backend", ["auto", "triton", "flex"])
+def test_layer_training_under_autocast(monkeypatch, backend):
+    """A training step of the layer on CUDA (fp32 weights, bf16 autocast) with `softmax_backend=backend` runs that
+    backend (`"auto"`: the first of AUTO_ORDER["cuda-train"]) and matches the same layer with `sdpa` under the 2x
+    rule against the float64 layer: output and the router's gradient (T=200: a partial last block)."""
     from natsl import NAtSLAttention
-    from natsl.layers.softmax.flex import FlexSoftmax
+    from natsl.layers.softmax import AUTO_ORDER
 
     calls = []
-    flex_forward = FlexSoftmax.forward
-    monkeypatch.setattr(FlexSoftmax, "forward", lambda self, *a, **kw: calls.append(1) or flex_forward(self, *a, **kw))
+    cls = type(SOFTMAX_BACKENDS[AUTO_ORDER["cuda-train"][0] if backend == "auto" else backend])
+    first_forward = cls.forward
+    monkeypatch.setattr(cls, "forward", lambda self, *a, **kw: calls.append(1) or first_forward(self, *a, **kw))
 
     def layer_of(sb, dtype=torch.float32):
         torch.manual_seed(0)
@@ -154,36 +157,38 @@ def test_layer_auto_training_under_autocast_takes_flex(monkeypatch):
 
     x = torch.randn(2, 200, 256, generator=torch.Generator(device=DEV).manual_seed(3), device=DEV)
     results = {}
-    for sb, dtype in (("auto", torch.float32), ("sdpa", torch.float32), ("sdpa", torch.float64)):
+    for sb, dtype in ((backend, torch.float32), ("sdpa", torch.float32), ("sdpa", torch.float64)):
         calls.clear()
         layer = layer_of(sb, dtype)
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=dtype == torch.float32):
             out = layer(x.to(dtype))[0]
         out.float().pow(2).mean().backward()
         results[(sb, dtype)] = (out.double(), layer.router.proj.weight.grad.double())
-        assert (len(calls) > 0) == (sb == "auto"), f"{sb}: flex called {len(calls)} times"
+        assert (len(calls) > 0) == (sb == backend), f"{sb}: {cls.__name__} called {len(calls)} times"
     ref = results[("sdpa", torch.float64)]
     for i, name in enumerate(("out", "router grad")):
-        e_auto = max_err(results[("auto", torch.float32)][i], ref[i])
+        e_auto = max_err(results[(backend, torch.float32)][i], ref[i])
         e_sdpa = max_err(results[("sdpa", torch.float32)][i], ref[i])
         atol = 1e-3 * ref[i].abs().max().item()
-        assert torch.isfinite(results[("auto", torch.float32)][i]).all()
+        assert torch.isfinite(results[(backend, torch.float32)][i]).all()
         assert e_auto <= 2 * e_sdpa + atol, f"{name}: auto {e_auto:.3e} vs sdpa {e_sdpa:.3e}"
 
 
-def test_flex_float32_vs_sdpa():
-    """`flex` in float32 (FlexAttention's own per-dtype tiles, `FlexSoftmax.options_for`) against float64 `sdpa`:
-    output and the q, k, v and routing gradients within 2x of `sdpa` in float32 (+1e-5 of the largest value)."""
+@pytest.mark.parametrize("backend", ["flex", "triton"])
+def test_float32_vs_sdpa(backend):
+    """`flex` (FlexAttention's own per-dtype tiles, `FlexSoftmax.options_for`) and `triton` (IEEE float32 dots) in
+    float32 against float64 `sdpa`: output and the q, k, v and routing gradients within 2x of `sdpa` in float32
+    (+1e-5 of the largest value)."""
     q, k, v, w, _ = make((1, 1000, 2, 2, 64, 128, 64, None, "both", 0.3), seed=5)
     do = torch.randn_like(v)
     res = {}
-    for backend, dt in (("flex", torch.float32), ("sdpa", torch.float32), ("sdpa", torch.float64)):
+    for bk, dt in ((backend, torch.float32), ("sdpa", torch.float32), ("sdpa", torch.float64)):
         xs = [x.detach().to(dt).requires_grad_() for x in (q, k, v)]
         r = w.detach().to(dt).requires_grad_()
-        o = SOFTMAX_BACKENDS[backend].forward(*xs, Routing(r, 64), scale=64 ** -0.5)
+        o = SOFTMAX_BACKENDS[bk].forward(*xs, Routing(r, 64), scale=64 ** -0.5)
         o.backward(do.to(dt))
-        res[(backend, dt)] = [o, *(x.grad for x in xs), r.grad]
+        res[(bk, dt)] = [o, *(x.grad for x in xs), r.grad]
     ref = res[("sdpa", torch.float64)]
     for i, name in enumerate(("o", "dq", "dk", "dv", "drouting")):
-        e_flex, e_sdpa = (max_err(res[(b, torch.float32)][i], ref[i]) for b in ("flex", "sdpa"))
+        e_flex, e_sdpa = (max_err(res[(b, torch.float32)][i], ref[i]) for b in (backend, "sdpa"))
         assert e_flex <= 2 * e_sdpa + 1e-5 * ref[i].abs().max().item(), f"{name}: {e_flex:.2e} vs {e_sdpa:.2e}"

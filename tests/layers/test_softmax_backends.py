@@ -5,6 +5,7 @@
   pure-torch varlen kernel standing in for flash-attn (both head-dim conventions), same checks ("selected").
 - `flex`: forward through FlexAttention (CPU, no autograd); outputs and gradients, gate gradient included, through
   the same compacted layout and mask as dense attention (FlexAttention has no CPU backward); its BlockMask tiles.
+- `triton`: natsl's block-sparse kernels under the Triton interpreter (float32), outputs and every gradient.
 - `flash_decode`, the torch varlen kernel itself, `resolve` / `softmax_branch` errors.
 """
 
@@ -136,6 +137,20 @@ def test_sdpa_matches_reference(c):
 def test_flash_algorithm_matches_reference(c):
     case, c = _build({**c, "router_grad": "selected"})
     check_backend(flash_fn(c["equal_dims"], c["radix_bits"]), case, torch.float64, c["seed"])
+
+
+def triton_fn(q, k, v, route, scale, router_grad):
+    return softmax_branch(q, k, v, route, backend="triton", scale=scale, router_grad=router_grad)
+
+
+@given(c=case_st)
+@example(c=EX_PACKED)
+@example(c=EX_DENSE)
+@example(c={**EX_LINEAR_DIAG, "router_grad": "selected"})
+def test_triton_matches_reference(c):
+    """natsl's Triton kernels (interpreter, float32; blocks of 16: the kernels' smallest tile)."""
+    case, c = _build({**c, "router_grad": "selected", "C": 16}, torch.float32)
+    check_backend(triton_fn, case, torch.float32, c["seed"])
 
 
 @pytest.mark.parametrize("backend", ["sdpa", "flash"])
@@ -411,11 +426,12 @@ def test_resolve_auto_on_cpu_is_sdpa(caplog):
 
 
 def test_auto_order_kinds():
-    """CUDA training calls (autograd recording) prefer flex, CUDA inference prefers flash (no per-T compile), CPU sdpa;
-    every order lists real backends."""
+    """CUDA calls prefer natsl's triton kernels (training: flex next, inference: flash next), CPU sdpa; every order
+    lists real backends."""
     assert auto_kind("cuda", True) == "cuda-train" and auto_kind("cuda", False) == "cuda"
     assert auto_kind("cpu", True) == auto_kind("cpu", False) == "cpu"
-    assert AUTO_ORDER["cuda-train"][0] == "flex" and AUTO_ORDER["cuda"][0] == "flash" and AUTO_ORDER["cpu"] == ("sdpa",)
+    assert AUTO_ORDER["cuda-train"][:2] == ("triton", "flex") and AUTO_ORDER["cuda"][:2] == ("triton", "flash")
+    assert AUTO_ORDER["cpu"] == ("sdpa",)
     assert all(set(order) <= set(SOFTMAX_BACKENDS) for order in AUTO_ORDER.values())
 
 
@@ -445,6 +461,17 @@ def test_flex_kernel_options_per_dtype():
     mine = {"BLOCK_M": 32}
     assert FlexSoftmax(kernel_options=mine).options_for(torch.float32) == mine
     assert FlexSoftmax(kernel_options=mine).options_for(torch.bfloat16) == mine
+
+
+def test_explicit_triton_lists_its_reasons(monkeypatch):
+    """Off CUDA (without the interpreter), float64, an unsupported block size and router_grad='both' are named."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    q, k, v, route = _small_inputs(requires_grad=True, router_requires_grad=True)
+    with pytest.raises(ValueError) as err:
+        softmax_branch(q, k, v, route, backend="triton", router_grad="both")
+    msg = str(err.value)
+    for part in ("CUDA", "float64", "block_size 8", "router_grad='both'", "to enable it"):
+        assert part in msg, part
 
 
 def test_explicit_flex_router_grad_both_raises():

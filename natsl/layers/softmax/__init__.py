@@ -12,6 +12,7 @@ import logging
 import torch
 
 from natsl.layers.routing import Routing
+from natsl.layers.softmax.blocksparse import TritonSoftmax
 from natsl.layers.softmax.flash import FlashSoftmax, flash_decode
 from natsl.layers.softmax.flex import FlexSoftmax
 from natsl.layers.softmax.sdpa import SdpaSoftmax
@@ -19,16 +20,19 @@ from natsl.utils import ROUTER_GRADS, check_choice
 
 logger = logging.getLogger(__name__)
 
-SOFTMAX_BACKENDS = {"flash": FlashSoftmax(), "flex": FlexSoftmax(), "sdpa": SdpaSoftmax()}
+SOFTMAX_BACKENDS = {"flash": FlashSoftmax(), "flex": FlexSoftmax(), "sdpa": SdpaSoftmax(), "triton": TritonSoftmax()}
 # "auto" takes the first backend that supports the call, per device type (fastest first, measured on the H200:
-# benchmarks/RESULTS.md). "cuda-train" (autograd on): flex is fastest at T >= 16k and compiles once per T, which
-# training amortises; "cuda" (inference, e.g. prefill of varying prompt lengths): flash, which never compiles
-AUTO_ORDER = {"cuda-train": ("flex", "flash", "sdpa"), "cuda": ("flash", "flex", "sdpa"), "cpu": ("sdpa",)}
+# benchmarks/RESULTS.md, "natsl's Triton kernels"). natsl's `triton` kernels are the fastest forward and
+# forward+backward at 4k-64k (1.05-3x flex, 3-5x flash) and compile once per dtype and head dims, not per T; flex
+# (once per T) and flash take the calls triton cannot (block sizes outside 16-128, head dims above 256)
+AUTO_ORDER = {"cuda-train": ("triton", "flex", "flash", "sdpa"), "cuda": ("triton", "flash", "flex", "sdpa"),
+              "cpu": ("sdpa",)}
 _INSTALL_HINT = {
     "flash": "use torch >= 2.10 (torch.nn.attention.varlen) on a CUDA GPU with fp16/bf16 inputs, or for inference "
              "install flash-attn-4 (`pip install flash-attn-4`, or `pip install natsl[flash4]`)",
     "flex": "FlexAttention needs torch >= 2.5; its backward needs a CUDA device",
     "sdpa": "",
+    "triton": "run on a CUDA GPU with float16/bfloat16/float32 inputs and block_size in (16, 32, 64, 128)",
 }
 _logged: set = set()
 
@@ -40,7 +44,7 @@ def auto_kind(device_type: str, train: bool) -> str:
 
 def resolve(name: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, routing: Routing,
             router_grad: str = "selected"):
-    """The backend object for `name` (`"auto"`, `"flash"`, `"flex"`, `"sdpa"`) that runs this call.
+    """The backend object for `name` (`"auto"`, `"flash"`, `"flex"`, `"sdpa"`, `"triton"`) that runs this call.
 
     `"auto"` takes the first supporting backend of `AUTO_ORDER[auto_kind(...)]` and logs its choice once per
     (device, choice, reasons). An explicitly named backend that cannot run raises `ValueError` with every reason.
@@ -100,7 +104,7 @@ def softmax_branch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, routing: R
             `a // (H_A / Hr)`).
         v (torch.Tensor): `[B, T, H_A, d_v]`.
         routing (Routing): block types (and `cu_seqlens` for packed input, `B == 1`).
-        backend (str): `"auto"`, `"flash"`, `"flex"` or `"sdpa"`. Default: `"auto"`.
+        backend (str): `"auto"`, `"flash"`, `"flex"`, `"sdpa"` or `"triton"`. Default: `"auto"`.
         scale (float, Optional): score scale. Default: `d ** -0.5`.
         router_grad (str): `"selected"` or `"both"` (spec §1.7; only `sdpa` supports `"both"` when the routing
             requires grad). Default: `"selected"`.
@@ -116,4 +120,4 @@ def softmax_branch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, routing: R
 
 
 __all__ = ["SOFTMAX_BACKENDS", "AUTO_ORDER", "auto_kind", "FlashSoftmax", "FlexSoftmax", "SdpaSoftmax", "flash_decode",
-           "resolve", "softmax_branch"]
+           "resolve", "softmax_branch", "TritonSoftmax"]

@@ -1,0 +1,327 @@
+"""Block-sparse softmax attention of the NAtS-L softmax branch, forward and backward with the router gradient
+(spec §1.3, §1.5, §1.7), in three Triton kernels.
+
+A query of block `i` (router head `r = h // G` of softmax head `h`) sees the softmax blocks of `r` before `i` in
+its sequence, and its own block causally (unless `own=False`, the `diagonal="linear"` policy). Per program one
+query block (forward, dq) or one key block (dk/dv) of one (batch, head), tiles of `C = block_size` tokens:
+
+- forward: online softmax over the `p(i) - lo(i)` past softmax blocks (read from a per-(batch, router head) sorted
+  block list, no gather of K/V), then the own block with its causal mask; writes `o` and the row LSE.
+- dq: the same loop, with `dS = P ∘ (dP − Δ)`, `Δ_t = dO_t·o_t` (flash-attention 2's backward).
+- dk/dv: per key block `j`, its own block and, if `j` is a softmax block, every later query block of its
+  sequence; it also sums `dS` over those past queries: the router gradient `∂L/∂m(j)` of spec §1.7
+  (`router_grad="selected"`), a column sum of the score gradient accumulated in the attention backward, as in the
+  paper's kernels (no extra pass).
+
+Every index list is built on the device from the block types (`block_sparse_plan`): no host sync, no
+data-dependent shapes, one launch per kernel. Work per call is the visible (query, key) block pairs only: at a
+softmax fraction `f` about `f/2 · N²` tile pairs plus `N` own blocks, against `N²/2` for dense causal attention.
+
+Why natsl's own kernel: FlexAttention (the `flex` backend) has no column sums of `dS`, so its router gradient needs
+a transposed pass, and its per-call host work (BlockMask, guards) dominates below ~16k tokens
+(benchmarks/RESULTS.md). PyTorch twin (test oracle and CPU path): `naive.naive_block_attention`.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+# launch configurations (warps, pipeline stages) of the forward, dq and dk/dv kernels
+CONFIGS = {"fwd": dict(num_warps=4, num_stages=2), "dq": dict(num_warps=4, num_stages=2),
+           "dkdv": dict(num_warps=4, num_stages=1)}
+
+
+@triton.jit
+def _tile_ptrs(X, b, h, row0, n_rows, stride_b, stride_t, stride_h, C: tl.constexpr, D, BD: tl.constexpr):
+    """Pointers and mask of the `[C, BD]` tile of rows `row0 + [0, C)` (valid: `< n_rows`) of `X[b, :, h, :D]`."""
+    rows = tl.arange(0, C)
+    cols = tl.arange(0, BD)
+    ptr = X + b * stride_b + h * stride_h + (row0 + rows).to(tl.int64)[:, None] * stride_t + cols[None, :]
+    mask = (rows < n_rows)[:, None] & (cols < D)[None, :]
+    return ptr, mask
+
+
+@triton.jit
+def block_attn_fwd_kernel(Q, K, V, OUT, LSE, IDX, LO, HI, BSTART, BLEN, sqb, sqt, sqh, skb, skt, skh, svb, svt, svh,
+                          sob, sot, soh, qk_scale, T, N, H, HR, G, D, DV, C: tl.constexpr, BD: tl.constexpr,
+                          BDV: tl.constexpr, OWN: tl.constexpr, PREC: tl.constexpr):
+    pid = tl.program_id(0)
+    i = N - 1 - pid // (tl.num_programs(0) // N)  # longest query blocks (most past blocks) first
+    bh = pid % (tl.num_programs(0) // N)
+    b, h = (bh // H).to(tl.int64), bh % H
+    r = h // G
+    q0, qn = tl.load(BSTART + i), tl.load(BLEN + i)
+    q_ptr, q_mask = _tile_ptrs(Q, b, h, q0, qn, sqb, sqt, sqh, C, D, BD)
+    b_q = tl.load(q_ptr, mask=q_mask, other=0.)
+    m_i = tl.full([C], float("-inf"), tl.float32)
+    l_i = tl.zeros([C], tl.float32)
+    acc = tl.zeros([C, BDV], tl.float32)
+    meta = (b * N + i) * HR + r
+    lo, hi = tl.load(LO + meta), tl.load(HI + meta)
+    for j in range(lo, hi):  # past softmax blocks: full blocks, every pair visible
+        k0 = tl.load(BSTART + tl.load(IDX + (b * HR + r) * N + j))
+        k_ptr, k_mask = _tile_ptrs(K, b, h, k0, C, skb, skt, skh, C, D, BD)
+        v_ptr, v_mask = _tile_ptrs(V, b, h, k0, C, svb, svt, svh, C, DV, BDV)
+        b_s = tl.dot(b_q, tl.trans(tl.load(k_ptr, mask=k_mask, other=0.)), input_precision=PREC) * qk_scale
+        m_new = tl.maximum(m_i, tl.max(b_s, 1))
+        b_p = tl.exp2(b_s - m_new[:, None])
+        alpha = tl.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(b_p, 1)
+        b_v = tl.load(v_ptr, mask=v_mask, other=0.)
+        acc = acc * alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v, input_precision=PREC)
+        m_i = m_new
+    if OWN:  # own block, causal
+        k_ptr, k_mask = _tile_ptrs(K, b, h, q0, qn, skb, skt, skh, C, D, BD)
+        v_ptr, v_mask = _tile_ptrs(V, b, h, q0, qn, svb, svt, svh, C, DV, BDV)
+        b_s = tl.dot(b_q, tl.trans(tl.load(k_ptr, mask=k_mask, other=0.)), input_precision=PREC) * qk_scale
+        rows = tl.arange(0, C)
+        vis = (rows[None, :] <= rows[:, None]) & (rows[None, :] < qn)
+        b_s = tl.where(vis, b_s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(b_s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0., m_new)  # padding rows see nothing
+        b_p = tl.exp2(b_s - m_safe[:, None])
+        alpha = tl.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(b_p, 1)
+        b_v = tl.load(v_ptr, mask=v_mask, other=0.)
+        acc = acc * alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v, input_precision=PREC)
+        m_i = m_new
+    empty = l_i == 0.  # no visible key (a padding row, or diagonal="linear" with no past softmax block)
+    o = acc / tl.where(empty, 1., l_i)[:, None]
+    o_ptr, o_mask = _tile_ptrs(OUT, b, h, q0, qn, sob, sot, soh, C, DV, BDV)
+    tl.store(o_ptr, o.to(OUT.dtype.element_ty), mask=o_mask)
+    # LSE in log2 units of the scaled scores; +inf for empty rows makes their backward probabilities exactly 0
+    lse = tl.where(empty, float("inf"), m_i + tl.log2(tl.where(empty, 1., l_i)))
+    rows = tl.arange(0, C)
+    tl.store(LSE + bh.to(tl.int64) * T + q0 + rows, lse, mask=rows < qn)
+
+
+@triton.jit
+def block_attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, IDX, LO, HI, BSTART, BLEN, sqb, sqt, sqh, skb, skt, skh,
+                             svb, svt, svh, sdb, sdt, sdh, qk_scale, scale, T, N, H, HR, G, D, DV,
+                             C: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, OWN: tl.constexpr,
+                             PREC: tl.constexpr):
+    pid = tl.program_id(0)
+    i = N - 1 - pid // (tl.num_programs(0) // N)
+    bh = pid % (tl.num_programs(0) // N)
+    b, h = (bh // H).to(tl.int64), bh % H
+    r = h // G
+    q0, qn = tl.load(BSTART + i), tl.load(BLEN + i)
+    rows = tl.arange(0, C)
+    q_ptr, q_mask = _tile_ptrs(Q, b, h, q0, qn, sqb, sqt, sqh, C, D, BD)
+    do_ptr, do_mask = _tile_ptrs(DO, b, h, q0, qn, sdb, sdt, sdh, C, DV, BDV)
+    b_q = tl.load(q_ptr, mask=q_mask, other=0.)
+    b_do = tl.load(do_ptr, mask=do_mask, other=0.)
+    lse = tl.load(LSE + bh.to(tl.int64) * T + q0 + rows, mask=rows < qn, other=float("inf"))
+    delta = tl.load(DELTA + bh.to(tl.int64) * T + q0 + rows, mask=rows < qn, other=0.)
+    acc = tl.zeros([C, BD], tl.float32)
+    meta = (b * N + i) * HR + r
+    lo, hi = tl.load(LO + meta), tl.load(HI + meta)
+    for j in range(lo, hi):
+        k0 = tl.load(BSTART + tl.load(IDX + (b * HR + r) * N + j))
+        k_ptr, k_mask = _tile_ptrs(K, b, h, k0, C, skb, skt, skh, C, D, BD)
+        v_ptr, v_mask = _tile_ptrs(V, b, h, k0, C, svb, svt, svh, C, DV, BDV)
+        b_k = tl.load(k_ptr, mask=k_mask, other=0.)
+        b_p = tl.exp2(tl.dot(b_q, tl.trans(b_k), input_precision=PREC) * qk_scale - lse[:, None])
+        b_dp = tl.dot(b_do, tl.trans(tl.load(v_ptr, mask=v_mask, other=0.)), input_precision=PREC)
+        b_ds = b_p * (b_dp - delta[:, None])
+        acc += tl.dot(b_ds.to(b_k.dtype), b_k, input_precision=PREC)
+    if OWN:
+        k_ptr, k_mask = _tile_ptrs(K, b, h, q0, qn, skb, skt, skh, C, D, BD)
+        v_ptr, v_mask = _tile_ptrs(V, b, h, q0, qn, svb, svt, svh, C, DV, BDV)
+        b_k = tl.load(k_ptr, mask=k_mask, other=0.)
+        b_p = tl.exp2(tl.dot(b_q, tl.trans(b_k), input_precision=PREC) * qk_scale - lse[:, None])
+        b_p = tl.where((rows[None, :] <= rows[:, None]) & (rows[None, :] < qn), b_p, 0.)
+        b_dp = tl.dot(b_do, tl.trans(tl.load(v_ptr, mask=v_mask, other=0.)), input_precision=PREC)
+        b_ds = b_p * (b_dp - delta[:, None])
+        acc += tl.dot(b_ds.to(b_k.dtype), b_k, input_precision=PREC)
+    dq_ptr, dq_mask = _tile_ptrs(DQ, b, h, q0, qn, sqb, sqt, sqh, C, D, BD)
+    tl.store(dq_ptr, (acc * scale).to(DQ.dtype.element_ty), mask=dq_mask)
+
+
+@triton.jit
+def block_attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV_, DM, SOFT, SEQ_END, BSTART, BLEN, sqb, sqt, sqh, skb,
+                               skt, skh, svb, svt, svh, sdb, sdt, sdh, qk_scale, scale, T, N, H, HR, G, D, DV,
+                               C: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, OWN: tl.constexpr,
+                               PREC: tl.constexpr):
+    pid = tl.program_id(0)
+    j = pid // (tl.num_programs(0) // N)  # earliest key blocks (most later queries) first
+    bh = pid % (tl.num_programs(0) // N)
+    b, h = (bh // H).to(tl.int64), bh % H
+    r = h // G
+    k0, kn = tl.load(BSTART + j), tl.load(BLEN + j)
+    rows = tl.arange(0, C)
+    k_ptr, k_mask = _tile_ptrs(K, b, h, k0, kn, skb, skt, skh, C, D, BD)
+    v_ptr, v_mask = _tile_ptrs(V, b, h, k0, kn, svb, svt, svh, C, DV, BDV)
+    b_k = tl.load(k_ptr, mask=k_mask, other=0.)
+    b_v = tl.load(v_ptr, mask=v_mask, other=0.)
+    dk = tl.zeros([C, BD], tl.float32)
+    dv = tl.zeros([C, BDV], tl.float32)
+    if OWN:  # the queries of the own block, causal (keys on rows, queries on columns)
+        q_ptr, q_mask = _tile_ptrs(Q, b, h, k0, kn, sqb, sqt, sqh, C, D, BD)
+        do_ptr, do_mask = _tile_ptrs(DO, b, h, k0, kn, sdb, sdt, sdh, C, DV, BDV)
+        b_q = tl.load(q_ptr, mask=q_mask, other=0.)
+        b_do = tl.load(do_ptr, mask=do_mask, other=0.)
+        lse = tl.load(LSE + bh.to(tl.int64) * T + k0 + rows, mask=rows < kn, other=float("inf"))
+        delta = tl.load(DELTA + bh.to(tl.int64) * T + k0 + rows, mask=rows < kn, other=0.)
+        b_pt = tl.exp2(tl.dot(b_k, tl.trans(b_q), input_precision=PREC) * qk_scale - lse[None, :])
+        b_pt = tl.where((rows[:, None] <= rows[None, :]) & (rows[None, :] < kn), b_pt, 0.)
+        dv += tl.dot(b_pt.to(b_do.dtype), b_do, input_precision=PREC)
+        b_dpt = tl.dot(b_v, tl.trans(b_do), input_precision=PREC)
+        b_dst = b_pt * (b_dpt - delta[None, :])
+        dk += tl.dot(b_dst.to(b_q.dtype), b_q, input_precision=PREC)
+    is_soft = tl.load(SOFT + (b * N + j) * HR + r) != 0
+    i_end = tl.where(is_soft, tl.load(SEQ_END + j), j + 1)
+    colsum = tl.zeros([C], tl.float32)
+    for i in range(j + 1, i_end):  # later query blocks of the sequence: they all see softmax block j
+        q0, qn = tl.load(BSTART + i), tl.load(BLEN + i)
+        q_ptr, q_mask = _tile_ptrs(Q, b, h, q0, qn, sqb, sqt, sqh, C, D, BD)
+        do_ptr, do_mask = _tile_ptrs(DO, b, h, q0, qn, sdb, sdt, sdh, C, DV, BDV)
+        b_q = tl.load(q_ptr, mask=q_mask, other=0.)
+        b_do = tl.load(do_ptr, mask=do_mask, other=0.)
+        lse = tl.load(LSE + bh.to(tl.int64) * T + q0 + rows, mask=rows < qn, other=float("inf"))
+        delta = tl.load(DELTA + bh.to(tl.int64) * T + q0 + rows, mask=rows < qn, other=0.)
+        b_pt = tl.exp2(tl.dot(b_k, tl.trans(b_q), input_precision=PREC) * qk_scale - lse[None, :])
+        dv += tl.dot(b_pt.to(b_do.dtype), b_do, input_precision=PREC)
+        b_dpt = tl.dot(b_v, tl.trans(b_do), input_precision=PREC)
+        b_dst = b_pt * (b_dpt - delta[None, :])
+        colsum += tl.sum(b_dst, 1)
+        dk += tl.dot(b_dst.to(b_q.dtype), b_q, input_precision=PREC)
+    dk_ptr, dk_mask = _tile_ptrs(DK, b, h, k0, kn, skb, skt, skh, C, D, BD)
+    dv_ptr, dv_mask = _tile_ptrs(DV_, b, h, k0, kn, svb, svt, svh, C, DV, BDV)
+    tl.store(dk_ptr, (dk * scale).to(DK.dtype.element_ty), mask=dk_mask)
+    tl.store(dv_ptr, dv.to(DV_.dtype.element_ty), mask=dv_mask)
+    tl.store(DM + bh.to(tl.int64) * N + j, tl.sum(tl.where(rows < kn, colsum, 0.), 0))
+
+
+def block_sparse_plan(soft: torch.Tensor, block_first: torch.Tensor, block_start: torch.Tensor,
+                      block_len: torch.Tensor, block_size: int) -> dict:
+    """The kernels' index tensors from the block types, on the device, without a host sync.
+
+    Args:
+        soft (torch.BoolTensor): `[B, N, Hr]` whether block `n` is softmax for router head `r`.
+        block_first, block_start, block_len: `[N]` the `BlockLayout` fields (blocks restart at sequence starts).
+        block_size (int): `C`, the kernels' tile.
+
+    Returns:
+        dict: `C` and int32 tensors `idx [B, Hr, N]` (each pair's softmax blocks in increasing order, then padding),
+        `lo`, `hi [B, N, Hr]` (the ranks `[lo, hi)` of the past softmax blocks that block `n` sees), `soft [B, N,
+        Hr]`, `seq_end [N]` (one past the last block of `n`'s sequence), `block_start`, `block_len [N]`.
+    """
+    B, N, Hr = soft.shape
+    dev = soft.device
+    si = soft.to(torch.int32)
+    excl = torch.cumsum(si, 1, dtype=torch.int32) - si  # softmax blocks before n in its batch row
+    nb = torch.arange(N, device=dev, dtype=torch.int32)
+    first = torch.where(block_first.to(dev), nb, 0).cummax(0).values.long()  # first block of n's sequence
+    pos = torch.where(soft, excl, N).permute(0, 2, 1).long()  # [B, Hr, N]; N = the discard slot
+    idx = torch.zeros(B, Hr, N + 1, dtype=torch.int32, device=dev)
+    idx.scatter_(2, pos, nb.view(1, 1, N).expand(B, Hr, N).contiguous())
+    nxt = torch.where(block_first.to(dev), nb, N)  # the next sequence start after n: a reversed running minimum
+    nxt = torch.cat([nxt[1:], nxt.new_full((min(N, 1),), N)])
+    seq_end = nxt.flip(0).cummin(0).values.flip(0)
+    return {"C": block_size, "idx": idx[..., :N].contiguous(), "lo": excl[:, first].contiguous(), "hi": excl.contiguous(),
+            "soft": si.contiguous(), "seq_end": seq_end.to(torch.int32).contiguous(),
+            "block_start": block_start.to(device=dev, dtype=torch.int32).contiguous(),
+            "block_len": block_len.to(device=dev, dtype=torch.int32).contiguous()}
+
+
+def _launch_args(q, k, v, C: int):
+    B, T, H, D = q.shape
+    DV = v.shape[-1]
+    prec = "ieee" if q.dtype == torch.float32 else "tf32"
+    const = dict(C=C, BD=max(16, triton.next_power_of_2(D)), BDV=max(16, triton.next_power_of_2(DV)), PREC=prec)
+    strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3])
+    return B, T, H, D, DV, const, strides
+
+
+def block_attention_fwd(q, k, v, plan: dict, scale: float, num_router_heads: int, own: bool):
+    """`q, k [B, T, H, D]`, `v [B, T, H, DV]` (last dim contiguous) → `(o [B, T, H, DV], lse [B, H, T])`; the LSE is
+    in log2 units of the scaled scores, `+inf` for rows that see no key (their `o` is 0). No autograd."""
+    B, T, H, D, DV, const, strides = _launch_args(q, k, v, plan["C"])
+    N = plan["hi"].shape[1]
+    o = torch.empty(B, T, H, DV, dtype=q.dtype, device=q.device)
+    lse = torch.empty(B, H, T, dtype=torch.float32, device=q.device)
+    if N and B * H:
+        block_attn_fwd_kernel[(N * B * H,)](
+            q, k, v, o, lse, plan["idx"], plan["lo"], plan["hi"], plan["block_start"], plan["block_len"], *strides,
+            *o.stride()[:3], scale * LOG2E, T, N, H, num_router_heads, H // num_router_heads, D, DV, OWN=own,
+            **const, **CONFIGS["fwd"])
+    return o, lse
+
+
+def block_attention_bwd(do, q, k, v, o, lse, plan: dict, scale: float, num_router_heads: int, own: bool):
+    """The gradients `(dq, dk, dv, dm [B, N, Hr] float32)` of :func:`block_attention_fwd`; `dm` is the softmax gate
+    gradient of spec §1.7 (zero for linear blocks). No autograd."""
+    B, T, H, D, DV, const, strides = _launch_args(q, k, v, plan["C"])
+    N = plan["hi"].shape[1]
+    Hr = num_router_heads
+    do = do.contiguous()
+    delta = (do.float() * o.float()).sum(-1).transpose(1, 2).contiguous()  # [B, H, T]
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    dm = torch.zeros(B, H, N, dtype=torch.float32, device=q.device)
+    if N and B * H:
+        common = (*strides, *do.stride()[:3], scale * LOG2E, scale, T, N, H, Hr, H // Hr, D, DV)
+        block_attn_bwd_dq_kernel[(N * B * H,)](
+            q, k, v, do, lse, delta, dq, plan["idx"], plan["lo"], plan["hi"], plan["block_start"],
+            plan["block_len"], *common, OWN=own, **const, **CONFIGS["dq"])
+        block_attn_bwd_dkdv_kernel[(N * B * H,)](
+            q, k, v, do, lse, delta, dk, dv, dm, plan["soft"], plan["seq_end"], plan["block_start"],
+            plan["block_len"], *common, OWN=own, **const, **CONFIGS["dkdv"])
+    dm = dm.view(B, Hr, H // Hr, N).sum(2).permute(0, 2, 1)
+    return dq, dk, dv, dm
+
+
+class BlockAttentionFunction(torch.autograd.Function):
+    """`o = block-sparse attention(q, k, v)`; the softmax gate `gate [B, N, Hr]` enters only the backward (its value
+    is the hard routing), which returns its gradient `∂L/∂m` for the softmax blocks (spec §1.7, "selected")."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, gate, plan, scale, num_router_heads, own):
+        o, lse = block_attention_fwd(q, k, v, plan, scale, num_router_heads, own)
+        ctx.save_for_backward(q, k, v, o, lse)
+        ctx.plan, ctx.scale, ctx.hr, ctx.own = plan, scale, num_router_heads, own
+        ctx.gate_dtype = None if gate is None else gate.dtype
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, o, lse = ctx.saved_tensors
+        dq, dk, dv, dm = block_attention_bwd(do, q, k, v, o, lse, ctx.plan, ctx.scale, ctx.hr, ctx.own)
+        dgate = None if ctx.gate_dtype is None else dm.to(ctx.gate_dtype)
+        return dq, dk, dv, dgate, None, None, None, None
+
+
+def block_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, soft: torch.Tensor, block_first: torch.Tensor,
+                    block_start: torch.Tensor, block_len: torch.Tensor, block_size: int, *, scale: float | None = None,
+                    gate: torch.Tensor | None = None, own: bool = True) -> torch.Tensor:
+    """The softmax branch over the Triton kernels.
+
+    Args:
+        q, k (torch.Tensor): `[B, T, H, D]` float16/bfloat16/float32 on one device (CUDA, or CPU under
+            `TRITON_INTERPRET=1`).
+        v (torch.Tensor): `[B, T, H, DV]`.
+        soft (torch.BoolTensor): `[B, N, Hr]` block types (`H % Hr == 0`; head `h` belongs to router head `h // (H/Hr)`).
+        block_first, block_start, block_len (torch.Tensor): `[N]` the routing's `BlockLayout` fields.
+        block_size (int): `C`, a power of two in [16, 128].
+        scale (float, Optional): score scale. Default: `D ** -0.5`.
+        gate (torch.Tensor, Optional): `[B, N, Hr]` the softmax gate; its gradient is the router gradient of the
+            softmax blocks.
+        own (bool): the own block is seen causally (`diagonal="both"`). Default: `True`.
+
+    Returns:
+        `o [B, T, H, DV]` in the dtype of `q`.
+    """
+    if block_size not in (16, 32, 64, 128):
+        raise ValueError(f"block_size must be one of (16, 32, 64, 128) for the Triton kernels, got {block_size}")
+    H, Hr = q.shape[2], soft.shape[2]
+    if H % Hr:
+        raise ValueError(f"heads H={H} must be a multiple of the router heads {Hr}")
+    # the backward writes dq/dk/dv with the strides of q/k/v: views with gaps (slices of a fused projection) are
+    # copied to dense tensors first
+    q, k, v = (x.contiguous() for x in (q, k, v))
+    plan = block_sparse_plan(soft, block_first, block_start, block_len, block_size)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    return BlockAttentionFunction.apply(q, k, v, gate, plan, scale, Hr, own)

@@ -1,0 +1,148 @@
+"""natsl's block-sparse softmax-branch kernels (`natsl.kernels.block_attention`) under the Triton interpreter, in
+float32, against their PyTorch twin `naive_block_attention` (float64) and the twin against the spec's reference:
+output and the gradients of q, k, v and the softmax gate (the router gradient); dense and packed input, partial
+blocks, both diagonal policies, all-softmax / all-linear routings, T = 1, head dims that are not powers of two;
+the index plan; input errors."""
+
+import pytest
+import torch
+from helpers import assert_close, gen, random_cu_seqlens
+from hypothesis import example, given
+from hypothesis import strategies as st
+
+from natsl.kernels.block_attention import block_attention, block_sparse_plan
+from natsl.kernels.index import block_layout
+from natsl.kernels.naive import naive_block_attention
+from natsl.layers.routing import Routing
+from natsl.reference import softmax_branch_reference
+
+
+def _case(seed, B, T, Hr, G, D, DV, C, packed, kind, p_soft=0.5, dtype=torch.float32):
+    gn = gen(seed)
+    H = Hr * G
+    cu = random_cu_seqlens(gn, T, int(torch.randint(1, min(T, 4) + 1, (1,), generator=gn))) if packed else None
+    lay = block_layout(T, C, cu)
+    q, k = (torch.randn(B, T, H, D, generator=gn, dtype=dtype) for _ in range(2))
+    v = torch.randn(B, T, H, DV, generator=gn, dtype=dtype)
+    soft = torch.rand(B, lay.N, Hr, generator=gn) < p_soft
+    if kind == "all_softmax":
+        soft[:] = True
+    elif kind == "all_linear":
+        soft[:] = False
+    gate = torch.ones(B, lay.N, Hr, dtype=torch.float64, requires_grad=True)
+    return [x.requires_grad_() for x in (q, k, v)], soft, gate, lay, cu
+
+
+def _kernel_vs_twin(seed, B, T, Hr, G, D, DV, C, packed, kind, own, p_soft=0.5):
+    (q, k, v), soft, gate, lay, _ = _case(seed, B, T, Hr, G, D, DV, C, packed, kind, p_soft)
+    scale = D ** -0.5
+    o = block_attention(q, k, v, soft, lay.block_first, lay.block_start, lay.block_len, C, gate=gate, own=own)
+    assert o.dtype == q.dtype and o.shape == (B, T, Hr * G, DV)
+    qd, kd, vd = (x.detach().double().requires_grad_() for x in (q, k, v))
+    gd = gate.detach().clone().requires_grad_()
+    ref = naive_block_attention(qd, kd, vd, soft, lay.token_block, lay.token_seq, scale=scale, gate=gd, own=own)
+    assert_close("o", ref, o, 1e-5, atol=1e-6)
+    do = torch.randn(ref.shape, generator=gen(seed + 1), dtype=torch.float64)
+    grads = torch.autograd.grad((o * do.float()).sum(), (q, k, v, gate))
+    ref_grads = torch.autograd.grad((ref * do).sum(), (qd, kd, vd, gd))
+    for name, r, g in zip(("dq", "dk", "dv", "dgate"), ref_grads, grads):
+        assert_close(name, r, g, 1e-4, atol=1e-5)
+    assert (grads[3][~soft] == 0).all(), "linear blocks get no softmax-gate gradient (router_grad='selected')"
+    return grads
+
+
+case_st = st.fixed_dictionaries(dict(
+    seed=st.integers(0, 2**16), B=st.integers(1, 2), T=st.integers(1, 90), Hr=st.integers(1, 2), G=st.integers(1, 2),
+    D=st.sampled_from([16, 24]), DV=st.sampled_from([16, 40]), C=st.sampled_from([16, 32]), packed=st.booleans(),
+    kind=st.sampled_from(["random", "all_softmax", "all_linear"]), own=st.booleans()))
+
+
+@given(c=case_st)
+@example(c=dict(seed=1, B=2, T=90, Hr=2, G=2, D=16, DV=40, C=16, packed=False, kind="random", own=True))
+@example(c=dict(seed=2, B=1, T=77, Hr=1, G=2, D=24, DV=16, C=16, packed=True, kind="random", own=True))
+@example(c=dict(seed=3, B=1, T=64, Hr=2, G=1, D=16, DV=16, C=16, packed=False, kind="random", own=False))
+@example(c=dict(seed=4, B=1, T=1, Hr=1, G=1, D=16, DV=16, C=16, packed=False, kind="all_softmax", own=True))
+def test_kernels_match_twin(c):
+    if c["packed"]:
+        c = {**c, "B": 1}
+    _kernel_vs_twin(**c)
+
+
+def test_block_size_64_and_router_gradient_not_vacuous():
+    grads = _kernel_vs_twin(seed=5, B=1, T=200, Hr=2, G=1, D=16, DV=16, C=64, packed=False, kind="random", own=True,
+                            p_soft=0.7)
+    assert grads[3].abs().sum() > 0
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["dense", "packed"])
+@pytest.mark.parametrize("own", [True, False])
+def test_twin_matches_reference(packed, own):
+    """The twin is the softmax branch of spec §1.3/§1.5/§1.7 (`natsl.reference`), gate gradient included."""
+    B = 1 if packed else 2
+    (q, k, v), soft, _, lay, cu = _case(7, B, 45, 2, 2, 8, 12, 8, packed, "random", dtype=torch.float64)
+    w = torch.stack([soft, ~soft], -1).double().requires_grad_()
+    route = Routing(w, 8, "both" if own else "linear", cu)
+    gate = route.gates("selected")[0]
+    ref = softmax_branch_reference(q, k, v, route, gate, 8 ** -0.5)
+    out = naive_block_attention(q, k, v, soft, lay.token_block, lay.token_seq, scale=8 ** -0.5, gate=gate, own=own)
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+    do = torch.randn(ref.shape, generator=gen(8), dtype=torch.float64)
+    g_ref = torch.autograd.grad((ref * do).sum(), (q, k, v, w), retain_graph=True)  # the gate's graph is shared
+    for a, b in zip(g_ref, torch.autograd.grad((out * do).sum(), (q, k, v, w))):
+        torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-10)
+
+
+def test_plan_lists_the_past_softmax_blocks():
+    """`idx[b, r, lo:hi]` of block n are exactly the softmax blocks of (b, r) before n in n's sequence;
+    `seq_end[n]` is one past the last block of n's sequence."""
+    gn = gen(11)
+    cu = torch.tensor([0, 50, 51, 130, 200])
+    C = 16
+    lay = block_layout(200, C, cu)
+    soft = torch.rand(2, lay.N, 3, generator=gn) < 0.5
+    plan = block_sparse_plan(soft, lay.block_first, lay.block_start, lay.block_len, C)
+    assert plan["C"] == C
+    bs = lay.block_seq
+    for b in range(2):
+        for r in range(3):
+            for n in range(lay.N):
+                want = [j for j in range(n) if soft[b, j, r] and bs[j] == bs[n]]
+                lo, hi = int(plan["lo"][b, n, r]), int(plan["hi"][b, n, r])
+                assert plan["idx"][b, r, lo:hi].tolist() == want
+    for n in range(lay.N):
+        assert int(plan["seq_end"][n]) == max(j for j in range(lay.N) if bs[j] == bs[n]) + 1
+
+
+def test_rows_that_see_nothing_are_zero_with_finite_gradients():
+    """diagonal='linear' with no past softmax block: o = 0, gradients finite (and zero)."""
+    (q, k, v), soft, gate, lay, _ = _case(9, 1, 40, 1, 1, 16, 16, 16, False, "all_linear")
+    o = block_attention(q, k, v, soft, lay.block_first, lay.block_start, lay.block_len, 16, gate=gate, own=False)
+    assert (o == 0).all()
+    grads = torch.autograd.grad(o.sum(), (q, k, v, gate))
+    assert all(torch.isfinite(g).all() and (g == 0).all() for g in grads)
+
+
+def test_input_errors():
+    (q, k, v), soft, _, lay, _ = _case(0, 1, 32, 2, 1, 16, 16, 16, False, "random")
+    with pytest.raises(ValueError, match="block_size"):
+        block_attention(q, k, v, soft, lay.block_first, lay.block_start, lay.block_len, 24)
+    with pytest.raises(ValueError, match="multiple of the router heads"):
+        block_attention(q, k, v, soft.repeat(1, 1, 2)[..., :3], lay.block_first, lay.block_start, lay.block_len, 16)
+
+
+def test_strided_views_of_a_fused_projection():
+    """q, k, v as slices of one `[B, T, 3·H·D]` tensor (what a fused q/k/v projection gives): the same output and
+    gradients as contiguous inputs (the backward writes dense gradients)."""
+    gn = gen(13)
+    B, T, H, D, C = 2, 70, 2, 16, 16
+    lay = block_layout(T, C)
+    soft = torch.rand(B, lay.N, 1, generator=gn) < 0.6
+    fused = torch.randn(B, T, 3 * H * D, generator=gn, requires_grad=True)
+    views = [fused[..., i * H * D:(i + 1) * H * D].view(B, T, H, D) for i in range(3)]
+    dense = [x.detach().clone().requires_grad_() for x in views]
+    do = torch.randn(B, T, H, D, generator=gn)
+    outs = [block_attention(*xs, soft, lay.block_first, lay.block_start, lay.block_len, C) for xs in (views, dense)]
+    torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=0)
+    (g_fused,) = torch.autograd.grad((outs[0] * do).sum(), (fused,))
+    g_dense = torch.autograd.grad((outs[1] * do).sum(), dense)
+    torch.testing.assert_close(g_fused, torch.cat([g.reshape(B, T, -1) for g in g_dense], -1), rtol=0, atol=0)
