@@ -2,7 +2,7 @@
 reference `natsl.reference.linear_branch_reference`: output, final state and the gradients of every input (q, k, v,
 g, beta, initial state and the routing weights, i.e. the router gradient), for all five backends, over the
 PyTorch masked chunk pass (`impl="torch"`, float64, any block size) and over fla's chunk functions with natsl's
-`masked_write_bwd` kernel (`impl="fla"`, float32, block size 64, under the Triton interpreter on CPU)."""
+`masked_write_bwd` kernel (`impl="fla"`, float32, block sizes 16-128, under the Triton interpreter on CPU)."""
 
 import sys
 
@@ -343,12 +343,39 @@ def _small():
     return x, w
 
 
-def test_fla_needs_block_size_64():
+# (backend, block size, B, T, packed lengths): every block size fla's kernels take per backend family, dense and
+# packed (partial last blocks, a one-token sequence)
+FLA_BLOCK_CASES = [
+    ("gdn", 16, 2, 45, None), ("gdn", 32, 1, 80, [40, 1, 39]), ("deltanet", 16, 1, 50, [30, 20]),
+    ("deltanet", 32, 2, 70, None), ("mamba2", 128, 1, 330, [200, 1, 129]), ("mamba2", 32, 2, 70, None),
+    ("gla", 128, 2, 150, None), ("gla", 16, 1, 50, [20, 1, 29]), ("linear_attn", 128, 1, 200, [130, 70]),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend,C,B,T,lens", [pytest.param(*c, id=f"{c[0]}-{c[1]}-{'packed' if c[4] else 'dense'}")
+                                               for c in FLA_BLOCK_CASES])
+def test_fla_impl_interpreted_other_block_sizes(backend, C, B, T, lens):
+    """Routing blocks of 16, 32 and (not for the delta rule) 128 tokens on the fla path, one block = one fla chunk
+    of that size: every output and gradient, the router's included, against the float64 reference."""
+    pytest.importorskip("fla")
+    x, w, cu = make_case(41 + C, backend, B, T, 2, 1, 16, 16, C, routing="mixed", lens=lens)
+    out, ref = run_both(backend, x, w, cu, C, impl="fla", dts=False, router_grad="both", dtype=torch.float32)
+    check(out, ref, FLA_FLOOR, atol=1e-7)
+    assert out["drouting"][..., 1].ne(0).any()
+
+
+def test_fla_block_sizes():
+    """The fla path takes the chunk sizes of fla's kernels (the delta rule: 16, 32, 64; the others also 128) and
+    names them otherwise."""
     x, w = _small()
-    with pytest.raises(ValueError, match="block_size=64.*got block_size=8"):
+    with pytest.raises(ValueError, match=r"'gdn' takes block_size in \(16, 32, 64\).*got block_size=8"):
         linear_branch(x["q"], x["k"], x["v"], Routing(w, 8), backend="gdn", g=x["g"], beta=x["beta"], impl="fla")
-    with pytest.raises(ValueError, match="block_size"):
-        resolve_linear_impl("fla", torch.device("cpu"), 32)
+    for backend, bad in (("gdn", 128), ("deltanet", 96), ("mamba2", 256), ("gla", 48)):
+        with pytest.raises(ValueError, match="block_size"):
+            resolve_linear_impl("fla", torch.device("cpu"), bad, backend)
+    for backend, ok in (("gdn", 32), ("mamba2", 128), ("linear_attn", 16)):
+        assert resolve_linear_impl("fla", torch.device("cpu"), ok, backend) == "fla"
 
 
 def test_resolve_linear_impl():
@@ -359,6 +386,7 @@ def test_resolve_linear_impl():
     assert resolve_linear_impl("fla", torch.device("cpu"), 64) == "fla"
     assert resolve_linear_impl("auto", torch.device("cuda"), 64) == "fla"  # a device type; no GPU needed
     assert resolve_linear_impl("auto", torch.device("cuda"), 16) == "torch"
+    assert resolve_linear_impl("auto", torch.device("cuda"), 128, "mamba2") == "torch"  # only 64 has run on the H200
     x, w, _ = make_case(3, "gla", 1, 70, 2, 1, 4, 3, 64, routing="mixed")
     args = (x["q"], x["k"], x["v"], Routing(w, 64))
     kw = dict(backend="gla", g=x["g"], initial_state=x["initial_state"], output_final_state=True)

@@ -19,19 +19,20 @@ from natsl.utils import LINEAR_BACKENDS, ROUTER_GRADS, check_choice
 LINEAR_IMPLS = ("auto", "fla", "torch")
 
 
-def resolve_linear_impl(impl: str, device: torch.device, block_size: int) -> str:
-    """`"fla"` or `"torch"` for `impl` (`"auto"`: fla on CUDA when the block size is fla's chunk size, else PyTorch).
-    Raises `ValueError` for `impl="fla"` with a block size fla's chunk functions do not take, and `ImportError` with
-    the install command when fla is asked for but missing."""
-    from natsl.layers.linear.masked import FLA_CHUNK
+def resolve_linear_impl(impl: str, device: torch.device, block_size: int, backend: str = "gdn") -> str:
+    """`"fla"` or `"torch"` for `impl` (`"auto"`: fla on CUDA when the block size is 64, the size run on the H200;
+    else PyTorch). Raises `ValueError` for `impl="fla"` with a block size fla's chunk functions do not take for
+    `backend` (`fla_block_sizes`), and `ImportError` with the install command when fla is asked for but missing."""
+    from natsl.layers.linear.masked import FLA_CHUNK, fla_block_sizes
 
     check_choice("linear_impl", impl, LINEAR_IMPLS)
     if impl == "auto":
         impl = "fla" if torch.device(device).type == "cuda" and block_size == FLA_CHUNK else "torch"
     if impl == "fla":
-        if block_size != FLA_CHUNK:
-            raise ValueError(f"linear_impl='fla' needs block_size={FLA_CHUNK} (fla's chunk size: the masked chunk pass "
-                             f"maps one routing block onto one fla chunk), got block_size={block_size}; use "
+        sizes = fla_block_sizes(backend)
+        if block_size not in sizes:
+            raise ValueError(f"linear_impl='fla' with linear backend {backend!r} takes block_size in {sizes} (one "
+                             f"routing block is one fla chunk of that size), got block_size={block_size}; use "
                              f"linear_impl='torch' for other block sizes")
         from natsl.layers.linear.fla_ops import require_fla
 
@@ -58,7 +59,8 @@ def linear_branch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, routing: Ro
         g (torch.Tensor, Optional): log decay `[B, T, H]` (gdn, mamba2) or `[B, T, H, K]` (gla).
         beta (torch.Tensor, Optional): activated write strength `[B, T, H]` (gdn, deltanet).
         impl (str): `"auto"` (fla on CUDA if `block_size == 64`, else PyTorch), `"fla"` (fla's chunk functions;
-            block size 64) or `"torch"` (any block size). Default: `"auto"`.
+            block sizes 16, 32, 64, and 128 except for the delta rule: `masked.fla_block_sizes`) or `"torch"` (any
+            block size). Default: `"auto"`.
         scale (float, Optional): read-out scale. Default: `K ** -0.5`.
         decay_through_softmax (bool): whether softmax blocks decay the carried state. Default: `True`.
         router_grad (str): `"selected"` or `"both"` (spec §1.7). Default: `"selected"`.
@@ -81,7 +83,7 @@ def linear_branch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, routing: Ro
     if routing.B != B or H % Hr:
         raise ValueError(f"routing {tuple(routing.weights.shape)} does not fit B={B} and H={H} linear heads "
                          f"(a multiple of the router heads)")
-    impl = resolve_linear_impl(impl, q.device, routing.block_size)
+    impl = resolve_linear_impl(impl, q.device, routing.block_size, backend)
     scale = K ** -0.5 if scale is None else float(scale)
     cdt = torch.promote_types(q.dtype, torch.float32)
     m = _block_gates(routing, router_grad, cdt).repeat_interleave(H // Hr, dim=-1)  # [B, N, H] linear gate m_L
@@ -95,7 +97,8 @@ def linear_branch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, routing: Ro
         o, final = masked_chunk(backend, q, k, v, g, beta, block_mask=m, block_decay=z, scale=scale,
                                 initial_state=initial_state,
                                 output_final_state=output_final_state, cu_seqlens=cu,
-                                token_block=None if cu is None else routing.layout(T).token_block)
+                                token_block=None if cu is None else routing.layout(T).token_block,
+                                chunk_size=routing.block_size)
     else:
         from natsl.layers.linear.torch_ops import torch_masked_chunk
 

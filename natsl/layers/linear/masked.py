@@ -24,6 +24,13 @@ FAMILY = {"gdn": DELTA, "deltanet": DELTA, "mamba2": SCALAR, "linear_attn": SCAL
 _FLA: dict = {}
 
 
+def fla_block_sizes(backend: str) -> tuple[int, ...]:
+    """The routing block sizes the fla path takes for `backend` (one block = one fla chunk of that size): fla 0.6.0's
+    delta-rule kernels take chunks of 16, 32 or 64 tokens, the scalar- and key-gated ones also 128 (all checked
+    against the reference under the Triton interpreter; only 64 has run on the H200)."""
+    return (16, 32, 64) if FAMILY[backend] == DELTA else (16, 32, 64, 128)
+
+
 def _fla() -> dict:
     """fla's chunk functions (imported once)."""
     if _FLA:
@@ -52,14 +59,14 @@ def blocks_to_tokens(x: torch.Tensor, T: int, block_size: int, token_block: torc
     return x[:, :, None].expand(B, N, block_size, H).reshape(B, N * block_size, H)[:, :T]
 
 
-def _states(f, family, k_m, v, gc, h0, output_final_state, cu, ci, w=None, u=None, fp32=False):
+def _states(f, family, k_m, v, gc, h0, output_final_state, cu, ci, C, w=None, u=None, fp32=False):
     """fla's state pass over the masked keys: `(h [B, NT, H, K, V], v_new or None, final state or None)`."""
     if family == DELTA:
         return f["fwd_h"](k=k_m, w=w, u=u, g=gc, initial_state=h0, output_final_state=output_final_state,
-                          cu_seqlens=cu, chunk_indices=ci, chunk_size=FLA_CHUNK)
+                          cu_seqlens=cu, chunk_indices=ci, chunk_size=C)
     h, ht = f["chunk_h"].chunk_fwd_h(k=k_m, v=v, g=gc if family == SCALAR else None,
                                      gk=gc if family == KEY else None, h0=h0, output_final_state=output_final_state,
-                                     cu_seqlens=cu, chunk_size=FLA_CHUNK, states_in_fp32=fp32)
+                                     cu_seqlens=cu, chunk_size=C, states_in_fp32=fp32)
     return h, None, ht
 
 
@@ -67,55 +74,55 @@ class MaskedChunkFunction(torch.autograd.Function):
     """`(o, final_state)` of the masked chunk pass; gradients for q, k, v, g, beta, m and the initial state."""
 
     @staticmethod
-    def forward(ctx, family, q, k, v, g, beta, m, z, scale, h0, output_final_state, cu_seqlens, token_block):
+    def forward(ctx, family, q, k, v, g, beta, m, z, scale, h0, output_final_state, cu_seqlens, token_block, C):
         f = _fla()
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         T = k.shape[1]
         tb = None if cu_seqlens is None else token_block
-        m_tok = blocks_to_tokens(m, T, FLA_CHUNK, tb)
-        ci = None if cu_seqlens is None else f["chunk_indices"](cu_seqlens, FLA_CHUNK)
-        gc = None if g is None else f["cumsum"](g.contiguous().float(), chunk_size=FLA_CHUNK, scale=f["RCP_LN2"],
+        m_tok = blocks_to_tokens(m, T, C, tb)
+        ci = None if cu_seqlens is None else f["chunk_indices"](cu_seqlens, C)
+        gc = None if g is None else f["cumsum"](g.contiguous().float(), chunk_size=C, scale=f["RCP_LN2"],
                                                  cu_seqlens=cu_seqlens, chunk_indices=ci)
         k_m = k * m_tok[..., None].to(k.dtype)
         gs = gc  # the gate of the carried state: decays only in blocks with z = 1 (decay_through_softmax=False)
         if z is not None and gc is not None:
-            z_tok = blocks_to_tokens(z, T, FLA_CHUNK, tb)
+            z_tok = blocks_to_tokens(z, T, C, tb)
             gs = gc * (z_tok if family != KEY else z_tok[..., None])
         A = w = u = None
         if family == DELTA:
             w, u, A = f["fwd_intra"](k=k, v=v, g=gc, beta=beta, cu_seqlens=cu_seqlens, chunk_indices=ci,
-                                     chunk_size=FLA_CHUNK)
-        h, v_new, ht = _states(f, family, k_m, v, gs, h0, output_final_state, cu_seqlens, ci, w, u)
+                                     chunk_size=C)
+        h, v_new, ht = _states(f, family, k_m, v, gs, h0, output_final_state, cu_seqlens, ci, C, w, u)
         if family == KEY:
             A = f["gla"].chunk_gla_fwd_intra_gk(q=q, k=k, g=gc, scale=scale, cu_seqlens=cu_seqlens,
-                                                chunk_size=FLA_CHUNK, chunk_indices=ci)
+                                                chunk_size=C, chunk_indices=ci)
             o = f["gla"].chunk_gla_fwd_o_gk(q=q, v=v, g=gc, A=A, h=h, scale=scale, cu_seqlens=cu_seqlens,
-                                            chunk_size=FLA_CHUNK, chunk_indices=ci)
+                                            chunk_size=C, chunk_indices=ci)
         else:
             o = f["chunk_o"].chunk_fwd_o(q=q, k=k, v=v if v_new is None else v_new, h=h,
                                          g=gc if family != KEY else None, scale=scale, cu_seqlens=cu_seqlens,
-                                         chunk_size=FLA_CHUNK, chunk_indices=ci)
+                                         chunk_size=C, chunk_indices=ci)
         ctx.save_for_backward(q, k, k_m, v, gc, gs, beta, m, z, h0, A, cu_seqlens, ci)
-        ctx.family, ctx.scale = family, scale
+        ctx.family, ctx.scale, ctx.C = family, scale, C
         return o, ht
 
     @staticmethod
     def backward(ctx, do, dht):
         f = _fla()
         q, k, k_m, v, gc, gs, beta, m, z, h0, A, cu, ci = ctx.saved_tensors
-        family, scale = ctx.family, ctx.scale
+        family, scale, C = ctx.family, ctx.scale, ctx.C
         do = do.contiguous()
         need_dg = ctx.needs_input_grad[4]  # g: not for deltanet's internal g = 0, nor for a frozen gate
         use_z = z is not None and gc is not None
         # the state passes decay by gs; their read of the carried state keeps the real decay: q·exp(G − G_state)
         q_s = q if not use_z else q * torch.exp2(gc - gs if family == KEY else (gc - gs)[..., None]).to(q.dtype)
         co = f["chunk_o"]
-        common = dict(cu_seqlens=cu, chunk_size=FLA_CHUNK, chunk_indices=ci)
+        common = dict(cu_seqlens=cu, chunk_size=C, chunk_indices=ci)
         db = dv_fix = None
         dv_masked = False  # whether dv holds no write term yet (then the kernel adds m·dv_w, else removes (1-m)·dv_w)
         if family == DELTA:
             w, u = f["recompute_w_u"](k=k, v=v, beta=beta, A=A, g=gc, cu_seqlens=cu, chunk_indices=ci)
-            h, v_new, _ = _states(f, family, k_m, v, gs, h0, False, cu, ci, w, u)
+            h, v_new, _ = _states(f, family, k_m, v, gs, h0, False, cu, ci, C, w, u)
             dv = co.chunk_bwd_dv_local(q=q, k=k, do=do, g=gc, scale=scale, **common)
             dh, dh0, dv = f["dhu"](q=q_s, k=k_m, w=w, do=do, dv=dv, g=gs, h0=h0, dht=dht, scale=scale, **common)
             dq, dk, dw, dg = co.chunk_bwd_dqkwg(q=q, k=k, v=v_new, do=do, h=h, dh=dh, w=w, g=gc, dv=dv,
@@ -123,21 +130,21 @@ class MaskedChunkFunction(torch.autograd.Function):
             dk2, dv, db, dg2 = f["wy_bwd"](k=k, v=v, beta=beta, A=A, dw=dw, du=dv, g=gc, cu_seqlens=cu,
                                           chunk_indices=ci)
             dk.add_(dk2)
-            dg = f["cumsum"](dg + dg2, chunk_size=FLA_CHUNK, reverse=True, cu_seqlens=cu, chunk_indices=ci)
+            dg = f["cumsum"](dg + dg2, chunk_size=C, reverse=True, cu_seqlens=cu, chunk_indices=ci)
             x = v_new
         else:
-            h, _, _ = _states(f, family, k_m, v, gs, h0, False, cu, ci, fp32=True)
+            h, _, _ = _states(f, family, k_m, v, gs, h0, False, cu, ci, C, fp32=True)
             dh, dh0 = f["chunk_h"].chunk_bwd_dh(q=q_s, k=k, v=v, do=do, h0=h0, dht=dht, scale=scale,
                                                 g=gs if family == SCALAR else None,
                                                 gk=gs if family == KEY else None, cu_seqlens=cu,
-                                                chunk_size=FLA_CHUNK, states_in_fp32=True)
+                                                chunk_size=C, states_in_fp32=True)
             if family == SCALAR:
                 dq, dk, _, dg = co.chunk_bwd_dqkwg(q=q, k=k, v=v, do=do, h=h, dh=dh, g=gc, scale=scale, **common)
                 # the intra-chunk part only: the write term (k·m) comes from masked_write_bwd, which reads dh anyway
                 dv = co.chunk_bwd_dv_local(q=q, k=k, do=do, g=gc, scale=scale, **common)
                 dv_masked = True
                 if dg is not None:
-                    dg = f["cumsum"](dg, chunk_size=FLA_CHUNK, reverse=True, cu_seqlens=cu, chunk_indices=ci)
+                    dg = f["cumsum"](dg, chunk_size=C, reverse=True, cu_seqlens=cu, chunk_indices=ci)
             else:
                 gla = f["gla"]
                 dv = gla.chunk_gla_bwd_dv(k=k, g=gc, A=A, do=do, dh=dh, **common)
@@ -153,12 +160,13 @@ class MaskedChunkFunction(torch.autograd.Function):
                               z=z.reshape(-1, z.shape[-1]) if use_z and need_dg else None,
                               h=h if use_z and need_dg else None, **common)
         return (None, dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dg if need_dg else None,
-                None if db is None else db.to(beta.dtype), dm.view_as(m), None, None, dh0, None, None, None)
+                None if db is None else db.to(beta.dtype), dm.view_as(m), None, None, dh0, None, None, None, None)
 
 
 def masked_chunk(backend: str, q, k, v, g=None, beta=None, *, block_mask, block_decay=None, scale,
-                 initial_state=None, output_final_state=False, cu_seqlens=None, token_block=None):
-    r"""The masked chunk pass (spec §3.2) over fla 0.6.0's chunk functions, routing blocks = fla's 64-token chunks.
+                 initial_state=None, output_final_state=False, cu_seqlens=None, token_block=None,
+                 chunk_size: int = FLA_CHUNK):
+    r"""The masked chunk pass (spec §3.2) over fla 0.6.0's chunk functions, one routing block = one fla chunk.
 
     Args:
         backend (str): `"gdn"`, `"deltanet"`, `"gla"`, `"mamba2"` or `"linear_attn"`.
@@ -167,7 +175,7 @@ def masked_chunk(backend: str, q, k, v, g=None, beta=None, *, block_mask, block_
         g (torch.Tensor, Optional): log decay `[B, T, H]` (gdn, mamba2) or `[B, T, H, K]` (gla).
         beta (torch.Tensor, Optional): activated write strength `[B, T, H]` (gdn, deltanet).
         block_mask (torch.Tensor): `[B, N, H]` `m` per (block, head) (1 linear block, 0 softmax block), blocks of
-            64 tokens restarting at every packed sequence; carries the router gradient (spec §1.7).
+            `chunk_size` tokens restarting at every packed sequence; carries the router gradient (spec §1.7).
         block_decay (torch.Tensor, Optional): `[B, N, H]` 0/1 whether each block decays the carried state
             (`decay_through_softmax=False`: 1 in linear blocks only); no gradient. Default: `None` (every block).
         scale (float): read-out scale.
@@ -175,6 +183,7 @@ def masked_chunk(backend: str, q, k, v, g=None, beta=None, *, block_mask, block_
         output_final_state (bool): Default: `False`.
         cu_seqlens (torch.LongTensor, Optional): `[N_seq + 1]` packed offsets (`B = 1`).
         token_block (torch.LongTensor, Optional): `[T]` block of every token; needed with `cu_seqlens`.
+        chunk_size (int): the routing block size = fla's chunk size (`fla_block_sizes(backend)`). Default: `64`.
 
     Returns:
         `o [B, T, H, V]` (dtype of `q`) and `final_state [B or N_seq, H, K, V]` (float32) or `None`.
@@ -189,5 +198,5 @@ def masked_chunk(backend: str, q, k, v, g=None, beta=None, *, block_mask, block_
     h0 = None if initial_state is None else initial_state.float().contiguous()
     z = None if block_decay is None else block_decay.detach().float().contiguous()
     o, ht = MaskedChunkFunction.apply(family, q, k, v, g, beta, block_mask.float().contiguous(), z, scale, h0,
-                                      output_final_state, cu_seqlens, token_block)
+                                      output_final_state, cu_seqlens, token_block, chunk_size)
     return o, ht
