@@ -45,6 +45,26 @@ def _tile_ptrs(X, b, h, row0, n_rows, stride_b, stride_t, stride_h, C: tl.conste
 
 
 @triton.jit
+def _softmax_step(b_q, K, V, b, h, k0, kn, skb, skt, skh, svb, svt, svh, qk_scale, m_i, l_i, acc, D, DV,
+                  C: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, CAUSAL: tl.constexpr, PREC: tl.constexpr):
+    """One key tile (rows `k0 + [0, C)`, valid `< kn`) of the online softmax, scores in log2 units: the new
+    `(m, l, acc)`. `CAUSAL`: the own block (key `<=` query); rows that see nothing keep `m = -inf`."""
+    k_ptr, k_mask = _tile_ptrs(K, b, h, k0, kn, skb, skt, skh, C, D, BD)
+    v_ptr, v_mask = _tile_ptrs(V, b, h, k0, kn, svb, svt, svh, C, DV, BDV)
+    b_s = tl.dot(b_q, tl.trans(tl.load(k_ptr, mask=k_mask, other=0.)), input_precision=PREC) * qk_scale
+    if CAUSAL:
+        rows = tl.arange(0, C)
+        b_s = tl.where((rows[None, :] <= rows[:, None]) & (rows[None, :] < kn), b_s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(b_s, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0., m_new)
+    b_p = tl.exp2(b_s - m_safe[:, None])
+    alpha = tl.exp2(m_i - m_safe)
+    b_v = tl.load(v_ptr, mask=v_mask, other=0.)
+    return m_new, l_i * alpha + tl.sum(b_p, 1), acc * alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v,
+                                                                              input_precision=PREC)
+
+
+@triton.jit
 def block_attn_fwd_kernel(Q, K, V, OUT, LSE, IDX, LO, HI, BSTART, BLEN, sqb, sqt, sqh, skb, skt, skh, svb, svt, svh,
                           sob, sot, soh, qk_scale, T, N, H, HR, G, D, DV, C: tl.constexpr, BD: tl.constexpr,
                           BDV: tl.constexpr, OWN: tl.constexpr, PREC: tl.constexpr):
@@ -63,31 +83,11 @@ def block_attn_fwd_kernel(Q, K, V, OUT, LSE, IDX, LO, HI, BSTART, BLEN, sqb, sqt
     lo, hi = tl.load(LO + meta), tl.load(HI + meta)
     for j in range(lo, hi):  # past softmax blocks: full blocks, every pair visible
         k0 = tl.load(BSTART + tl.load(IDX + (b * HR + r) * N + j))
-        k_ptr, k_mask = _tile_ptrs(K, b, h, k0, C, skb, skt, skh, C, D, BD)
-        v_ptr, v_mask = _tile_ptrs(V, b, h, k0, C, svb, svt, svh, C, DV, BDV)
-        b_s = tl.dot(b_q, tl.trans(tl.load(k_ptr, mask=k_mask, other=0.)), input_precision=PREC) * qk_scale
-        m_new = tl.maximum(m_i, tl.max(b_s, 1))
-        b_p = tl.exp2(b_s - m_new[:, None])
-        alpha = tl.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(b_p, 1)
-        b_v = tl.load(v_ptr, mask=v_mask, other=0.)
-        acc = acc * alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v, input_precision=PREC)
-        m_i = m_new
+        m_i, l_i, acc = _softmax_step(b_q, K, V, b, h, k0, C, skb, skt, skh, svb, svt, svh, qk_scale, m_i, l_i, acc,
+                                      D, DV, C, BD, BDV, False, PREC)
     if OWN:  # own block, causal
-        k_ptr, k_mask = _tile_ptrs(K, b, h, q0, qn, skb, skt, skh, C, D, BD)
-        v_ptr, v_mask = _tile_ptrs(V, b, h, q0, qn, svb, svt, svh, C, DV, BDV)
-        b_s = tl.dot(b_q, tl.trans(tl.load(k_ptr, mask=k_mask, other=0.)), input_precision=PREC) * qk_scale
-        rows = tl.arange(0, C)
-        vis = (rows[None, :] <= rows[:, None]) & (rows[None, :] < qn)
-        b_s = tl.where(vis, b_s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(b_s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0., m_new)  # padding rows see nothing
-        b_p = tl.exp2(b_s - m_safe[:, None])
-        alpha = tl.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(b_p, 1)
-        b_v = tl.load(v_ptr, mask=v_mask, other=0.)
-        acc = acc * alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v, input_precision=PREC)
-        m_i = m_new
+        m_i, l_i, acc = _softmax_step(b_q, K, V, b, h, q0, qn, skb, skt, skh, svb, svt, svh, qk_scale, m_i, l_i, acc,
+                                      D, DV, C, BD, BDV, True, PREC)
     empty = l_i == 0.  # no visible key (a padding row, or diagonal="linear" with no past softmax block)
     o = acc / tl.where(empty, 1., l_i)[:, None]
     o_ptr, o_mask = _tile_ptrs(OUT, b, h, q0, qn, sob, sot, soh, C, DV, BDV)
@@ -96,6 +96,48 @@ def block_attn_fwd_kernel(Q, K, V, OUT, LSE, IDX, LO, HI, BSTART, BLEN, sqb, sqt
     lse = tl.where(empty, float("inf"), m_i + tl.log2(tl.where(empty, 1., l_i)))
     rows = tl.arange(0, C)
     tl.store(LSE + bh.to(tl.int64) * T + q0 + rows, lse, mask=rows < qn)
+
+
+@triton.jit
+def _query_rows(Q, DO, LSE, DELTA, b, h, bh, q0, qn, sqb, sqt, sqh, sdb, sdt, sdh, T, D, DV, C: tl.constexpr,
+                BD: tl.constexpr, BDV: tl.constexpr):
+    """The backward's tiles of query rows `q0 + [0, C)` (valid: `< qn`): `q`, `dO`, LSE (`+inf` past `qn`), `Δ`."""
+    rows = tl.arange(0, C)
+    q_ptr, q_mask = _tile_ptrs(Q, b, h, q0, qn, sqb, sqt, sqh, C, D, BD)
+    do_ptr, do_mask = _tile_ptrs(DO, b, h, q0, qn, sdb, sdt, sdh, C, DV, BDV)
+    lse = tl.load(LSE + bh.to(tl.int64) * T + q0 + rows, mask=rows < qn, other=float("inf"))
+    delta = tl.load(DELTA + bh.to(tl.int64) * T + q0 + rows, mask=rows < qn, other=0.)
+    return tl.load(q_ptr, mask=q_mask, other=0.), tl.load(do_ptr, mask=do_mask, other=0.), lse, delta
+
+
+@triton.jit
+def _dq_step(b_q, b_do, lse, delta, K, V, b, h, k0, kn, skb, skt, skh, svb, svt, svh, qk_scale, D, DV,
+             C: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, CAUSAL: tl.constexpr, PREC: tl.constexpr):
+    """`dS K` of one key tile (`CAUSAL`: the own block, keys `<= ` query and `< kn`) for the query tile."""
+    k_ptr, k_mask = _tile_ptrs(K, b, h, k0, kn, skb, skt, skh, C, D, BD)
+    v_ptr, v_mask = _tile_ptrs(V, b, h, k0, kn, svb, svt, svh, C, DV, BDV)
+    b_k = tl.load(k_ptr, mask=k_mask, other=0.)
+    b_p = tl.exp2(tl.dot(b_q, tl.trans(b_k), input_precision=PREC) * qk_scale - lse[:, None])
+    if CAUSAL:
+        rows = tl.arange(0, C)
+        b_p = tl.where((rows[None, :] <= rows[:, None]) & (rows[None, :] < kn), b_p, 0.)
+    b_dp = tl.dot(b_do, tl.trans(tl.load(v_ptr, mask=v_mask, other=0.)), input_precision=PREC)
+    b_ds = b_p * (b_dp - delta[:, None])
+    return tl.dot(b_ds.to(b_k.dtype), b_k, input_precision=PREC)
+
+
+@triton.jit
+def _dkdv_step(b_k, b_v, b_q, b_do, lse, delta, qk_scale, qn, C: tl.constexpr, CAUSAL: tl.constexpr,
+               PREC: tl.constexpr):
+    """`(Pᵀ dO, dSᵀ q, dSᵀ)` of one query tile for the key tile (keys on rows; `CAUSAL`: the own block)."""
+    b_pt = tl.exp2(tl.dot(b_k, tl.trans(b_q), input_precision=PREC) * qk_scale - lse[None, :])
+    if CAUSAL:
+        rows = tl.arange(0, C)
+        b_pt = tl.where((rows[:, None] <= rows[None, :]) & (rows[None, :] < qn), b_pt, 0.)
+    b_dpt = tl.dot(b_v, tl.trans(b_do), input_precision=PREC)
+    b_dst = b_pt * (b_dpt - delta[None, :])
+    return (tl.dot(b_pt.to(b_do.dtype), b_do, input_precision=PREC),
+            tl.dot(b_dst.to(b_q.dtype), b_q, input_precision=PREC), b_dst)
 
 
 @triton.jit
@@ -109,34 +151,18 @@ def block_attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, IDX, LO, HI, BSTART, B
     b, h = (bh // H).to(tl.int64), bh % H
     r = h // G
     q0, qn = tl.load(BSTART + i), tl.load(BLEN + i)
-    rows = tl.arange(0, C)
-    q_ptr, q_mask = _tile_ptrs(Q, b, h, q0, qn, sqb, sqt, sqh, C, D, BD)
-    do_ptr, do_mask = _tile_ptrs(DO, b, h, q0, qn, sdb, sdt, sdh, C, DV, BDV)
-    b_q = tl.load(q_ptr, mask=q_mask, other=0.)
-    b_do = tl.load(do_ptr, mask=do_mask, other=0.)
-    lse = tl.load(LSE + bh.to(tl.int64) * T + q0 + rows, mask=rows < qn, other=float("inf"))
-    delta = tl.load(DELTA + bh.to(tl.int64) * T + q0 + rows, mask=rows < qn, other=0.)
+    b_q, b_do, lse, delta = _query_rows(Q, DO, LSE, DELTA, b, h, bh, q0, qn, sqb, sqt, sqh, sdb, sdt, sdh, T, D, DV,
+                                        C, BD, BDV)
     acc = tl.zeros([C, BD], tl.float32)
     meta = (b * N + i) * HR + r
     lo, hi = tl.load(LO + meta), tl.load(HI + meta)
     for j in range(lo, hi):
         k0 = tl.load(BSTART + tl.load(IDX + (b * HR + r) * N + j))
-        k_ptr, k_mask = _tile_ptrs(K, b, h, k0, C, skb, skt, skh, C, D, BD)
-        v_ptr, v_mask = _tile_ptrs(V, b, h, k0, C, svb, svt, svh, C, DV, BDV)
-        b_k = tl.load(k_ptr, mask=k_mask, other=0.)
-        b_p = tl.exp2(tl.dot(b_q, tl.trans(b_k), input_precision=PREC) * qk_scale - lse[:, None])
-        b_dp = tl.dot(b_do, tl.trans(tl.load(v_ptr, mask=v_mask, other=0.)), input_precision=PREC)
-        b_ds = b_p * (b_dp - delta[:, None])
-        acc += tl.dot(b_ds.to(b_k.dtype), b_k, input_precision=PREC)
+        acc += _dq_step(b_q, b_do, lse, delta, K, V, b, h, k0, C, skb, skt, skh, svb, svt, svh, qk_scale, D, DV, C,
+                        BD, BDV, False, PREC)
     if OWN:
-        k_ptr, k_mask = _tile_ptrs(K, b, h, q0, qn, skb, skt, skh, C, D, BD)
-        v_ptr, v_mask = _tile_ptrs(V, b, h, q0, qn, svb, svt, svh, C, DV, BDV)
-        b_k = tl.load(k_ptr, mask=k_mask, other=0.)
-        b_p = tl.exp2(tl.dot(b_q, tl.trans(b_k), input_precision=PREC) * qk_scale - lse[:, None])
-        b_p = tl.where((rows[None, :] <= rows[:, None]) & (rows[None, :] < qn), b_p, 0.)
-        b_dp = tl.dot(b_do, tl.trans(tl.load(v_ptr, mask=v_mask, other=0.)), input_precision=PREC)
-        b_ds = b_p * (b_dp - delta[:, None])
-        acc += tl.dot(b_ds.to(b_k.dtype), b_k, input_precision=PREC)
+        acc += _dq_step(b_q, b_do, lse, delta, K, V, b, h, q0, qn, skb, skt, skh, svb, svt, svh, qk_scale, D, DV, C,
+                        BD, BDV, True, PREC)
     dq_ptr, dq_mask = _tile_ptrs(DQ, b, h, q0, qn, sqb, sqt, sqh, C, D, BD)
     tl.store(dq_ptr, (acc * scale).to(DQ.dtype.element_ty), mask=dq_mask)
 
@@ -159,36 +185,23 @@ def block_attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV_, DM, SOFT, SEQ_E
     b_v = tl.load(v_ptr, mask=v_mask, other=0.)
     dk = tl.zeros([C, BD], tl.float32)
     dv = tl.zeros([C, BDV], tl.float32)
-    if OWN:  # the queries of the own block, causal (keys on rows, queries on columns)
-        q_ptr, q_mask = _tile_ptrs(Q, b, h, k0, kn, sqb, sqt, sqh, C, D, BD)
-        do_ptr, do_mask = _tile_ptrs(DO, b, h, k0, kn, sdb, sdt, sdh, C, DV, BDV)
-        b_q = tl.load(q_ptr, mask=q_mask, other=0.)
-        b_do = tl.load(do_ptr, mask=do_mask, other=0.)
-        lse = tl.load(LSE + bh.to(tl.int64) * T + k0 + rows, mask=rows < kn, other=float("inf"))
-        delta = tl.load(DELTA + bh.to(tl.int64) * T + k0 + rows, mask=rows < kn, other=0.)
-        b_pt = tl.exp2(tl.dot(b_k, tl.trans(b_q), input_precision=PREC) * qk_scale - lse[None, :])
-        b_pt = tl.where((rows[:, None] <= rows[None, :]) & (rows[None, :] < kn), b_pt, 0.)
-        dv += tl.dot(b_pt.to(b_do.dtype), b_do, input_precision=PREC)
-        b_dpt = tl.dot(b_v, tl.trans(b_do), input_precision=PREC)
-        b_dst = b_pt * (b_dpt - delta[None, :])
-        dk += tl.dot(b_dst.to(b_q.dtype), b_q, input_precision=PREC)
+    if OWN:  # the queries of the own block, causal
+        b_q, b_do, lse, delta = _query_rows(Q, DO, LSE, DELTA, b, h, bh, k0, kn, sqb, sqt, sqh, sdb, sdt, sdh, T, D,
+                                            DV, C, BD, BDV)
+        d_v, d_k, _ = _dkdv_step(b_k, b_v, b_q, b_do, lse, delta, qk_scale, kn, C, True, PREC)
+        dv += d_v
+        dk += d_k
     is_soft = tl.load(SOFT + (b * N + j) * HR + r) != 0
     i_end = tl.where(is_soft, tl.load(SEQ_END + j), j + 1)
     colsum = tl.zeros([C], tl.float32)
     for i in range(j + 1, i_end):  # later query blocks of the sequence: they all see softmax block j
         q0, qn = tl.load(BSTART + i), tl.load(BLEN + i)
-        q_ptr, q_mask = _tile_ptrs(Q, b, h, q0, qn, sqb, sqt, sqh, C, D, BD)
-        do_ptr, do_mask = _tile_ptrs(DO, b, h, q0, qn, sdb, sdt, sdh, C, DV, BDV)
-        b_q = tl.load(q_ptr, mask=q_mask, other=0.)
-        b_do = tl.load(do_ptr, mask=do_mask, other=0.)
-        lse = tl.load(LSE + bh.to(tl.int64) * T + q0 + rows, mask=rows < qn, other=float("inf"))
-        delta = tl.load(DELTA + bh.to(tl.int64) * T + q0 + rows, mask=rows < qn, other=0.)
-        b_pt = tl.exp2(tl.dot(b_k, tl.trans(b_q), input_precision=PREC) * qk_scale - lse[None, :])
-        dv += tl.dot(b_pt.to(b_do.dtype), b_do, input_precision=PREC)
-        b_dpt = tl.dot(b_v, tl.trans(b_do), input_precision=PREC)
-        b_dst = b_pt * (b_dpt - delta[None, :])
+        b_q, b_do, lse, delta = _query_rows(Q, DO, LSE, DELTA, b, h, bh, q0, qn, sqb, sqt, sqh, sdb, sdt, sdh, T, D,
+                                            DV, C, BD, BDV)
+        d_v, d_k, b_dst = _dkdv_step(b_k, b_v, b_q, b_do, lse, delta, qk_scale, qn, C, False, PREC)
+        dv += d_v
+        dk += d_k
         colsum += tl.sum(b_dst, 1)
-        dk += tl.dot(b_dst.to(b_q.dtype), b_q, input_precision=PREC)
     dk_ptr, dk_mask = _tile_ptrs(DK, b, h, k0, kn, skb, skt, skh, C, D, BD)
     dv_ptr, dv_mask = _tile_ptrs(DV_, b, h, k0, kn, svb, svt, svh, C, DV, BDV)
     tl.store(dk_ptr, (dk * scale).to(DK.dtype.element_ty), mask=dk_mask)
