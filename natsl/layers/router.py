@@ -37,7 +37,9 @@ def straight_through(logits: torch.Tensor, temperature: float, sample: str, trai
         u = torch.rand_like(logits).clamp_(1e-10, 1 - 1e-10)
         logits = logits - torch.log(-torch.log(u))
     p = torch.softmax(logits / temperature, dim=-1)
-    hard = F.one_hot(p.detach().argmax(-1), 2).to(p.dtype)
+    soft = p.detach()[..., 0] >= p.detach()[..., 1]  # the argmax (ties: softmax) without `one_hot`'s value check,
+    hard = torch.stack([soft, ~soft], -1).to(p.dtype)  # which reads the indices on the host
+
     return hard + (p - p.detach()), p
 
 

@@ -176,9 +176,11 @@ class NAtSLLayerState(_DevicePosition):
         """`[B, H_A]` committed rows of each softmax head."""
         return self._to_heads(self.lengths)
 
-    def _grow(self, needed: int) -> None:
+    def _grow(self, needed: int, geometric: bool = True) -> None:
         cap = self.capacity
-        new = max(_round_up(needed, self.block_size), _round_up(int(cap * GROWTH), self.block_size))
+        new = _round_up(needed, self.block_size)
+        if geometric:
+            new = max(new, _round_up(int(cap * GROWTH), self.block_size))
         for name in ("k_rows", "v_rows"):
             old = getattr(self, name)
             buf = old.new_zeros(old.shape[0], old.shape[1], new + 1, old.shape[3])
@@ -193,6 +195,16 @@ class NAtSLLayerState(_DevicePosition):
             if bound_after + C > self.capacity:
                 self._grow(bound_after + C)
         self.length_bound = bound_after
+
+    def reserve(self, tokens: int) -> None:
+        """Make room for `tokens` more tokens, whatever their routing, so that no later `append` / `commit` of them
+        grows the storage or reads `lengths` on the host (a captured decode step stays valid through them)."""
+        if not self.initialized or tokens <= 0:
+            return
+        C = self.block_size
+        needed = self.length_bound + _round_up(self.block_pos + tokens, C) + C  # + the check of `_reserve`
+        if needed > self.capacity:
+            self._grow(needed, geometric=False)
 
     def _write(self, k: torch.Tensor, v: torch.Tensor, rows: torch.Tensor) -> None:
         """Write `k [B, T, H_A, d]`, `v` at `rows [B, H_R, T]` (the scratch row `capacity` for dropped tokens)."""
@@ -377,6 +389,9 @@ class LinearLayerState:
     def batch_size(self) -> int:
         return -1 if self.state is None else self.state.shape[0]
 
+    def reserve(self, tokens: int) -> None:
+        """Nothing grows in a linear layer's state."""
+
     def append(self, tokens: int, state: torch.Tensor, **conv: torch.Tensor) -> None:
         """Record `tokens` more tokens: the new recurrent state and convolution states."""
         self.state = state
@@ -423,20 +438,28 @@ class SoftmaxLayerState(_DevicePosition):
     def batch_size(self) -> int:
         return -1 if self.k_rows is None else self.k_rows.shape[0]
 
+    def _grow(self, new: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        B, _, H, _ = k.shape
+        rows = []
+        for old, x in ((self.k_rows, k), (self.v_rows, v)):
+            buf = x.new_zeros(B, H, new, x.shape[-1])
+            if old is not None:
+                buf[:, :, :self.seen_tokens] = old[:, :, :self.seen_tokens]
+            rows.append(buf)
+        self.k_rows, self.v_rows = rows
+
+    def reserve(self, tokens: int) -> None:
+        """Make room for `tokens` more tokens (no growth, hence no re-capture, while they are appended)."""
+        if self.k_rows is not None and self.seen_tokens + tokens > self.capacity:
+            k, v = (x[:, :, :1].transpose(1, 2) for x in (self.k_rows, self.v_rows))
+            self._grow(self.seen_tokens + tokens, k, v)
+
     def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
         """Add `k, v [B, T, H, d]` after the rows in use."""
-        B, T, H, d = k.shape
+        T = k.shape[1]
         end = self.seen_tokens + T
-        cap = 0 if self.k_rows is None else self.k_rows.shape[2]
-        if end > cap:
-            new = max(end, int(cap * GROWTH))
-            rows = []
-            for old, x in ((self.k_rows, k), (self.v_rows, v)):
-                buf = x.new_zeros(B, H, new, x.shape[-1])
-                if old is not None:
-                    buf[:, :, :self.seen_tokens] = old[:, :, :self.seen_tokens]
-                rows.append(buf)
-            self.k_rows, self.v_rows = rows
+        if end > self.capacity:
+            self._grow(max(end, int(self.capacity * GROWTH)), k, v)
         position = self.device_position(k.device)
         rows = position + torch.arange(T, device=k.device) if T > 1 else position[None]
         self.k_rows.index_copy_(2, rows, k.transpose(1, 2).to(self.k_rows.dtype))

@@ -106,6 +106,15 @@ class NAtSLCache(Cache):
         for s in self._states():
             s.repeat_batch(repeats)
 
+    def reserve(self, tokens: int) -> None:
+        """Allocate the K/V storage of every layer for `tokens` more tokens now (e.g. `max_new_tokens` before
+        decoding), so that decoding them never grows a buffer: no copy, no host read of the lengths, and a captured
+        decode step (`natsl.GraphDecoder`) stays valid throughout."""
+        if not isinstance(tokens, int) or tokens < 0:
+            raise ValueError(f"tokens must be a non-negative int, got {tokens!r}")
+        for st in self._states():
+            st.reserve(tokens)
+
     def memory_report(self) -> dict:
         """Bytes held by the cache (one host sync per natsl layer).
 

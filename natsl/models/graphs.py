@@ -1,4 +1,5 @@
-"""Decoding with CUDA graphs (spec §1.8, issue 8): one captured model step, replayed for every token inside a block.
+"""Decoding with CUDA graphs (spec §1.8, issues 8 and 22): two captured model steps, one for the tokens inside a
+routing block and one for the token that completes a block, replayed for every token.
 
 Eager decoding is host-bound: a decode step of one natsl layer launches ~200 small kernels, and the host takes longer
 to issue them than the GPU takes to run them (benchmarks/RESULTS.md, "Generation"). A step that does not complete a
@@ -6,10 +7,15 @@ routing block launches the same kernels at every position, because everything th
 from the states' device counters (`NAtSLLayerState.position`: the row a new key is written to, the rows a query
 reads, RoPE positions) and no decision is taken on the host. `GraphDecoder` captures such a step once and replays it.
 
-- The step that completes a block (router, commit; it may grow the K/V storage, which reads a capacity on the host)
-  runs eagerly, once per `block_size` tokens. So does a step of a plain softmax layer whose storage is full.
-- After an eager step the states' new tensors are copied into the captured buffers, so the graph stays valid. It is
-  captured again only when a buffer changes shape (geometric K/V growth) or the batch changes.
+- The step that completes a block (router, commit or drop of the block's K/V, state update) is the second graph: the
+  decision is a device tensor, the commit advances `lengths` on the device, and its only host work (the bound of
+  `lengths` that `NAtSLLayerState.commit` keeps) advances by `block_size` whatever the routing, so the decoder
+  advances it after a replay. It is replayable while the K/V storage has room for one more block; a step that would
+  grow a buffer (or of a plain softmax layer whose storage is full) runs eagerly. `generate()` reserves the storage
+  for `max_new_tokens` after the prompt (`NAtSLCache.reserve`), so it never grows while decoding; with `step()`,
+  call `cache.reserve(n)` yourself.
+- After an eager step the states' new tensors are copied into the captured buffers, so the graphs stay valid. They
+  are captured again only when a buffer changes shape (K/V growth) or the batch changes.
 - Inside the captured step every state update is an in-place copy into the buffer it replaces.
 - If the cache is changed outside the decoder between steps (`reorder_cache`, an eager model call), the next step
   copies the new tensors into the buffers first (or captures again if their shapes changed).
@@ -91,7 +97,7 @@ class GraphDecoder:
             out or None)`. Default: `CUDAGraphCapture` on the model's device (CUDA only).
 
     Attributes:
-        captures, replays, eager_steps (int): counts since construction.
+        captures, replays, eager_steps (int): counts since construction (both graphs together).
     """
 
     def __init__(self, model, capture=None):
@@ -105,23 +111,33 @@ class GraphDecoder:
         self._drop()
 
     def _drop(self) -> None:
-        self._replay = self._buffers = self._cache = self._ids = None
+        self._replays, self._buffers, self._cache, self._ids = {}, None, None, None
 
-    def _graphable(self, cache: NAtSLCache) -> bool:
-        """Whether this step launches the captured kernels: no block completes, nothing grows, all states exist."""
+    def _kind(self, cache: NAtSLCache) -> str | None:
+        """Which captured step this step is: `"inside"` (no block completes), `"complete"` (every natsl layer
+        completes its block, with room to commit it), or `None` (eager: a buffer would grow, a state is missing)."""
         states = cache.layers
         if len(states) != len(self.model.model.layers) or any(s is None for s in states):
-            return False
+            return None
+        kinds = set()
         for st in states:
             if isinstance(st, NAtSLLayerState):
-                if not st.initialized or st.block_pos + 1 >= st.block_size:
-                    return False
+                if not st.initialized:
+                    return None
+                if st.block_pos + 1 < st.block_size:
+                    kinds.add("inside")
+                elif st.length_bound + 2 * st.block_size <= st.capacity:  # commit's `_reserve` does not grow
+                    kinds.add("complete")
+                else:
+                    return None
             elif isinstance(st, SoftmaxLayerState):
                 if st.k_rows is None or st.seen_tokens + 1 > st.capacity:
-                    return False
+                    return None
             elif not isinstance(st, LinearLayerState) or st.state is None:
-                return False
-        return True
+                return None
+        if len(kinds) > 1:  # natsl layers of different block sizes
+            return None
+        return kinds.pop() if kinds else "inside"
 
     def _holds_buffers(self, states) -> bool:
         current = _state_tensors(states)
@@ -146,14 +162,17 @@ class GraphDecoder:
                 buf.copy_(current[key])
                 _set(states, key, buf)
 
-    def _capture(self, input_ids: torch.Tensor, cache: NAtSLCache) -> torch.Tensor:
+    def _capture(self, kind: str, input_ids: torch.Tensor, cache: NAtSLCache) -> torch.Tensor:
         states = cache.layers
-        seen = set()
-        for key, val in _state_tensors(states).items():  # every buffer its own storage (S and its run alias after
-            if id(val) in seen:                            # a commit)
-                _set(states, key, val.clone())
-            seen.add(id(val))
-        self._buffers, self._cache, self._ids = _state_tensors(states), cache, input_ids.clone()
+        if self._buffers is None:  # the first graph: the states' tensors become the buffers both graphs use
+            seen = set()
+            for key, val in _state_tensors(states).items():  # every buffer its own storage (S and its run alias
+                if id(val) in seen:                            # after a commit)
+                    _set(states, key, val.clone())
+                seen.add(id(val))
+            self._buffers, self._cache, self._ids = _state_tensors(states), cache, input_ids.clone()
+        else:
+            self._ids.copy_(input_ids)
 
         def step() -> torch.Tensor:
             logits = self.model(self._ids, cache=cache).logits
@@ -163,9 +182,10 @@ class GraphDecoder:
             self._copy_into_buffers(states, current)
             return logits
 
-        self._replay, out = self.capturer.capture(step)
+        replay, out = self.capturer.capture(step)
+        self._replays[kind] = replay
         self.captures += 1
-        return self._replay() if out is None else out
+        return replay() if out is None else out
 
     @torch.no_grad()
     def step(self, input_ids: torch.Tensor, cache: NAtSLCache) -> torch.Tensor:
@@ -188,23 +208,25 @@ class GraphDecoder:
             raise ValueError("the cache is empty: run the prompt through the model with this cache first")
         if self._cache is not None and (cache is not self._cache or input_ids.shape != self._ids.shape):
             self._drop()
-        graphable = self._graphable(cache)
-        if graphable and self._replay is not None and not self._holds_buffers(cache.layers):
+        kind = self._kind(cache)
+        if kind is not None and self._buffers is not None and not self._holds_buffers(cache.layers):
             # the cache changed outside this decoder (reorder_cache, an eager model call): adopt its new tensors
             self.capturer.eager(lambda: self._adopt(cache.layers))
-        if graphable and (self._replay is not None or self.eager_steps):
-            if self._replay is None:
-                return self._capture(input_ids, cache).clone()
+        if kind is not None and (self._buffers is not None or self.eager_steps):
+            if kind not in self._replays:
+                return self._capture(kind, input_ids, cache).clone()
             self._ids.copy_(input_ids)
-            out = self._replay()
+            out = self._replays[kind]()
             for st in cache.layers:  # the host counters the captured step advanced when it was captured
                 st.seen_tokens += 1
+                if kind == "complete" and isinstance(st, NAtSLLayerState):
+                    st.length_bound += st.block_size
             self.replays += 1
             return out.clone()
-        # eager: a block completes, a buffer may grow, or the first step on the capture stream (its warm-up)
+        # eager: a buffer would grow, or the first step on the capture stream (its warm-up)
         def eager() -> torch.Tensor:
             logits = self.model(input_ids, cache=cache).logits
-            if self._replay is not None:
+            if self._buffers is not None:
                 self._adopt(cache.layers)
             return logits
 
@@ -218,6 +240,7 @@ class GraphDecoder:
             raise ValueError(f"max_new_tokens must be a non-negative int, got {max_new_tokens!r}")
         cache = NAtSLCache()
         logits = self.model(input_ids, cache=cache).logits
+        cache.reserve(max_new_tokens)  # no K/V growth while decoding: the captured steps stay valid
         out = [input_ids]
         for i in range(max_new_tokens):
             out.append(logits[:, -1].argmax(-1, keepdim=True).to(input_ids.dtype))

@@ -29,14 +29,17 @@ def model_of(backend: str, **over) -> NAtSLForCausalLM:
     return model
 
 
-def decode_both(model, B: int, prompt: int, steps: int, seed: int = 0):
-    """Logits of `steps` decode steps after a `prompt`-token prefill: eagerly, and through `GraphDecoder`."""
+def decode_both(model, B: int, prompt: int, steps: int, seed: int = 0, reserve: bool = False):
+    """Logits of `steps` decode steps after a `prompt`-token prefill: eagerly, and through `GraphDecoder` (with the
+    graph cache's storage reserved for the steps if `reserve`)."""
     ids = torch.randint(1, 256, (B, prompt + steps), generator=gen(seed))
     eager_cache, graph_cache = NAtSLCache(), NAtSLCache()
     decoder = GraphDecoder(model, capture=TracedCapture())
     with torch.no_grad():
         model(ids[:, :prompt], cache=eager_cache)
         model(ids[:, :prompt], cache=graph_cache)
+        if reserve:
+            graph_cache.reserve(steps)
         ref = [model(ids[:, t:t + 1], cache=eager_cache).logits for t in range(prompt, prompt + steps)]
         out = [decoder.step(ids[:, t:t + 1], graph_cache) for t in range(prompt, prompt + steps)]
     return torch.cat(ref, 1), torch.cat(out, 1), decoder, eager_cache, graph_cache
@@ -48,14 +51,49 @@ def test_replayed_steps_equal_eager_decoding(backend):
     prompt, steps = C + 5, 3 * C + 7  # starts inside a block, crosses three commits and K/V growth
     ref, out, decoder, eager_cache, graph_cache = decode_both(model_of(backend), 2, prompt, steps)
     torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
-    # the 4 block completions, the first step (warm-up) and growth steps ran eagerly; most steps replayed
+    # the first step (warm-up) and the steps that grow a K/V buffer ran eagerly; most steps replayed, block
+    # completions included
     assert decoder.eager_steps + decoder.captures + decoder.replays == steps
-    assert decoder.eager_steps >= 5 and decoder.replays > steps // 2
+    assert decoder.eager_steps >= 2 and decoder.replays > steps // 2 and decoder.captures >= 2
     natsl_eager, natsl_graph = eager_cache.layers[0], graph_cache.layers[0]
     assert natsl_graph.seen_tokens == natsl_eager.seen_tokens == prompt + steps
     assert int(natsl_graph.position) == prompt + steps
     assert torch.equal(natsl_graph.lengths, natsl_eager.lengths)
     assert 0 < int(natsl_eager.lengths.sum()) < natsl_eager.lengths.numel() * (prompt + steps)  # routing is mixed
+
+
+@pytest.mark.parametrize("backend", ["gdn", "mamba2"])
+def test_block_completing_step_is_replayed(backend):
+    """With the storage reserved, every step after the warm-up replays one of two captured steps, the one inside a
+    block or the one that completes it (router decision, commit or drop of the block's K/V, state update): equal to
+    eager decoding, and the storage never grows."""
+    C = NAtSLConfig.preset("tiny").block_size
+    prompt, steps = C + 5, 4 * C + 3
+    ref, out, decoder, eager_cache, graph_cache = decode_both(model_of(backend), 2, prompt, steps, reserve=True)
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+    assert (decoder.eager_steps, decoder.captures, decoder.replays) == (1, 2, steps - 3)
+    natsl_eager, natsl_graph = eager_cache.layers[0], graph_cache.layers[0]
+    assert torch.equal(natsl_graph.lengths, natsl_eager.lengths)
+    assert natsl_graph.length_bound >= int(natsl_graph.lengths.max())
+    assert 0 < int(natsl_eager.lengths.sum()) < natsl_eager.lengths.numel() * (prompt + steps)  # routing is mixed
+
+
+def test_reserve_keeps_the_storage():
+    """`NAtSLCache.reserve(n)`: decoding n more tokens grows no K/V buffer, whatever the routing."""
+    model = model_of("gla")
+    C = NAtSLConfig.preset("tiny").block_size
+    cache = NAtSLCache()
+    ids = torch.randint(1, 256, (2, 3 * C + 7), generator=gen(6))
+    with torch.no_grad():
+        model(ids[:, :7], cache=cache)
+        cache.reserve(3 * C)
+        buffers = [(st.k_rows, st.v_rows) for st in cache.layers if hasattr(st, "k_rows")]
+        for t in range(7, 3 * C + 7):
+            model(ids[:, t:t + 1], cache=cache)
+    assert all(st.k_rows is k and st.v_rows is v for st, (k, v) in
+               zip([st for st in cache.layers if hasattr(st, "k_rows")], buffers))
+    with pytest.raises(ValueError, match="tokens"):
+        cache.reserve(-1)
 
 
 def test_rope_and_no_decay_through_softmax():
