@@ -6,6 +6,7 @@ import torch
 
 LINEAR_BACKENDS = ("gdn", "deltanet", "gla", "mamba2", "linear_attn")
 SOFTMAX_BACKEND_CHOICES = ("auto", "sdpa", "flex", "flash", "triton")  # natsl.layers.softmax
+DECODE_ATTENTIONS = ("sdpa", "triton")  # the attention read of cached steps: natsl.layers.state.attend_rows
 ROUTER_GRADS = ("selected", "both")
 
 # which extra inputs each linear backend takes: g ("head": [B,T,H], "key": [B,T,H,K]), beta

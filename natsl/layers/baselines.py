@@ -19,7 +19,7 @@ from natsl.layers.conv import ShortConv, conv_qkv
 from natsl.layers.fused import GatedRMSNorm, l2_norm, rotary, rotary_torch, use_fused
 from natsl.layers.gates import LinearGates
 from natsl.layers.state import LinearLayerState, SoftmaxLayerState, layer_state, linear_step
-from natsl.utils import LINEAR_BACKENDS, check_choice, check_mixer_forward, compute_dtype
+from natsl.utils import DECODE_ATTENTIONS, LINEAR_BACKENDS, check_choice, check_mixer_forward, compute_dtype
 
 
 def linear_op(backend: str, impl: str, device: torch.device):
@@ -144,12 +144,16 @@ class SoftmaxAttention(nn.Module):
         hidden_size (int): model width `D`. Default: `1024`.
         num_heads (int): heads; head dim `D / num_heads`. Default: `16`.
         rope_theta (float): RoPE base. Default: `10000.0`.
+        decode_attention (str): the read of cached steps: `"sdpa"` or `"triton"` (`natsl.layers.state.attend_rows`).
+            Default: `"sdpa"`.
         layer_idx (int, Optional): index in the model.
     """
 
     def __init__(self, hidden_size: int = 1024, num_heads: int = 16, rope_theta: float = 10000.0,
-                 layer_idx: int | None = None):
+                 decode_attention: str = "sdpa", layer_idx: int | None = None):
         super().__init__()
+        check_choice("decode_attention", decode_attention, DECODE_ATTENTIONS)
+        self.decode_attention = decode_attention
         if hidden_size % num_heads or (hidden_size // num_heads) % 2:
             raise ValueError(f"hidden_size={hidden_size} must split into num_heads={num_heads} heads of even dim")
         self.hidden_size, self.num_heads, self.head_dim = hidden_size, num_heads, hidden_size // num_heads
@@ -183,7 +187,7 @@ class SoftmaxAttention(nn.Module):
                 o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                                    is_causal=True).transpose(1, 2)
             else:
-                o = state.attend_last(q, self.head_dim ** -0.5)
+                o = state.attend_last(q, self.head_dim ** -0.5, self.decode_attention)
             out = self.o_proj(o.reshape(B, T, self.hidden_size))
             return out, None, (state if past_key_values is None else past_key_values)
         if cu_seqlens is None:

@@ -20,6 +20,7 @@ from natsl.layers.gates import LinearGates
 from natsl.layers.router import BlockRouter, straight_through
 from natsl.layers.state import NAtSLLayerState, layer_state, linear_step
 from natsl.utils import (
+    DECODE_ATTENTIONS,
     LINEAR_BACKENDS,
     SOFTMAX_BACKEND_CHOICES,
     check_choice,
@@ -66,6 +67,8 @@ class NAtSLAttention(nn.Module):
         linear_backend (str): `"gdn"`, `"deltanet"`, `"gla"`, `"mamba2"` or `"linear_attn"`. Default: `"gdn"`.
         softmax_backend (str): `"auto"`, `"sdpa"`, `"flex"`, `"flash"` or `"triton"`. Default: `"auto"`.
         linear_impl (str): `"auto"`, `"fla"` or `"torch"`. Default: `"auto"`.
+        decode_attention (str): the softmax read of cached steps inside a block (decoding): `"sdpa"` (length-masked
+            SDPA) or `"triton"` (natsl's split-KV kernel). Default: `"sdpa"`.
         decay_through_softmax (bool): softmax blocks decay the carried linear state. Default: `True`.
         router_sample (str): `"argmax"` or `"gumbel"`. Default: `"argmax"`.
         router_temperature (float): straight-through softmax temperature. Default: `1.0`.
@@ -84,7 +87,8 @@ class NAtSLAttention(nn.Module):
     def __init__(self, hidden_size: int = 1024, num_heads: int = 6, head_dim: int = 128, expand_v: float = 2,
                  num_softmax_heads: int = 12, num_router_heads: int = 6, block_size: int = 64,
                  linear_backend: LinearBackend = "gdn", softmax_backend: str = "auto", linear_impl: str = "auto",
-                 decay_through_softmax: bool = True, router_sample: Literal["argmax", "gumbel"] = "argmax",
+                 decode_attention: str = "sdpa", decay_through_softmax: bool = True,
+                 router_sample: Literal["argmax", "gumbel"] = "argmax",
                  router_temperature: float = 1.0, router_grad: Literal["selected", "both"] = "selected",
                  router_budget: float | None = None, router_budget_weight: float = 1.0, use_rope: bool = False,
                  rope_theta: float = 10000.0, conv_size: int = 4, norm_eps: float = 1e-5,
@@ -93,6 +97,7 @@ class NAtSLAttention(nn.Module):
         check_choice("linear_backend", linear_backend, LINEAR_BACKENDS)
         check_choice("softmax_backend", softmax_backend, SOFTMAX_BACKEND_CHOICES)
         check_choice("linear_impl", linear_impl, ("auto", "fla", "torch"))
+        check_choice("decode_attention", decode_attention, DECODE_ATTENTIONS)
         check_choice("router_grad", router_grad, ("selected", "both"))
         for name, val in (("hidden_size", hidden_size), ("num_heads", num_heads), ("head_dim", head_dim),
                           ("num_softmax_heads", num_softmax_heads), ("num_router_heads", num_router_heads),
@@ -120,6 +125,7 @@ class NAtSLAttention(nn.Module):
         self.head_v_dim = int(head_dim * expand_v)
         self.num_softmax_heads, self.num_router_heads, self.block_size = num_softmax_heads, num_router_heads, block_size
         self.linear_backend, self.softmax_backend, self.linear_impl = linear_backend, softmax_backend, linear_impl
+        self.decode_attention = decode_attention
         self.decay_through_softmax, self.router_grad = decay_through_softmax, router_grad
         self.router_budget, self.router_budget_weight = router_budget, router_budget_weight
         self.use_rope, self.rope_theta, self.norm_eps, self.layer_idx = use_rope, rope_theta, norm_eps, layer_idx
@@ -297,7 +303,7 @@ class NAtSLAttention(nn.Module):
             o_l, run = self._linear_in_block(q_l, k_l, v_in, g, beta, state.linear_run)
             log_decay = None if g is None else state.log_decay + gsum(0, T)
             state.append(k_s, v_s, router_sum=sums[:, 0], linear_run=run, log_decay=log_decay)
-            o_s = state.attend_current(q_s, scale_s)
+            o_s = state.attend_current(q_s, scale_s, self.decode_attention)
             if n_done:
                 state.commit(is_soft[:, 0])
         else:

@@ -54,8 +54,12 @@ def linear_step(backend: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
 
 def attend_rows(q: torch.Tensor, k_rows: torch.Tensor, v_rows: torch.Tensor, limit: torch.Tensor,
-                scale: float) -> torch.Tensor:
-    """Query `t` of head `h` attends to rows `[0, limit[b, h, t])` of its head (SDPA with a length mask).
+                scale: float, impl: str = "sdpa") -> torch.Tensor:
+    """Query `t` of head `h` attends to rows `[0, limit[b, h, t])` of its head.
+
+    `impl="sdpa"`: SDPA with a length mask (one pass over all `R` rows per head); `"triton"`: natsl's split-KV
+    kernel (`natsl.kernels.decode_attention`: the rows split over programs, lengths read on the device; CUDA, or
+    CPU under the Triton interpreter).
 
     Args:
         q (torch.Tensor): `[B, T, H, d]`.
@@ -63,10 +67,15 @@ def attend_rows(q: torch.Tensor, k_rows: torch.Tensor, v_rows: torch.Tensor, lim
         v_rows (torch.Tensor): `[B, H, R, d_v]`.
         limit (torch.Tensor): `[B, H, T]` integer, at least 1 and at most `R`.
         scale (float): score scale.
+        impl (str): `"sdpa"` or `"triton"`. Default: `"sdpa"`.
 
     Returns:
         `o [B, T, H, d_v]` in the dtype of `q`.
     """
+    if impl == "triton":
+        from natsl.kernels.decode_attention import decode_attention
+
+        return decode_attention(q, k_rows, v_rows, limit, scale)
     R = k_rows.shape[2]
     mask = torch.arange(R, device=q.device) < limit[..., None]  # [B, H, T, R]
     o = F.scaled_dot_product_attention(q.transpose(1, 2).to(k_rows.dtype), k_rows, v_rows, attn_mask=mask,
@@ -285,15 +294,16 @@ class NAtSLLayerState(_DevicePosition):
         self.seen_tokens += n * C
         self.position = self.device_position(k.device) + n * C
 
-    def attend_current(self, q: torch.Tensor, scale: float) -> torch.Tensor:
+    def attend_current(self, q: torch.Tensor, scale: float, impl: str = "sdpa") -> torch.Tensor:
         """Softmax branch for the last `T` appended tokens, all in the current block (not yet committed): query
-        `j` sees its pair's committed rows and the block's rows up to itself. `q [B, T, H_A, d]` → `[B, T, H_A, d_v]`."""
+        `j` sees its pair's committed rows and the block's rows up to itself. `q [B, T, H_A, d]` → `[B, T, H_A, d_v]`
+        (`impl`: see `attend_rows`)."""
         T, C = q.shape[1], self.block_size
         n = (self.device_position(q.device) - 1) % C + 1  # tokens of the current block, from the device counter
         limit = self.head_lengths()[..., None] + (n - T + 1)
         if T > 1:
             limit = limit + torch.arange(T, device=q.device)
-        return attend_rows(q, self.k_rows, self.v_rows, limit, scale)
+        return attend_rows(q, self.k_rows, self.v_rows, limit, scale, impl)
 
     def attend_chunk(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_softmax: torch.Tensor, scale: float,
                      mask_elements: int = 2**28) -> torch.Tensor:
@@ -467,11 +477,12 @@ class SoftmaxLayerState(_DevicePosition):
         self.seen_tokens = end
         self.position = position + T
 
-    def attend_last(self, q: torch.Tensor, scale: float) -> torch.Tensor:
-        """Causal attention of the last `T` appended tokens' queries `q [B, T, H, d]` → `[B, T, H, d_v]`."""
+    def attend_last(self, q: torch.Tensor, scale: float, impl: str = "sdpa") -> torch.Tensor:
+        """Causal attention of the last `T` appended tokens' queries `q [B, T, H, d]` → `[B, T, H, d_v]` (`impl`: see
+        `attend_rows`)."""
         B, T, H, _ = q.shape
         limit = (self.device_position(q.device) - T + 1 + torch.arange(T, device=q.device)).expand(B, H, T)
-        return attend_rows(q, self.k_rows, self.v_rows, limit, scale)
+        return attend_rows(q, self.k_rows, self.v_rows, limit, scale, impl)
 
     def kv_bytes(self) -> int:
         if self.k_rows is None:

@@ -8,7 +8,8 @@ LAYER_KINDS = ("natsl", "linear", "softmax")
 
 # layer arguments that NAtSLConfig stores under the same name as NAtSLAttention's keyword
 ATTENTION_KEYS = ("hidden_size", "num_heads", "head_dim", "expand_v", "num_softmax_heads", "num_router_heads",
-                  "block_size", "linear_backend", "softmax_backend", "linear_impl", "decay_through_softmax",
+                  "block_size", "linear_backend", "softmax_backend", "linear_impl", "decode_attention",
+                  "decay_through_softmax",
                   "router_sample", "router_temperature", "router_grad", "router_budget", "router_budget_weight",
                   "use_rope", "rope_theta", "conv_size", "norm_eps")
 
@@ -43,6 +44,8 @@ class NAtSLConfig(PretrainedConfig):
             outputs as one call, spec §1.8). Default: `None` (one call).
         The remaining arguments are NAtSLAttention's (same names, same defaults: the paper's 340M layer) and reach
         every natsl layer through `attention_kwargs()`.
+        decode_attention (str): the attention read of cached decode steps in natsl and full-softmax layers:
+            `"sdpa"` or `"triton"` (`natsl.layers.state.attend_rows`). Default: `"sdpa"`.
     """
 
     model_type = "natsl"
@@ -53,7 +56,8 @@ class NAtSLConfig(PretrainedConfig):
                  num_attention_heads: int = 16, num_heads: int = 6, head_dim: int = 128, expand_v: float = 2,
                  num_softmax_heads: int = 12, num_router_heads: int = 6, block_size: int = 64,
                  linear_backend: str = "gdn", softmax_backend: str = "auto", linear_impl: str = "auto",
-                 decay_through_softmax: bool = True, router_sample: str = "argmax", router_temperature: float = 1.0,
+                 decode_attention: str = "sdpa", decay_through_softmax: bool = True, router_sample: str = "argmax",
+                 router_temperature: float = 1.0,
                  router_grad: str = "selected", router_budget: float | None = None, router_budget_weight: float = 1.0,
                  use_rope: bool = False, rope_theta: float = 10000.0, conv_size: int = 4, norm_eps: float = 1e-5,
                  initializer_range: float = 0.02, prefill_chunk_size: int | None = None,
@@ -73,6 +77,7 @@ class NAtSLConfig(PretrainedConfig):
         self.num_heads, self.head_dim, self.expand_v = num_heads, head_dim, expand_v
         self.num_softmax_heads, self.num_router_heads, self.block_size = num_softmax_heads, num_router_heads, block_size
         self.linear_backend, self.softmax_backend, self.linear_impl = linear_backend, softmax_backend, linear_impl
+        self.decode_attention = decode_attention
         self.decay_through_softmax, self.router_sample = decay_through_softmax, router_sample
         self.router_temperature, self.router_grad = router_temperature, router_grad
         self.router_budget, self.router_budget_weight = router_budget, router_budget_weight
@@ -96,7 +101,8 @@ class NAtSLConfig(PretrainedConfig):
 
     def softmax_kwargs(self) -> dict:
         """The arguments of the full `SoftmaxAttention` layers."""
-        return {"hidden_size": self.hidden_size, "num_heads": self.num_attention_heads, "rope_theta": self.rope_theta}
+        return {"hidden_size": self.hidden_size, "num_heads": self.num_attention_heads, "rope_theta": self.rope_theta,
+                "decode_attention": self.decode_attention}
 
     @classmethod
     def preset(cls, size: str = "340m", family: str = "natsl", **overrides) -> NAtSLConfig:

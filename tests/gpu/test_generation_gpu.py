@@ -131,3 +131,22 @@ def test_graph_decoder_replays_equal_eager_decoding(dtype):
     assert decoder.replays > 50, (decoder.replays, decoder.captures, decoder.eager_steps)
     torch.testing.assert_close(out.float(), ref.float(), rtol=0, atol=1e-5 if dtype == torch.float32 else 2e-2)
     assert torch.equal(graph_cache.layers[0].lengths, eager_cache.layers[0].lengths)
+
+
+@pytest.mark.parametrize("T", [1, 7])
+def test_split_kv_decode_read_bf16(T):
+    """natsl's split-KV read (`attend_rows(impl="triton")`) in bf16 against float64 SDPA: within 2x of bf16 SDPA's
+    error (+1e-3 of the largest value), at a length that splits into several row ranges, B=1 and B=3."""
+    from natsl.layers.state import attend_rows
+
+    g = torch.Generator(device=DEV).manual_seed(7)
+    for B, H, R in ((1, 12, 20000), (3, 4, 3000)):
+        q = torch.randn(B, T, H, 64, generator=g, device=DEV).bfloat16()
+        k = torch.randn(B, H, R, 64, generator=g, device=DEV).bfloat16()
+        v = torch.randn(B, H, R, 128, generator=g, device=DEV).bfloat16()
+        limit = torch.randint(1, R + 1, (B, H, T), generator=g, device=DEV)
+        ref = attend_rows(q.double(), k.double(), v.double(), limit, 0.125)
+        base = attend_rows(q, k, v, limit, 0.125)
+        out = attend_rows(q, k, v, limit, 0.125, "triton")
+        e_out, e_base = ((x.double() - ref).abs().max().item() for x in (out, base))
+        assert e_out <= 2 * e_base + 1e-3 * ref.abs().max().item(), f"B={B}: {e_out:.3e} vs sdpa {e_base:.3e}"
