@@ -327,6 +327,10 @@ def block_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, soft: tor
     Returns:
         `o [B, T, H, DV]` in the dtype of `q`.
     """
+    if not q.dtype == k.dtype == v.dtype:
+        raise TypeError(f"q, k, v must have one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not q.device == k.device == v.device == soft.device:
+        raise ValueError(f"q, k, v and soft must be on one device, got {q.device}, {k.device}, {v.device}, {soft.device}")
     if block_size not in (16, 32, 64, 128):
         raise ValueError(f"block_size must be one of (16, 32, 64, 128) for the Triton kernels, got {block_size}")
     H, Hr = q.shape[2], soft.shape[2]

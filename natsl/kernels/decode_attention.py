@@ -94,6 +94,8 @@ def decode_attention(q: torch.Tensor, k_rows: torch.Tensor, v_rows: torch.Tensor
     if k_rows.shape[:2] != (B, H) or v_rows.shape[:3] != k_rows.shape[:3] or limit.shape != (B, H, T):
         raise ValueError(f"k_rows [B, H, R, d], v_rows [B, H, R, d_v] and limit [B, H, T] must match q {tuple(q.shape)}, "
                          f"got {tuple(k_rows.shape)}, {tuple(v_rows.shape)}, {tuple(limit.shape)}")
+    if k_rows.dtype != v_rows.dtype:
+        raise TypeError(f"k_rows and v_rows must have one dtype, got {k_rows.dtype}, {v_rows.dtype}")
     q = q.to(k_rows.dtype)
     k_rows, v_rows = (x if x.stride(-1) == 1 else x.contiguous() for x in (k_rows, v_rows))
     sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 132

@@ -126,6 +126,8 @@ def test_input_errors():
     (q, k, v), soft, _, lay, _ = _case(0, 1, 32, 2, 1, 16, 16, 16, False, "random")
     with pytest.raises(ValueError, match="block_size"):
         block_attention(q, k, v, soft, lay.block_first, lay.block_start, lay.block_len, 24)
+    with pytest.raises(TypeError, match="one dtype"):
+        block_attention(q, k.double(), v, soft, lay.block_first, lay.block_start, lay.block_len, 16)
     with pytest.raises(ValueError, match="multiple of the router heads"):
         block_attention(q, k, v, soft.repeat(1, 1, 2)[..., :3], lay.block_first, lay.block_start, lay.block_len, 16)
 
