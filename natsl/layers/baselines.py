@@ -9,6 +9,7 @@ output projection), computed with the same linear ops natsl's linear branch uses
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import torch
 import torch.nn as nn
@@ -33,6 +34,17 @@ def linear_op(backend: str, impl: str, device: torch.device):
     from natsl.layers.linear import TORCH_LINEAR_OPS
 
     return TORCH_LINEAR_OPS[backend]
+
+
+def step_op(backend: str, impl: str, device: torch.device):
+    """The one-token decode step of `backend` (`fn(q, k, v, g, beta, state, scale) -> (o, state)`, read-out after
+    the update): fla's fused recurrent kernel (`impl="fla"`, or `"auto"` on CUDA) or natsl's PyTorch step."""
+    check_choice("linear_impl", impl, ("auto", "fla", "torch"))
+    if impl == "fla" or (impl == "auto" and device.type == "cuda"):
+        from natsl.layers.linear.fla_ops import fla_step
+
+        return functools.partial(fla_step, backend)
+    return functools.partial(linear_step, backend)
 
 
 class LinearAttention(nn.Module):
@@ -110,7 +122,8 @@ class LinearAttention(nn.Module):
                 o, _ = op(q, k, v_in, g, beta, scale=K ** -0.5, cu_seqlens=cu_seqlens)
             else:
                 if T == 1 and state.state is not None:
-                    o, S = linear_step(self.linear_backend, q, k, v_in, g, beta, state.state, K ** -0.5)
+                    o, S = step_op(self.linear_backend, self.linear_impl, x.device)(q, k, v_in, g, beta, state.state,
+                                                                                    K ** -0.5)
                 else:
                     op = linear_op(self.linear_backend, self.linear_impl, x.device)
                     o, S = op(q, k, v_in, g, beta, scale=K ** -0.5, initial_state=state.state,

@@ -18,7 +18,7 @@ from natsl.layers.conv import ShortConv, conv_qkv
 from natsl.layers.fused import RMSNorm, l2_norm, rotary_torch
 from natsl.layers.gates import LinearGates
 from natsl.layers.router import BlockRouter, straight_through
-from natsl.layers.state import NAtSLLayerState, layer_state, linear_step
+from natsl.layers.state import NAtSLLayerState, layer_state
 from natsl.utils import (
     DECODE_ATTENTIONS,
     LINEAR_BACKENDS,
@@ -243,11 +243,11 @@ class NAtSLAttention(nn.Module):
 
     def _linear_in_block(self, q, k, v, g, beta, state: torch.Tensor):
         """Virtual run over tokens of one block from `state`: `(o, end state)` (plain recurrence, spec §1.4)."""
-        from natsl.layers.baselines import linear_op
+        from natsl.layers.baselines import linear_op, step_op
 
         scale = self.head_dim ** -0.5
         if q.shape[1] == 1:
-            return linear_step(self.linear_backend, q, k, v, g, beta, state, scale)
+            return step_op(self.linear_backend, self.linear_impl, q.device)(q, k, v, g, beta, state, scale)
         op = linear_op(self.linear_backend, self.linear_impl, q.device)
         return op(q, k, v, g, beta, scale=scale, initial_state=state, output_final_state=True, cu_seqlens=None)
 

@@ -114,3 +114,45 @@ FLA_LINEAR_OPS = {
     "mamba2": fla_mamba2,
     "linear_attn": fla_linear_attn,
 }
+
+
+def fla_step(backend: str, q, k, v, g, beta, state, scale: float):
+    """Decode steps of the plain recurrence through fla's fused recurrent kernels (one launch per call instead of
+    the ~10 small ops of `natsl.layers.state.linear_step`, whose contract this has: read-out after the update).
+
+    Args:
+        backend (str): `gdn`, `deltanet`, `gla`, `mamba2` or `linear_attn`.
+        q, k (torch.Tensor): `[B, T, H, K]` (k normalised by the caller for the delta rule).
+        v (torch.Tensor): `[B, T, H, V]`.
+        g (torch.Tensor, Optional): log decay `[B, T, H]` (gdn, mamba2) or `[B, T, H, K]` (gla).
+        beta (torch.Tensor, Optional): `[B, T, H]` (gdn, deltanet).
+        state (torch.Tensor): `[B, H, K, V]`.
+        scale (float): read-out scale.
+
+    Returns:
+        `(o [B, T, H, V]` in the dtype of `q`, `state [B, H, K, V]` float32)`.
+    """
+    require_fla()
+    h0 = state.float().contiguous()
+    kw = dict(scale=scale, initial_state=h0, output_final_state=True)
+    if backend == "gdn":
+        from fla.ops.gated_delta_rule import fused_recurrent_gated_delta_rule
+
+        o, S = fused_recurrent_gated_delta_rule(q, k, v, g=g.float(), beta=beta.to(q.dtype), **kw)
+    elif backend == "deltanet":
+        from fla.ops.delta_rule import fused_recurrent_delta_rule
+
+        o, S = fused_recurrent_delta_rule(q, k, v, beta=beta.to(q.dtype), **kw)
+    elif backend == "mamba2":
+        from fla.ops.simple_gla import fused_recurrent_simple_gla
+
+        o, S = fused_recurrent_simple_gla(q, k, v, g=g.float(), **kw)
+    elif backend == "gla":
+        from fla.ops.gla import fused_recurrent_gla
+
+        o, S = fused_recurrent_gla(q, k, v, gk=g.float(), **kw)
+    else:
+        from fla.ops.linear_attn import fused_recurrent_linear_attn
+
+        o, S = fused_recurrent_linear_attn(q, k, v, normalize=False, **kw)
+    return o.to(q.dtype), S.float()
