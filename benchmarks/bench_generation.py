@@ -2,6 +2,7 @@
 
 Run on a GPU (one process; prefill + decode is checked against the full forward before anything is timed):
     PYTHONPATH=$PWD python3 benchmarks/bench_generation.py [--contexts 8192 32768 131072] [--batch 1 8] [--models]
+        [--decode-attention sdpa|triton] [--linear-impl torch|auto]
 
 The caches are built synthetically at context `T` (random K/V rows and linear states, bf16): every (batch, router
 head) pair of a natsl layer holds exactly `round(f·T/C)` softmax blocks, a plain softmax layer all `T` rows. One
@@ -9,7 +10,7 @@ decode step = one layer (or model) call on one new token with the cache; it appe
 grows by a few hundred tokens over a measurement (< 1% at 32k). Timings: `eager` = `triton.testing.do_bench` of the
 eager call (includes the host's launch overhead whenever the GPU is faster than the host), `graph` = the same step
 replayed as a CUDA graph at a fixed position (GPU time only), `GraphDecoder ms/token` (models) = wall time per
-token of `natsl.models.GraphDecoder` over 256 tokens (replays inside blocks, eager block completions).
+token of `natsl.models.GraphDecoder` over 256 tokens (two captured steps: inside a block, block completion).
 `core` = the attention read alone (natsl: `attend_current` over the pair's committed rows + current block; dense:
 `attend_last` over all rows).
 Providers (layer level, the paper's 340M layer: H_L=6, d_k=128, d_v=256, H_A=12 × (64, 128), H_R=6, C=64):
@@ -45,7 +46,10 @@ PROVIDERS = ["natsl f=12.5%", "natsl f=100%", "softmax 16x64"]
 MODEL_PROVIDERS = ["natsl-hybrid-340m f=12.5%", "gdn-hybrid-340m", "transformer-340m"]
 DTYPE = torch.bfloat16
 DEVICE = os.environ.get("NATSL_BENCH_DEVICE", "cuda")
-CPU_PATHS = dict(softmax_backend="sdpa", linear_impl="torch")  # decode uses neither; the gate's full forward does
+# the softmax backend and chunked linear path of the gate's full forward; `--linear-impl` also picks the decode
+# step of the linear recurrences (torch ops, or fla's fused recurrent kernel), `--decode-attention` the softmax read
+CPU_PATHS = dict(softmax_backend="sdpa", linear_impl="torch")
+DECODE = dict(decode_attention="sdpa")
 HEADROOM_BLOCKS = 16
 OFFSET = 5  # the measured steps sit inside a block (no commit, hence no possible sync, inside a CUDA graph)
 
@@ -122,10 +126,10 @@ def setup(shape: dict, provider: str, T: int, B: int):
     """`(step, core, states)`: one decode step of the layer with its cache, the attention read alone, the states."""
     torch.manual_seed(0)
     if provider.startswith("natsl"):
-        module = NAtSLAttention(**shape, **CPU_PATHS).to(DEVICE, DTYPE).eval()
+        module = NAtSLAttention(**shape, **CPU_PATHS, **DECODE).to(DEVICE, DTYPE).eval()
         frac = 0.125 if "12.5" in provider else 1.0
     else:
-        module = SoftmaxAttention(hidden_size=shape["hidden_size"], num_heads=16).to(DEVICE, DTYPE).eval()
+        module = SoftmaxAttention(hidden_size=shape["hidden_size"], num_heads=16, **DECODE).to(DEVICE, DTYPE).eval()
         frac = 1.0
     st = state_for(module, B, T, frac)
     x = _randn(B, 1, shape["hidden_size"])
@@ -139,18 +143,18 @@ def setup(shape: dict, provider: str, T: int, B: int):
         scale = module.softmax_head_dim ** -0.5
 
         def core():
-            return st.attend_current(q, scale)
+            return st.attend_current(q, scale, DECODE["decode_attention"])
     else:
         q = _randn(B, 1, module.num_heads, module.head_dim)
 
         def core():
-            return st.attend_last(q, module.head_dim ** -0.5)
+            return st.attend_last(q, module.head_dim ** -0.5, DECODE["decode_attention"])
     return step, core, [st]
 
 
 def setup_model(provider: str, T: int, B: int):
     family = {"natsl-hybrid-340m f=12.5%": "hybrid", "gdn-hybrid-340m": "linear", "transformer-340m": "softmax"}[provider]
-    cfg = NAtSLConfig.preset("340m", family, num_hidden_layers=21, **CPU_PATHS)
+    cfg = NAtSLConfig.preset("340m", family, num_hidden_layers=21, **CPU_PATHS, **DECODE)
     torch.manual_seed(0)
     with torch.device(DEVICE):
         model = NAtSLForCausalLM(cfg)
@@ -167,8 +171,8 @@ def setup_model(provider: str, T: int, B: int):
 
 
 def decoder_ms_per_token(model, cache, ids, tokens: int = 256) -> float:
-    """Wall time per token of `GraphDecoder.step` over `tokens` steps (replays, plus the eager step and re-capture
-    of every block completion), after two warm-up steps (one eager, one capture)."""
+    """Wall time per token of `GraphDecoder.step` over `tokens` steps (replays of its two captured steps; the first
+    block completion inside the window is captured), after two warm-up steps (one eager, one capture)."""
     decoder = GraphDecoder(model)
     for _ in range(2):
         decoder.step(ids, cache)
@@ -219,12 +223,18 @@ def main():
     ap.add_argument("--models", action="store_true")
     ap.add_argument("--no-graph", action="store_true")
     ap.add_argument("--profile", action="store_true", help="profile the eager natsl steps at the largest B and T")
+    ap.add_argument("--decode-attention", default="sdpa", choices=("sdpa", "triton"),
+                    help="the softmax read of decode steps (natsl.layers.state.attend_rows)")
+    ap.add_argument("--linear-impl", default="torch", choices=("torch", "auto"),
+                    help="linear path: torch ops, or fla (chunked prefill and the fused recurrent decode step)")
     args = ap.parse_args()
+    DECODE["decode_attention"] = args.decode_attention
+    CPU_PATHS["linear_impl"] = args.linear_impl
     err = gate()
     print(f"gate: prefill + decode vs full forward (fp32), max rel. error {err:.2e}", flush=True)  # noqa: T201
     if not err < 1e-4:
         raise SystemExit("correctness gate failed: not timing anything")
-    print(env_line(), flush=True)  # noqa: T201
+    print(f"{env_line()}; decode_attention={args.decode_attention}, linear_impl={args.linear_impl}", flush=True)  # noqa: T201
     rows = []
     for B in args.batch:
         for T in args.contexts:
