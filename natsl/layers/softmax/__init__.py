@@ -1,4 +1,4 @@
-"""The softmax branch of NAtS-L (spec §1.3, §1.5, §1.7, §3.3): three backends with one signature.
+"""The softmax branch of NAtS-L (spec §1.3, §1.5, §1.7, §3.3): four backends with one signature.
 
 Every backend has `name`, `not_supported_reasons(q, k, v, routing, router_grad) -> list[str]` and
 `forward(q, k, v, routing, *, scale, router_grad) -> o`, and equals `natsl.reference.softmax_branch_reference`
