@@ -23,7 +23,7 @@ reads, RoPE positions) and no decision is taken on the host. `GraphDecoder` capt
 Example::
 
     decoder = GraphDecoder(model)                     # a CUDA NAtSLForCausalLM in eval mode
-    ids = decoder.generate(prompt_ids, max_new_tokens=256)  # greedy
+    ids = decoder.generate(prompt_ids, max_new_tokens=256)  # greedy; do_sample=True, top_p=0.9, ... to sample
 
     cache = NAtSLCache()                              # or step by step with your own sampling:
     logits = model(prompt_ids, cache=cache).logits
@@ -234,16 +234,59 @@ class GraphDecoder:
         return self.capturer.eager(eager)
 
     @torch.no_grad()
-    def generate(self, input_ids: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
-        """Greedy decoding (no stop token): `input_ids [B, T]` → `[B, T + max_new_tokens]`."""
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, *, do_sample: bool = False,
+                 temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+                 eos_token_id: int | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Decode `max_new_tokens` tokens after `input_ids [B, T]` → `[B, T + max_new_tokens]`.
+
+        Args:
+            input_ids (torch.LongTensor): `[B, T]` the prompts.
+            max_new_tokens (int): tokens to generate.
+            do_sample (bool): sample from the (filtered) distribution instead of the argmax. Default: `False`.
+            temperature (float): logits divided by it before sampling (> 0). Default: `1.0`.
+            top_k (int, Optional): keep the `top_k` most likely tokens. Default: `None` (all).
+            top_p (float, Optional): keep the smallest set of most likely tokens with probability ≥ `top_p` (nucleus,
+                in (0, 1]). Default: `None`.
+            eos_token_id (int, Optional): rows that produced it emit it again from then on (shapes stay fixed, so
+                the captured steps stay valid). Default: `None`.
+            generator (torch.Generator, Optional): random numbers of the sampling (on the model's device).
+        """
         if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be a non-negative int, got {max_new_tokens!r}")
+        if not temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
+            raise ValueError(f"top_k must be None or a positive int, got {top_k!r}")
+        if top_p is not None and not 0 < top_p <= 1:
+            raise ValueError(f"top_p must be None or in (0, 1], got {top_p!r}")
         cache = NAtSLCache()
         logits = self.model(input_ids, cache=cache).logits
         cache.reserve(max_new_tokens)  # no K/V growth while decoding: the captured steps stay valid
         out = [input_ids]
+        done = torch.zeros(input_ids.shape[0], 1, dtype=torch.bool, device=input_ids.device)
         for i in range(max_new_tokens):
-            out.append(logits[:, -1].argmax(-1, keepdim=True).to(input_ids.dtype))
+            nxt = next_token(logits[:, -1], do_sample, temperature, top_k, top_p, generator).to(input_ids.dtype)
+            if eos_token_id is not None:
+                nxt = torch.where(done, torch.full_like(nxt, eos_token_id), nxt)
+                done = done | (nxt == eos_token_id)
+            out.append(nxt)
             if i + 1 < max_new_tokens:
                 logits = self.step(out[-1], cache)
         return torch.cat(out, 1)
+
+
+def next_token(logits: torch.Tensor, do_sample: bool = False, temperature: float = 1.0, top_k: int | None = None,
+               top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+    """`[B, vocab]` logits → `[B, 1]` next tokens: the argmax, or a sample after temperature, top-k and top-p."""
+    if not do_sample:
+        return logits.argmax(-1, keepdim=True)
+    scores = logits.float() / temperature
+    if top_k is not None and top_k < scores.shape[-1]:
+        kth = scores.topk(top_k, dim=-1).values[..., -1:]
+        scores = scores.masked_fill(scores < kth, float("-inf"))
+    if top_p is not None and top_p < 1:
+        sorted_scores, order = scores.sort(-1, descending=True)
+        probs = sorted_scores.softmax(-1)
+        drop = probs.cumsum(-1) - probs >= top_p  # tokens after the nucleus (the most likely one always stays)
+        scores = scores.scatter(-1, order, sorted_scores.masked_fill(drop, float("-inf")))
+    return torch.multinomial(scores.softmax(-1), 1, generator=generator)

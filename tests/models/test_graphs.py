@@ -117,6 +117,41 @@ def test_generate_is_greedy_decoding():
     assert torch.equal(out, torch.cat(ref, 1))
 
 
+def test_generate_samples_like_eager_decoding():
+    """Sampling (temperature, top-k, top-p) with a seeded generator draws the tokens of the same sampling on eager
+    decoding; an end-of-sequence token repeats once a row has produced it."""
+    from natsl.models.graphs import next_token
+
+    model = model_of("mamba2")
+    ids = torch.randint(1, 256, (2, 9), generator=gen(3))
+    kw = dict(do_sample=True, temperature=0.7, top_k=20, top_p=0.9)
+    out = GraphDecoder(model, capture=TracedCapture()).generate(ids, 40, generator=gen(11), **kw)
+    g = gen(11)
+    with torch.no_grad():
+        cache, ref = NAtSLCache(), [ids]
+        logits = model(ids, cache=cache).logits
+        for _ in range(40):
+            ref.append(next_token(logits[:, -1], generator=g, **kw))
+            logits = model(ref[-1], cache=cache).logits
+    ref = torch.cat(ref, 1)
+    assert torch.equal(out, ref)
+    assert not torch.equal(ref[:, 9:], GraphDecoder(model, capture=TracedCapture()).generate(ids, 40)[:, 9:])
+    eos = int(out[0, 12])
+    out_eos = GraphDecoder(model, capture=TracedCapture()).generate(ids, 40, generator=gen(11), eos_token_id=eos, **kw)
+    first = int((out_eos[0, 9:] == eos).nonzero()[0])
+    assert (out_eos[0, 9 + first:] == eos).all()
+
+
+def test_next_token_filters():
+    from natsl.models.graphs import next_token
+
+    logits = torch.tensor([[0.0, 1.0, 2.0, 3.0]])
+    assert int(next_token(logits)) == 3
+    for _ in range(20):  # top-k 2 keeps tokens 2 and 3; top-p 0.5 keeps token 3 only (p = 0.64)
+        assert int(next_token(logits, True, top_k=2, generator=gen(_))) in (2, 3)
+        assert int(next_token(logits, True, top_p=0.5, generator=gen(_))) == 3
+
+
 def test_bad_input_is_rejected():
     model = model_of("gdn")
     with pytest.raises(ValueError, match="CUDA"):
@@ -130,6 +165,9 @@ def test_bad_input_is_rejected():
         decoder.step(torch.ones(1, 1, dtype=torch.long), None)
     with pytest.raises(ValueError, match="max_new_tokens"):
         decoder.generate(torch.ones(1, 1, dtype=torch.long), -1)
+    for kw, name in ((dict(temperature=0), "temperature"), (dict(top_k=0), "top_k"), (dict(top_p=1.5), "top_p")):
+        with pytest.raises(ValueError, match=name):
+            decoder.generate(torch.ones(1, 1, dtype=torch.long), 2, do_sample=True, **kw)
     model.train()
     cache = NAtSLCache()
     with torch.no_grad():
