@@ -14,6 +14,7 @@ reads, RoPE positions) and no decision is taken on the host. `GraphDecoder` capt
   grow a buffer (or of a plain softmax layer whose storage is full) runs eagerly. `generate()` reserves the storage
   for `max_new_tokens` after the prompt (`NAtSLCache.reserve`), so it never grows while decoding; with `step()`,
   call `cache.reserve(n)` yourself.
+- Each kind of step runs eagerly once on the capture stream before it is captured (lazy initialisations, autotuning).
 - After an eager step the states' new tensors are copied into the captured buffers, so the graphs stay valid. They
   are captured again only when a buffer changes shape (K/V growth) or the batch changes.
 - Inside the captured step every state update is an in-place copy into the buffer it replaces.
@@ -112,6 +113,7 @@ class GraphDecoder:
 
     def _drop(self) -> None:
         self._replays, self._buffers, self._cache, self._ids = {}, None, None, None
+        self._warm: set = set()  # the kinds of step run eagerly on the capture stream since (warm-ups before capture)
 
     def _kind(self, cache: NAtSLCache) -> str | None:
         """Which captured step this step is: `"inside"` (no block completes), `"complete"` (every natsl layer
@@ -212,7 +214,7 @@ class GraphDecoder:
         if kind is not None and self._buffers is not None and not self._holds_buffers(cache.layers):
             # the cache changed outside this decoder (reorder_cache, an eager model call): adopt its new tensors
             self.capturer.eager(lambda: self._adopt(cache.layers))
-        if kind is not None and (self._buffers is not None or self.eager_steps):
+        if kind is not None and kind in self._warm:
             if kind not in self._replays:
                 return self._capture(kind, input_ids, cache).clone()
             self._ids.copy_(input_ids)
@@ -223,7 +225,11 @@ class GraphDecoder:
                     st.length_bound += st.block_size
             self.replays += 1
             return out.clone()
-        # eager: a buffer would grow, or the first step on the capture stream (its warm-up)
+        # eager: a buffer would grow, or the first step of its kind on the capture stream (the warm-up that runs its
+        # lazy initialisations before a capture)
+        if kind is not None:
+            self._warm.add(kind)
+
         def eager() -> torch.Tensor:
             logits = self.model(input_ids, cache=cache).logits
             if self._buffers is not None:
