@@ -29,6 +29,8 @@ import triton
 import triton.language as tl
 
 LOG2E = 1.4426950408889634
+#: the routing block sizes the kernels take (one `C × C` tile per block pair)
+BLOCK_SIZES = (16, 32, 64, 128)
 # launch configurations (warps, pipeline stages) of the forward, dq and dk/dv kernels
 CONFIGS = {"fwd": dict(num_warps=4, num_stages=2), "dq": dict(num_warps=4, num_stages=2),
            "dkdv": dict(num_warps=4, num_stages=1)}
@@ -59,11 +61,17 @@ def _softmax_step(b_q, K, V, b, h, k0, kn, skb, skt, skh, svb, svt, svh, qk_scal
     if CAUSAL:
         rows = tl.arange(0, C)
         b_s = tl.where((rows[None, :] <= rows[:, None]) & (rows[None, :] < kn), b_s, float("-inf"))
+    return online_softmax_update(b_s, tl.load(v_ptr, mask=v_mask, other=0.), m_i, l_i, acc, PREC)
+
+
+@triton.jit
+def online_softmax_update(b_s, b_v, m_i, l_i, acc, PREC: tl.constexpr):
+    """Fold the scores `b_s [M, N]` (log2 units, `-inf` = not visible) of one key tile with its values `b_v [N, DV]`
+    into the running `(max m, sum l, output acc)`; rows that have seen nothing keep `m = -inf`, `l = 0`."""
     m_new = tl.maximum(m_i, tl.max(b_s, 1))
     m_safe = tl.where(m_new == float("-inf"), 0., m_new)
     b_p = tl.exp2(b_s - m_safe[:, None])
     alpha = tl.exp2(m_i - m_safe)
-    b_v = tl.load(v_ptr, mask=v_mask, other=0.)
     return m_new, l_i * alpha + tl.sum(b_p, 1), acc * alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v,
                                                                               input_precision=PREC)
 
@@ -351,8 +359,8 @@ def block_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, soft: tor
         raise TypeError(f"q, k, v must have one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     if not q.device == k.device == v.device == soft.device:
         raise ValueError(f"q, k, v and soft must be on one device, got {q.device}, {k.device}, {v.device}, {soft.device}")
-    if block_size not in (16, 32, 64, 128):
-        raise ValueError(f"block_size must be one of (16, 32, 64, 128) for the Triton kernels, got {block_size}")
+    if block_size not in BLOCK_SIZES:
+        raise ValueError(f"block_size must be one of {BLOCK_SIZES} for the Triton kernels, got {block_size}")
     H, Hr = q.shape[2], soft.shape[2]
     if H % Hr:
         raise ValueError(f"heads H={H} must be a multiple of the router heads {Hr}")

@@ -16,7 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
-LOG2E = 1.4426950408889634
+from natsl.kernels.block_attention import LOG2E, online_softmax_update
+
 BLOCK_N = 64
 
 
@@ -48,13 +49,7 @@ def decode_attn_split_kernel(Q, K, V, LIMIT, OUT, LSE, sqb, sqt, sqh, skb, skh, 
                     mask=m_n[:, None] & (cols_v < DV)[None, :], other=0.)
         sc = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
         sc = tl.where(rn[None, :] < lim[:, None], sc, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(sc, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0., m_new)
-        p = tl.exp2(sc - m_safe[:, None])
-        alpha = tl.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
-        m_i = m_new
+        m_i, l_i, acc = online_softmax_update(sc, v, m_i, l_i, acc, PREC)
     empty = l_i == 0.
     o = acc / tl.where(empty, 1., l_i)[:, None]
     lse = tl.where(empty, float("-inf"), m_i + tl.log2(tl.where(empty, 1., l_i)))  # log2 units

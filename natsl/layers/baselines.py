@@ -23,11 +23,16 @@ from natsl.layers.state import LinearLayerState, SoftmaxLayerState, layer_state,
 from natsl.utils import DECODE_ATTENTIONS, LINEAR_BACKENDS, check_choice, check_mixer_forward, compute_dtype
 
 
+def _uses_fla(impl: str, device: torch.device) -> bool:
+    """Whether the plain recurrence runs on fla: `impl="fla"`, or `"auto"` on CUDA."""
+    check_choice("linear_impl", impl, ("auto", "fla", "torch"))
+    return impl == "fla" or (impl == "auto" and device.type == "cuda")
+
+
 def linear_op(backend: str, impl: str, device: torch.device):
     """The plain (unrouted) recurrence of `backend`: fla's op (`impl="fla"`, or `"auto"` on CUDA) or natsl's
     PyTorch op. All share `fn(q, k, v, g, beta, *, scale, initial_state, output_final_state, cu_seqlens)`."""
-    check_choice("linear_impl", impl, ("auto", "fla", "torch"))
-    if impl == "fla" or (impl == "auto" and device.type == "cuda"):
+    if _uses_fla(impl, device):
         from natsl.layers.linear.fla_ops import FLA_LINEAR_OPS
 
         return FLA_LINEAR_OPS[backend]
@@ -39,8 +44,7 @@ def linear_op(backend: str, impl: str, device: torch.device):
 def step_op(backend: str, impl: str, device: torch.device):
     """The one-token decode step of `backend` (`fn(q, k, v, g, beta, state, scale) -> (o, state)`, read-out after
     the update): fla's fused recurrent kernel (`impl="fla"`, or `"auto"` on CUDA) or natsl's PyTorch step."""
-    check_choice("linear_impl", impl, ("auto", "fla", "torch"))
-    if impl == "fla" or (impl == "auto" and device.type == "cuda"):
+    if _uses_fla(impl, device):
         from natsl.layers.linear.fla_ops import fla_step
 
         return functools.partial(fla_step, backend)

@@ -39,7 +39,6 @@ def straight_through(logits: torch.Tensor, temperature: float, sample: str, trai
     p = torch.softmax(logits / temperature, dim=-1)
     soft = p.detach()[..., 0] >= p.detach()[..., 1]  # the argmax (ties: softmax) without `one_hot`'s value check,
     hard = torch.stack([soft, ~soft], -1).to(p.dtype)  # which reads the indices on the host
-
     return hard + (p - p.detach()), p
 
 

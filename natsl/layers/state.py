@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from natsl.utils import DECODE_ATTENTIONS, check_choice
+
 GROWTH = 1.5
 
 
@@ -72,6 +74,7 @@ def attend_rows(q: torch.Tensor, k_rows: torch.Tensor, v_rows: torch.Tensor, lim
     Returns:
         `o [B, T, H, d_v]` in the dtype of `q`.
     """
+    check_choice("impl", impl, DECODE_ATTENTIONS)
     if impl == "triton":
         from natsl.kernels.decode_attention import decode_attention
 
@@ -196,14 +199,29 @@ class NAtSLLayerState(_DevicePosition):
             buf[:, :, :cap] = old[:, :, :cap]
             setattr(self, name, buf)
 
+    def _fits(self, bound: int) -> bool:
+        """Whether rows up to the host bound `bound` plus one more block fit in the storage."""
+        return bound + self.block_size <= self.capacity
+
     def _reserve(self, lengths_after: torch.Tensor, bound_after: int) -> None:
         """Make room for `lengths_after` plus one more block; syncs only when the host bound reaches capacity."""
-        C = self.block_size
-        if bound_after + C > self.capacity:
+        if not self._fits(bound_after):
             bound_after = int(lengths_after.max())
-            if bound_after + C > self.capacity:
-                self._grow(bound_after + C)
+            if not self._fits(bound_after):
+                self._grow(bound_after + self.block_size)
         self.length_bound = bound_after
+
+    def commit_fits(self) -> bool:
+        """Whether committing the current block grows nothing and reads nothing on the host (`_reserve`'s fast path),
+        whatever its routing."""
+        return self._fits(self.length_bound + self.block_size)
+
+    def advance_replayed(self) -> None:
+        """The host counters of one replayed (captured) decode step, which the captured kernels do not run: one more
+        token and, if it completed a block, the bound of `lengths` that `commit` advances by `block_size`."""
+        self.seen_tokens += 1
+        if self.block_pos == 0:
+            self.length_bound += self.block_size
 
     def reserve(self, tokens: int) -> None:
         """Make room for `tokens` more tokens, whatever their routing, so that no later `append` / `commit` of them
@@ -402,6 +420,10 @@ class LinearLayerState:
     def reserve(self, tokens: int) -> None:
         """Nothing grows in a linear layer's state."""
 
+    def advance_replayed(self) -> None:
+        """The host counter of one replayed decode step."""
+        self.seen_tokens += 1
+
     def append(self, tokens: int, state: torch.Tensor, **conv: torch.Tensor) -> None:
         """Record `tokens` more tokens: the new recurrent state and convolution states."""
         self.state = state
@@ -449,6 +471,7 @@ class SoftmaxLayerState(_DevicePosition):
         return -1 if self.k_rows is None else self.k_rows.shape[0]
 
     def _grow(self, new: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Storage of `new` rows like `k, v [B, *, H, d]` (batch, heads, dims, dtype, device), the used rows kept."""
         B, _, H, _ = k.shape
         rows = []
         for old, x in ((self.k_rows, k), (self.v_rows, v)):
@@ -461,8 +484,11 @@ class SoftmaxLayerState(_DevicePosition):
     def reserve(self, tokens: int) -> None:
         """Make room for `tokens` more tokens (no growth, hence no re-capture, while they are appended)."""
         if self.k_rows is not None and self.seen_tokens + tokens > self.capacity:
-            k, v = (x[:, :, :1].transpose(1, 2) for x in (self.k_rows, self.v_rows))
-            self._grow(self.seen_tokens + tokens, k, v)
+            self._grow(self.seen_tokens + tokens, self.k_rows.transpose(1, 2), self.v_rows.transpose(1, 2))
+
+    def advance_replayed(self) -> None:
+        """The host counter of one replayed decode step (its K/V row is written on the device)."""
+        self.seen_tokens += 1
 
     def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
         """Add `k, v [B, T, H, d]` after the rows in use."""

@@ -9,11 +9,11 @@ reads, RoPE positions) and no decision is taken on the host. `GraphDecoder` capt
 
 - The step that completes a block (router, commit or drop of the block's K/V, state update) is the second graph: the
   decision is a device tensor, the commit advances `lengths` on the device, and its only host work (the bound of
-  `lengths` that `NAtSLLayerState.commit` keeps) advances by `block_size` whatever the routing, so the decoder
-  advances it after a replay. It is replayable while the K/V storage has room for one more block; a step that would
-  grow a buffer (or of a plain softmax layer whose storage is full) runs eagerly. `generate()` reserves the storage
-  for `max_new_tokens` after the prompt (`NAtSLCache.reserve`), so it never grows while decoding; with `step()`,
-  call `cache.reserve(n)` yourself.
+  `lengths` that `NAtSLLayerState.commit` keeps) advances by `block_size` whatever the routing, so the states
+  advance it after a replay (`advance_replayed`). It is replayable while the K/V storage has room for one more
+  block; a step that would grow a buffer (or of a plain softmax layer whose storage is full) runs eagerly.
+  `generate()` reserves the storage for `max_new_tokens` after the prompt (`NAtSLCache.reserve`), so it never grows
+  while decoding; with `step()`, call `cache.reserve(n)` yourself.
 - Each kind of step runs eagerly once on the capture stream before it is captured (lazy initialisations, autotuning).
 - After an eager step the states' new tensors are copied into the captured buffers, so the graphs stay valid. They
   are captured again only when a buffer changes shape (K/V growth) or the batch changes.
@@ -128,7 +128,7 @@ class GraphDecoder:
                     return None
                 if st.block_pos + 1 < st.block_size:
                     kinds.add("inside")
-                elif st.length_bound + 2 * st.block_size <= st.capacity:  # commit's `_reserve` does not grow
+                elif st.commit_fits():
                     kinds.add("complete")
                 else:
                     return None
@@ -220,9 +220,7 @@ class GraphDecoder:
             self._ids.copy_(input_ids)
             out = self._replays[kind]()
             for st in cache.layers:  # the host counters the captured step advanced when it was captured
-                st.seen_tokens += 1
-                if kind == "complete" and isinstance(st, NAtSLLayerState):
-                    st.length_bound += st.block_size
+                st.advance_replayed()
             self.replays += 1
             return out.clone()
         # eager: a buffer would grow, or the first step of its kind on the capture stream (the warm-up that runs its

@@ -44,6 +44,8 @@ def test_empty_rows_and_errors():
         decode_attention(torch.randn(1, 129, 2, 16), k, v, torch.ones(1, 2, 129, dtype=torch.long), 0.25)
     with pytest.raises(ValueError, match="must match"):
         decode_attention(q, k, v, limit[..., :1], 0.25)
+    with pytest.raises(ValueError, match="impl"):
+        attend_rows(q, k, v, limit.clamp(min=1), 0.25, impl="flash")
 
 
 def test_model_decoding_with_the_triton_read():

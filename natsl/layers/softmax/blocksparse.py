@@ -8,13 +8,12 @@ dims, not per sequence length). CUDA; on CPU only under the Triton interpreter (
 
 from __future__ import annotations
 
-import os
-
 import torch
 
+from natsl.kernels.block_attention import BLOCK_SIZES, block_attention
+from natsl.kernels.gather_scatter import uses_triton
 from natsl.layers.routing import Routing
 
-BLOCK_SIZES = (16, 32, 64, 128)
 MAX_HEAD_DIM = 256
 
 
@@ -25,7 +24,7 @@ class TritonSoftmax:
 
     def not_supported_reasons(self, q, k, v, routing: Routing, router_grad: str = "selected") -> list[str]:
         reasons = []
-        if q.device.type != "cuda" and not (q.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"):
+        if not uses_triton(q):
             reasons.append(f"natsl's Triton kernels run on CUDA (or on CPU under TRITON_INTERPRET=1), got {q.device.type}")
         if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
             reasons.append(f"dtype {q.dtype} (supported: float16, bfloat16, float32)")
@@ -41,8 +40,6 @@ class TritonSoftmax:
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, routing: Routing, *, scale: float,
                 router_grad: str = "selected") -> torch.Tensor:
         """`q, k: [B, T, H_A, d]`, `v: [B, T, H_A, d_v]` → `o [B, T, H_A, d_v]` (no host sync)."""
-        from natsl.kernels.block_attention import block_attention
-
         T = q.shape[1]
         lay = routing.layout(T)
         gate = routing.gates(router_grad)[0]
