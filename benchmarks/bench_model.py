@@ -32,6 +32,12 @@ NAMES = {"hybrid": "NAtS-L Hybrid", "layer_hybrid": "GDN Hybrid 3:1", "softmax":
          "natsl": "NAtS-L (all layers)", "linear": "GDN (all layers)", "fla_gdn": "fla GatedDeltaNetForCausalLM"}
 
 
+def display_name(family: str) -> str:
+    """`hybrid@flex` → `NAtS-L Hybrid (flex)`."""
+    name, _, sb = family.partition("@")
+    return NAMES.get(name, name) + (f" ({sb})" if sb else "")
+
+
 def build(size: str, family: str, frac: float, device: str, backend: str):
     """`family` may end in `@<softmax backend>` (e.g. `hybrid@flex`); default `auto`."""
     family, _, softmax_backend = family.partition("@")
@@ -105,11 +111,10 @@ def main():
                 ms = time_ms(make_step(model, opt, B, T, args.device, vocab), warmup=2, rep=args.steps)
             except torch.OutOfMemoryError:
                 print(f"{family} {B}x{T}: out of memory", flush=True)
-                rows.append(dict(model=family, shape=f"{B}x{T}", note="OOM"))
+                rows.append(dict(model=display_name(family), shape=f"{B}x{T}", note="OOM"))
                 continue
             peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
-            name, _, sb = family.partition("@")
-            row = dict(model=NAMES.get(name, name) + (f" ({sb})" if sb else ""), params_M=round(params, 1),
+            row = dict(model=display_name(family), params_M=round(params, 1),
                        shape=f"{B}x{T}", step_ms=ms,
                        tokens_per_s=round(B * T / ms * 1e3), peak_GiB=peak, first_step_s=round(first, 1))
             rows.append(row)
