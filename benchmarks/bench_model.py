@@ -12,6 +12,10 @@ Usage (H200, fla wheels on PYTHONPATH):
     python3 benchmarks/bench_model.py [--shapes 8x4096,1x32768] [--models linear,fla_gdn,hybrid,softmax] [--out F]
     (a model name may name the NAtS-L layers' softmax backend: `hybrid@triton,hybrid@flex`)
 CPU smoke run: python3 benchmarks/bench_model.py --device cpu --size tiny --shapes 2x128 --models linear,hybrid --steps 1
+
+With `--prefill` (issue 22) a step is instead the prefill of a generation: the bf16 model in eval mode, one forward
+under `torch.no_grad()` with an inference cache (`use_cache=True`) and the logits of the last position only
+(`logits_to_keep=1`), e.g. `--prefill --shapes 1x32768,1x131072 --models hybrid,softmax,fla_gdn`.
 """
 
 from __future__ import annotations
@@ -58,6 +62,17 @@ def build(size: str, family: str, frac: float, device: str, backend: str):
     return model, opt
 
 
+def make_prefill(model, B: int, T: int, device: str, vocab: int):
+    """One prefill: a no-grad forward that builds the inference cache and the last position's logits."""
+    ids = torch.randint(0, vocab, (B, T), device=device)
+
+    @torch.no_grad()
+    def step():
+        return model(input_ids=ids, use_cache=True, logits_to_keep=1).logits
+
+    return step
+
+
 def make_step(model, opt, B: int, T: int, device: str, vocab: int):
     ids = torch.randint(0, vocab, (B, T), device=device)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else torch.autocast(
@@ -84,11 +99,14 @@ def main():
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--gradient-checkpointing", action="store_true",
                     help="recompute every block in the backward (model.gradient_checkpointing_enable())")
+    ap.add_argument("--prefill", action="store_true",
+                    help="time the prefill of generation (bf16, no grad, with a cache) instead of a training step")
     add_common_args(ap)
     args = parse_common(ap)
     cuda = args.device.startswith("cuda")
     shapes = [tuple(int(n) for n in sh.split("x")) for sh in args.shapes.split(",")]
-    header = f"# {env_line()}; size {args.size}, backend {args.linear_backend}, forced softmax fraction {args.frac}"
+    header = (f"# {env_line()}; size {args.size}, backend {args.linear_backend}, forced softmax fraction {args.frac}"
+              + ("; prefill (bf16, no grad, with a cache)" if args.prefill else "; training step"))
     print(header, flush=True)
     rows = []
     for family in args.models.split(","):
@@ -97,8 +115,17 @@ def main():
             model.gradient_checkpointing_enable()
         vocab = model.config.vocab_size
         params = sum(p.numel() for p in model.parameters()) / 1e6
+        if args.prefill:
+            del opt
+            model = model.to(torch.bfloat16 if cuda else torch.float32).eval()
+
+            def make(B, T):
+                return make_prefill(model, B, T, args.device, vocab)
+        else:
+            def make(B, T):
+                return make_step(model, opt, B, T, args.device, vocab)
         t0 = time.time()
-        make_step(model, opt, 1, min(1024, shapes[0][1]), args.device, vocab)()
+        make(1, min(1024, shapes[0][1]))()
         if cuda:
             torch.cuda.synchronize()
         first = time.time() - t0
@@ -108,7 +135,7 @@ def main():
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats()
             try:
-                ms = time_ms(make_step(model, opt, B, T, args.device, vocab), warmup=2, rep=args.steps)
+                ms = time_ms(make(B, T), warmup=2, rep=args.steps)
             except torch.OutOfMemoryError:
                 print(f"{family} {B}x{T}: out of memory", flush=True)
                 rows.append(dict(model=display_name(family), shape=f"{B}x{T}", note="OOM"))
@@ -119,7 +146,7 @@ def main():
                        tokens_per_s=round(B * T / ms * 1e3), peak_GiB=peak, first_step_s=round(first, 1))
             rows.append(row)
             print(row, flush=True)
-        del model, opt
+        del model, make
         if cuda:
             torch.cuda.empty_cache()
     table = markdown_table(rows, ["model", "params_M", "shape", "step_ms", "tokens_per_s", "peak_GiB",
