@@ -10,7 +10,8 @@ decode step = one layer (or model) call on one new token with the cache; it appe
 grows by a few hundred tokens over a measurement (< 1% at 32k). Timings: `eager` = `triton.testing.do_bench` of the
 eager call (includes the host's launch overhead whenever the GPU is faster than the host), `graph` = the same step
 replayed as a CUDA graph at a fixed position (GPU time only), `GraphDecoder ms/token` (models) = wall time per
-token of `natsl.models.GraphDecoder` over 256 tokens (two captured steps: inside a block, block completion).
+token of `natsl.models.GraphDecoder` over 256 tokens (two captured steps: inside a block, block completion; both
+captured during a warm-up of one block).
 `core` = the attention read alone (natsl: `attend_current` over the pair's committed rows + current block; dense:
 `attend_last` over all rows).
 Providers (layer level, the paper's 340M layer: H_L=6, d_k=128, d_v=256, H_A=12 × (64, 128), H_R=6, C=64):
@@ -171,10 +172,11 @@ def setup_model(provider: str, T: int, B: int):
 
 
 def decoder_ms_per_token(model, cache, ids, tokens: int = 256) -> float:
-    """Wall time per token of `GraphDecoder.step` over `tokens` steps (replays of its two captured steps; the first
-    block completion inside the window is captured), after two warm-up steps (one eager, one capture)."""
+    """Wall time per token of `GraphDecoder.step` over `tokens` steps (replays of its two captured steps, four block
+    completions), after one block and two steps of warm-up, in which each kind of step runs once eagerly and is
+    captured once (one-time costs of a generation, not of a token)."""
     decoder = GraphDecoder(model)
-    for _ in range(2):
+    for _ in range(model.config.block_size + 2):
         decoder.step(ids, cache)
     torch.cuda.synchronize()
     start = time.perf_counter()
@@ -232,7 +234,7 @@ def main():
     CPU_PATHS["linear_impl"] = args.linear_impl
     err = gate()
     print(f"gate: prefill + decode vs full forward (fp32), max rel. error {err:.2e}", flush=True)  # noqa: T201
-    if not err < 1e-4:
+    if not err < (1e-4 if args.linear_impl == "torch" else 2e-3):  # fla kernels: fp32 inputs, tf32-class matmuls
         raise SystemExit("correctness gate failed: not timing anything")
     print(f"{env_line()}; decode_attention={args.decode_attention}, linear_impl={args.linear_impl}", flush=True)  # noqa: T201
     rows = []

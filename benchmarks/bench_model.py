@@ -21,6 +21,7 @@ under `torch.no_grad()` with an inference cache (`use_cache=True`) and the logit
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
 import time
@@ -116,14 +117,11 @@ def main():
         vocab = model.config.vocab_size
         params = sum(p.numel() for p in model.parameters()) / 1e6
         if args.prefill:
-            del opt
+            opt = None
             model = model.to(torch.bfloat16 if cuda else torch.float32).eval()
-
-            def make(B, T):
-                return make_prefill(model, B, T, args.device, vocab)
+            make = functools.partial(make_prefill, model, device=args.device, vocab=vocab)
         else:
-            def make(B, T):
-                return make_step(model, opt, B, T, args.device, vocab)
+            make = functools.partial(make_step, model, opt, device=args.device, vocab=vocab)
         t0 = time.time()
         make(1, min(1024, shapes[0][1]))()
         if cuda:
@@ -146,7 +144,7 @@ def main():
                        tokens_per_s=round(B * T / ms * 1e3), peak_GiB=peak, first_step_s=round(first, 1))
             rows.append(row)
             print(row, flush=True)
-        del model, make
+        del model, opt, make
         if cuda:
             torch.cuda.empty_cache()
     table = markdown_table(rows, ["model", "params_M", "shape", "step_ms", "tokens_per_s", "peak_GiB",

@@ -10,14 +10,13 @@ from typing import Literal
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from natsl.kernels.index import block_layout
 from natsl.kernels.merge import norm_merge
 from natsl.layers.conv import ShortConv, conv_qkv
 from natsl.layers.fused import RMSNorm, l2_norm, rotary_torch
 from natsl.layers.gates import LinearGates
-from natsl.layers.router import BlockRouter, straight_through
+from natsl.layers.router import BlockRouter
 from natsl.layers.state import NAtSLLayerState, layer_state
 from natsl.utils import (
     DECODE_ATTENTIONS,
@@ -258,7 +257,7 @@ class NAtSLAttention(nn.Module):
         from natsl.layers.softmax import softmax_branch
 
         B, T, D = x.shape
-        C, Hr = self.block_size, self.num_router_heads
+        C = self.block_size
         t0, n0 = state.seen_tokens, state.block_pos
         if state.initialized and state.batch_size != B:
             raise ValueError(f"the cache holds batch size {state.batch_size}, got hidden_states with batch {B}")
@@ -286,8 +285,7 @@ class NAtSLAttention(nn.Module):
         weights = is_soft = None
         if n_done:
             counts = (n0 + T - C * torch.arange(nb, device=x.device)).clamp(max=C).to(xf.dtype)  # no host copy
-            logits = F.linear(sums / counts[:, None], self.router.proj.weight.to(xf.dtype)).view(B, nb, Hr, 2)
-            weights, _ = straight_through(logits, self.router.temperature, self.router.sample, self.router.training)
+            weights, _ = self.router.decide(sums / counts[:, None])
             is_soft = weights.detach()[..., 0] > 0.5  # [B, nb, Hr]
         if not state.initialized:
             g_sum = None if g is None else upcast(g[:, :1]).sum(1)

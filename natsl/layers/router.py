@@ -70,7 +70,11 @@ class BlockRouter(nn.Module):
         """`x [B, T, D]` → `(weights [B, N, H_R, 2] one-hot with ST gradients, p [B, N, H_R, 2])` in at least float32."""
         if layout is None:
             layout = block_layout(x.shape[1], self.block_size, cu_seqlens, device=x.device)
-        xm = block_mean(x, layout)
+        return self.decide(block_mean(x, layout))
+
+    def decide(self, xm: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The decision from block means `xm [B, N, D]` (float32; the training forward and the cached path of
+        `NAtSLAttention` share it) → `(weights, p)` as in `forward`."""
         logits = F.linear(xm, self.proj.weight.to(xm.dtype))
         logits = logits.view(*logits.shape[:2], self.num_router_heads, 2)
         return straight_through(logits, self.temperature, self.sample, self.training)
