@@ -4,7 +4,7 @@
 # within the device's idle limit) so that the Triton disk cache of the first call's compiles is reused.
 # Usage (repository root, fla wheels in .whl/): bash benchmarks/pending_gpu.sh PART
 #   tests   the GPU tests of the softmax kernels, the generation path and the fused modules, beside MQAR run A
-#   bench   prefill of the 340M models at 32k/128k, the triton launch-config probe (DQ_ATOMIC), decode at 32k/128k
+#   bench   prefill of the 340M models at 32k/128k, the triton launch-config probe, decode at 32k/128k
 #   more    MQAR run B (natsl without the budget), the split-KV read, the layer profile
 #   final   prefill and decode again (routers forced in the cached path too; both decode graphs captured before
 #           timing), then the GPU tests that the first part's limit cut off
@@ -34,7 +34,7 @@ tests)
 bench)
   timeout 200 python3 benchmarks/bench_model.py --prefill --shapes 1x32768,1x131072 --models hybrid,fla_gdn,softmax \
     --steps 5 --out "$OUT/prefill.md" 2>&1 | tail -n 12
-  timeout 150 python3 benchmarks/probe_triton_configs.py 2>&1 | grep -E "BEST|DQ_ATOMIC" | tee "$OUT/probe.txt"
+  timeout 150 python3 benchmarks/probe_triton_configs.py 2>&1 | grep -E "BEST|best configurations" | tee "$OUT/probe.txt"
   OUT=$OUT timeout 220 python3 benchmarks/bench_generation.py --models --contexts 32768 131072 --batch 1 \
     --decode-attention triton --linear-impl auto 2>&1 | tail -n 20
   ;;

@@ -2,8 +2,7 @@
 
 For the forward, dq and dk/dv kernels in turn (each keeping the best of the ones before), times the `triton`
 softmax backend (forward under no_grad for the forward kernel, forward+backward with the router gradient for the
-others) at num_warps in (4, 8) × num_stages in (1, 2, 3); then the fwd+bwd with dq in its own kernel and with dq by
-atomic adds in the dk/dv kernel (`DQ_ATOMIC`). Paper heads (H_A=12, d=64, d_v=128, H_R=6, blocks of
+others) at num_warps in (4, 8) × num_stages in (1, 2, 3). Paper heads (H_A=12, d=64, d_v=128, H_R=6, blocks of
 64), 12.5% softmax blocks, bf16, at B=1 × 64k and B=8 × 4k. Usage (GPU): python3 benchmarks/probe_triton_configs.py
 """
 
@@ -48,11 +47,8 @@ def main():
                     best = (ms, nw, ns)
             ba.CONFIGS[kind] = dict(num_warps=best[1], num_stages=best[2])
             print(f"BEST B={B} T={T} {kind}: {best}", flush=True)
-        for atomic in (False, True):  # dq in its own kernel, or by atomic adds in the dk/dv kernel
-            ba.DQ_ATOMIC = atomic
-            ms = triton.testing.do_bench(fwd_bwd, grad_to_none=[q, k, v, w])
-            print(f"B={B} T={T} fwd+bwd DQ_ATOMIC={atomic}: {ms:.3f} ms", flush=True)
-        ba.DQ_ATOMIC = False
+        ms = triton.testing.do_bench(fwd_bwd, grad_to_none=[q, k, v, w])
+        print(f"B={B} T={T} fwd+bwd with the best configurations: {ms:.3f} ms", flush=True)
 
 
 if __name__ == "__main__":

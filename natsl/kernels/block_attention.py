@@ -34,10 +34,9 @@ BLOCK_SIZES = (16, 32, 64, 128)
 # launch configurations (warps, pipeline stages) of the forward, dq and dk/dv kernels
 CONFIGS = {"fwd": dict(num_warps=4, num_stages=2), "dq": dict(num_warps=4, num_stages=2),
            "dkdv": dict(num_warps=4, num_stages=1)}
-# the dq of the backward: False = its own kernel (recomputes the scores and dP: 7 matmuls per visible tile pair
-# in the backward; measured on the H200), True = accumulated in the dk/dv kernel with float32 atomic adds (5 matmuls,
-# the order of the adds is not deterministic; not yet measured on a GPU)
-DQ_ATOMIC = False
+# dq has its own kernel, which recomputes the scores and dP (7 matmuls per visible tile pair in the backward): dq by
+# float32 atomic adds in the dk/dv kernel (5 matmuls) measured 1.9x slower on the H200 (benchmarks/RESULTS.md,
+# session 21) and was removed
 
 
 @triton.jit
@@ -153,15 +152,6 @@ def _dkdv_step(b_k, b_v, b_q, b_do, lse, delta, qk_scale, qn, C: tl.constexpr, C
 
 
 @triton.jit
-def _add_dq(DQ32, b_dst, b_k, b, h, q0, qn, sqb, sqt, sqh, scale, C: tl.constexpr, D, BD: tl.constexpr,
-            PREC: tl.constexpr):
-    """`dq[q0 + [0, C)] += scale · dS K` of one (key tile, query tile) pair (`b_dst` is `dSᵀ`, keys on rows), with
-    float32 atomic adds (`DQ_ATOMIC`)."""
-    ptr, mask = _tile_ptrs(DQ32, b, h, q0, qn, sqb, sqt, sqh, C, D, BD)
-    tl.atomic_add(ptr, tl.dot(tl.trans(b_dst).to(b_k.dtype), b_k, input_precision=PREC) * scale, mask=mask)
-
-
-@triton.jit
 def block_attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, IDX, LO, HI, BSTART, BLEN, sqb, sqt, sqh, skb, skt, skh,
                              svb, svt, svh, sdb, sdt, sdh, qk_scale, scale, T, N, H, HR, G, D, DV,
                              C: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, OWN: tl.constexpr,
@@ -189,10 +179,10 @@ def block_attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, IDX, LO, HI, BSTART, B
 
 
 @triton.jit
-def block_attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV_, DM, DQ32, SOFT, SEQ_END, BSTART, BLEN, sqb, sqt,
-                               sqh, skb, skt, skh, svb, svt, svh, sdb, sdt, sdh, qk_scale, scale, T, N, H, HR, G, D,
-                               DV, C: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, OWN: tl.constexpr,
-                               DQ_ATOMIC: tl.constexpr, PREC: tl.constexpr):
+def block_attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV_, DM, SOFT, SEQ_END, BSTART, BLEN, sqb, sqt, sqh,
+                               skb, skt, skh, svb, svt, svh, sdb, sdt, sdh, qk_scale, scale, T, N, H, HR, G, D, DV,
+                               C: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, OWN: tl.constexpr,
+                               PREC: tl.constexpr):
     pid = tl.program_id(0)
     j = pid // (tl.num_programs(0) // N)  # earliest key blocks (most later queries) first
     bh = pid % (tl.num_programs(0) // N)
@@ -209,11 +199,9 @@ def block_attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV_, DM, DQ32, SOFT,
     if OWN:  # the queries of the own block, causal
         b_q, b_do, lse, delta = _query_rows(Q, DO, LSE, DELTA, b, h, bh, k0, kn, sqb, sqt, sqh, sdb, sdt, sdh, T, D,
                                             DV, C, BD, BDV)
-        d_v, d_k, b_dst = _dkdv_step(b_k, b_v, b_q, b_do, lse, delta, qk_scale, kn, C, True, PREC)
+        d_v, d_k, _ = _dkdv_step(b_k, b_v, b_q, b_do, lse, delta, qk_scale, kn, C, True, PREC)
         dv += d_v
         dk += d_k
-        if DQ_ATOMIC:
-            _add_dq(DQ32, b_dst, b_k, b, h, k0, kn, sqb, sqt, sqh, scale, C, D, BD, PREC)
     is_soft = tl.load(SOFT + (b * N + j) * HR + r) != 0
     i_end = tl.where(is_soft, tl.load(SEQ_END + j), j + 1)
     colsum = tl.zeros([C], tl.float32)
@@ -225,8 +213,6 @@ def block_attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV_, DM, DQ32, SOFT,
         dv += d_v
         dk += d_k
         colsum += tl.sum(b_dst, 1)
-        if DQ_ATOMIC:
-            _add_dq(DQ32, b_dst, b_k, b, h, q0, qn, sqb, sqt, sqh, scale, C, D, BD, PREC)
     dk_ptr, dk_mask = _tile_ptrs(DK, b, h, k0, kn, skb, skt, skh, C, D, BD)
     dv_ptr, dv_mask = _tile_ptrs(DV_, b, h, k0, kn, svb, svt, svh, C, DV, BDV)
     tl.store(dk_ptr, (dk * scale).to(DK.dtype.element_ty), mask=dk_mask)
@@ -299,20 +285,18 @@ def block_attention_bwd(do, q, k, v, o, lse, plan: dict, scale: float, num_route
     do = do.contiguous()
     delta = (do.float() * o.float()).sum(-1).transpose(1, 2).contiguous()  # [B, H, T]
     dk, dv = torch.empty_like(k), torch.empty_like(v)
-    # q is dense (block_attention copies strided inputs), so the float32 dq buffer has q's strides
-    dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device) if DQ_ATOMIC else torch.empty_like(q)
+    dq = torch.empty_like(q)
     dm = torch.zeros(B, H, N, dtype=torch.float32, device=q.device)
     if N and B * H:
         common = (*strides, *do.stride()[:3], scale * LOG2E, scale, T, N, H, Hr, H // Hr, D, DV)
-        if not DQ_ATOMIC:
-            block_attn_bwd_dq_kernel[(N * B * H,)](
-                q, k, v, do, lse, delta, dq, plan["idx"], plan["lo"], plan["hi"], plan["block_start"],
-                plan["block_len"], *common, OWN=own, **const, **CONFIGS["dq"])
+        block_attn_bwd_dq_kernel[(N * B * H,)](
+            q, k, v, do, lse, delta, dq, plan["idx"], plan["lo"], plan["hi"], plan["block_start"],
+            plan["block_len"], *common, OWN=own, **const, **CONFIGS["dq"])
         block_attn_bwd_dkdv_kernel[(N * B * H,)](
-            q, k, v, do, lse, delta, dk, dv, dm, dq, plan["soft"], plan["seq_end"], plan["block_start"],
-            plan["block_len"], *common, OWN=own, DQ_ATOMIC=DQ_ATOMIC, **const, **CONFIGS["dkdv"])
+            q, k, v, do, lse, delta, dk, dv, dm, plan["soft"], plan["seq_end"], plan["block_start"],
+            plan["block_len"], *common, OWN=own, **const, **CONFIGS["dkdv"])
     dm = dm.view(B, Hr, H // Hr, N).sum(2).permute(0, 2, 1)
-    return dq.to(q.dtype), dk, dv, dm
+    return dq, dk, dv, dm
 
 
 class BlockAttentionFunction(torch.autograd.Function):

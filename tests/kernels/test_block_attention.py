@@ -68,16 +68,6 @@ def test_kernels_match_twin(c):
     _kernel_vs_twin(**c)
 
 
-@pytest.mark.parametrize("packed,own", [(False, True), (True, True), (False, False)])
-def test_dq_by_atomic_adds_matches_twin(monkeypatch, packed, own):
-    """`DQ_ATOMIC`: dq accumulated in the dk/dv kernel (no dq kernel) gives the twin's gradients too."""
-    import natsl.kernels.block_attention as ba
-
-    monkeypatch.setattr(ba, "DQ_ATOMIC", True)
-    _kernel_vs_twin(seed=21, B=1 if packed else 2, T=77, Hr=2, G=2, D=24, DV=16, C=16, packed=packed, kind="random",
-                    own=own)
-
-
 def test_block_size_64_and_router_gradient_not_vacuous():
     grads = _kernel_vs_twin(seed=5, B=1, T=200, Hr=2, G=1, D=16, DV=16, C=64, packed=False, kind="random", own=True,
                             p_soft=0.7)
