@@ -194,6 +194,32 @@ def test_router_gumbel_samples_in_training_only():
     assert ((w_eval == 0) | (w_eval == 1)).all()
 
 
+def test_training_forward_and_cache_share_the_router_decision():
+    """`BlockRouter.decide` is the one decision of the full forward and of the cached path (prefill, decode): a
+    replaced decision (what benchmarks force) routes both, and the cached rows still equal the full forward's."""
+    layer = make_layer("gdn").eval()
+    C, Hr = layer.block_size, layer.num_router_heads
+    x = x_of(2, 5 * C + 3)
+    real = layer.router.decide
+
+    def decide(xm):  # every block of router head 0 softmax, every other linear, with the router's own gradient path
+        w, p = real(xm)
+        fixed = torch.zeros_like(w)
+        fixed[:, :, 0, 0] = 1
+        fixed[:, :, 1:, 1] = 1
+        return fixed + (w - w.detach()), p
+
+    layer.router.decide = decide
+    with torch.no_grad():
+        full, stats, _ = layer(x)
+        pre, pre_stats, st = layer(x[:, :2 * C + 1], use_cache=True)
+        rest, _, _ = layer(x[:, 2 * C + 1:], past_key_values=st, use_cache=True)
+    assert float(stats.softmax_fraction.mean()) == pytest.approx(1 / Hr)
+    assert float(pre_stats.softmax_fraction.mean()) == pytest.approx(1 / Hr)
+    assert st.lengths.tolist() == [[5 * C] + [0] * (Hr - 1)] * 2
+    torch.testing.assert_close(torch.cat([pre, rest], 1), full, rtol=1e-9, atol=1e-10)
+
+
 def test_router_budget_pulls_fraction_toward_target():
     layer = make_layer("gdn", router_budget=0.1, router_budget_weight=2.0)
     x = x_of(2, 32)
