@@ -11,7 +11,7 @@ grows by a few hundred tokens over a measurement (< 1% at 32k). Timings: `eager`
 eager call (includes the host's launch overhead whenever the GPU is faster than the host), `graph` = the same step
 replayed as a CUDA graph at a fixed position (GPU time only), `GraphDecoder ms/token` (models) = wall time per
 token of `natsl.models.GraphDecoder` over 256 tokens (two captured steps: inside a block, block completion; both
-captured during a warm-up of one block).
+captured during a warm-up of two blocks).
 `core` = the attention read alone (natsl: `attend_current` over the pair's committed rows + current block; dense:
 `attend_last` over all rows).
 Providers (layer level, the paper's 340M layer: H_L=6, d_k=128, d_v=256, H_A=12 × (64, 128), H_R=6, C=64):
@@ -173,11 +173,15 @@ def setup_model(provider: str, T: int, B: int):
 
 def decoder_ms_per_token(model, cache, ids, tokens: int = 256) -> float:
     """Wall time per token of `GraphDecoder.step` over `tokens` steps (replays of its two captured steps, four block
-    completions), after one block and two steps of warm-up, in which each kind of step runs once eagerly and is
-    captured once (one-time costs of a generation, not of a token)."""
+    completions), after a warm-up of two blocks and two steps, in which each kind of step runs once eagerly and is
+    captured once (one-time costs of a generation, not of a token: the first block completion is the eager warm-up
+    of its kind, the second its capture)."""
     decoder = GraphDecoder(model)
-    for _ in range(model.config.block_size + 2):
+    for _ in range(2 * model.config.block_size + 2):
         decoder.step(ids, cache)
+    if decoder.captures != decoder.eager_steps:  # each kind of step that occurred: one eager warm-up, one capture
+        raise RuntimeError(f"warm-up left a step kind uncaptured ({decoder.eager_steps} eager, {decoder.captures} "
+                           "captured)")
     torch.cuda.synchronize()
     start = time.perf_counter()
     for _ in range(tokens):
