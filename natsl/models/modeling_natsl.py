@@ -272,6 +272,37 @@ class NAtSLForCausalLM(NAtSLPreTrainedModel, GenerationMixin):
                                    routing_stats=out.routing_stats, router_aux_loss=out.router_aux_loss,
                                    cache=out.cache)
 
+    def generate(self, inputs: torch.Tensor | None = None, generation_config=None, **kwargs):
+        """transformers' `generate()`; greedy decoding on CUDA replays `natsl.GraphDecoder`'s captured steps.
+
+        The graph path is taken for `input_ids [B, T]` of a model in eval mode on CUDA, with `max_new_tokens` given
+        and greedy search (`do_sample` off, one beam, one sequence) and no other generation option than
+        `eos_token_id` / `pad_token_id`. The output is what transformers' greedy search returns: after a row's
+        end-of-sequence token it holds `pad_token_id`, and it ends when every row has finished. Everything else
+        (sampling, beams, logits processors, `return_dict_in_generate`, ...) runs transformers' own loop, which is
+        eager and host-bound on a GPU; `GraphDecoder.generate` also samples with graphs.
+        """
+        if inputs is None and isinstance(kwargs.get("input_ids"), torch.Tensor):
+            inputs = kwargs.pop("input_ids")
+        graph = _graph_generate_args(self, inputs, generation_config, kwargs)
+        if graph is None:
+            return super().generate(inputs, generation_config=generation_config, **kwargs)
+        from natsl.models.graphs import GraphDecoder
+
+        max_new, eos, pad = graph
+        out = GraphDecoder(self, capture=_graph_capture(self)).generate(inputs, max_new)
+        if eos is None:
+            return out
+        T, new = inputs.shape[1], out[:, inputs.shape[1]:]
+        is_eos = torch.isin(new, torch.tensor(eos, device=new.device))
+        done_before = (is_eos.cumsum(1) - is_eos.long()) > 0  # a row's tokens after its first end-of-sequence
+        new = new.masked_fill(done_before, pad)
+        finished = is_eos.cumsum(1) > 0  # [B, n]: the row has finished by this step
+        all_done = finished.all(0)
+        if bool(all_done.any()):  # transformers stops at the step where the last row finishes
+            new = new[:, :int(all_done.nonzero()[0]) + 1]
+        return torch.cat([out[:, :T], new], 1)
+
     def prepare_inputs_for_generation(self, input_ids, next_sequence_length=None, cache=None, attention_mask=None,
                                       inputs_embeds=None, is_first_iteration=False, use_cache=True, **kwargs):
         """Feed only the tokens the cache has not seen (all of them without a cache). Padding masks are passed on
@@ -294,3 +325,57 @@ class NAtSLForCausalLM(NAtSLPreTrainedModel, GenerationMixin):
     def softmax_fractions(self, output: NAtSLCausalLMOutput) -> dict[int, torch.Tensor]:
         """Per natsl layer index, the `[H_R]` softmax fraction of that forward."""
         return {i: s.softmax_fraction for i, s in enumerate(output.routing_stats) if s is not None}
+
+
+# the generation options of `NAtSLForCausalLM.generate`'s graph path; any other option set away from its default
+# runs transformers' own loop
+# (sampling-only options are ignored by greedy search: transformers' own loop ignores them too)
+_GRAPH_GENERATE_OPTIONS = frozenset({"max_new_tokens", "max_length", "do_sample", "num_beams", "num_return_sequences",
+                                     "eos_token_id", "pad_token_id", "bos_token_id", "use_cache",
+                                     "temperature", "top_k", "top_p", "min_p", "typical_p", "epsilon_cutoff",
+                                     "eta_cutoff", "_from_model_config", "transformers_version"})
+
+
+def _same_option(value, default) -> bool:
+    unset = (None, False, [], {}, ())
+    return value == default or (value in unset and default in unset)
+
+
+def _graph_capture(model):
+    """The capture of `NAtSLForCausalLM.generate`'s graph path: `None` (CUDA graphs); tests substitute an emulation."""
+    return None
+
+
+def _graphs_available(model) -> bool:
+    return next(model.parameters()).device.type == "cuda"
+
+
+def _graph_generate_args(model, inputs, generation_config, kwargs) -> tuple | None:
+    """`(max_new_tokens, eos ids or None, pad id)` when `generate()` can replay `GraphDecoder`, else `None`."""
+    import copy
+
+    from transformers import GenerationConfig
+
+    if model.training or not _graphs_available(model) or not isinstance(inputs, torch.Tensor):
+        return None
+    if inputs.dim() != 2 or inputs.dtype not in (torch.int32, torch.int64) or inputs.shape[1] == 0:
+        return None
+    extra = set(kwargs) - {"attention_mask"} - set(GenerationConfig().to_dict())
+    if extra or (kwargs.get("attention_mask") is not None and not bool(kwargs["attention_mask"].bool().all())):
+        return None
+    config = copy.deepcopy(generation_config if generation_config is not None else model.generation_config)
+    config.update(**{k: v for k, v in kwargs.items() if k != "attention_mask"})
+    defaults = GenerationConfig().to_dict()
+    if any(not _same_option(v, defaults.get(k)) for k, v in config.to_dict().items() if k not in _GRAPH_GENERATE_OPTIONS):
+        return None
+    if config.do_sample or (config.num_beams or 1) != 1 or (config.num_return_sequences or 1) != 1:
+        return None
+    if config.use_cache is False or not isinstance(config.max_new_tokens, int) or config.max_new_tokens < 1:
+        return None
+    eos = config.eos_token_id
+    if eos is None:
+        return config.max_new_tokens, None, None
+    eos = [int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])]
+    if config.pad_token_id is None:  # transformers would pick (and warn about) a pad token: its loop decides
+        return None
+    return config.max_new_tokens, eos, int(config.pad_token_id)

@@ -200,3 +200,63 @@ def test_cache_changed_between_steps():
                 logits.append(run(ids[:, t:t + 1], cache))
     torch.testing.assert_close(torch.cat(out, 1), torch.cat(ref, 1), rtol=1e-10, atol=1e-10)
     assert decoder.replays > C // 2
+
+
+def _graph_path(monkeypatch):
+    """Let `NAtSLForCausalLM.generate` take its CUDA-graph path on the CPU (emulated capture); count its replays."""
+    import natsl.models.graphs as graphs
+    import natsl.models.modeling_natsl as modeling
+
+    calls = []
+    real = graphs.GraphDecoder.generate
+
+    def counted(self, *a, **kw):
+        out = real(self, *a, **kw)
+        calls.append(self.replays)
+        return out
+
+    monkeypatch.setattr(modeling, "_graphs_available", lambda model: True)
+    monkeypatch.setattr(modeling, "_graph_capture", lambda model: TracedCapture())
+    monkeypatch.setattr(graphs.GraphDecoder, "generate", counted)
+    return calls
+
+
+def test_transformers_generate_replays_graphs_for_greedy_search(monkeypatch):
+    """`model.generate()` (greedy, `max_new_tokens`) replays GraphDecoder's steps and returns transformers' own greedy
+    output, end-of-sequence handling included (pad after a row's end, stop when every row has ended)."""
+    from transformers import GenerationMixin
+
+    model = model_of("gdn")
+    ids = torch.randint(1, 256, (2, 9), generator=gen(3))
+    ref = GenerationMixin.generate(model, ids, max_new_tokens=40, do_sample=False)
+    calls = _graph_path(monkeypatch)
+    out = model.generate(ids, max_new_tokens=40, do_sample=False)
+    assert len(calls) == 1 and calls[0] > 20
+    assert torch.equal(out, ref)
+    assert torch.equal(model.generate(input_ids=ids, max_new_tokens=40), ref)
+    # an end-of-sequence token that one row produces early and the other later (or never)
+    eos = int(ref[0, 9 + 5])
+    kw = dict(max_new_tokens=40, do_sample=False, eos_token_id=eos, pad_token_id=0)
+    ref_eos = GenerationMixin.generate(model, ids, **kw)
+    out_eos = model.generate(ids, **kw)
+    assert torch.equal(out_eos, ref_eos)
+    assert (out_eos[0, 9 + 6:] == 0).all()
+    # both rows end: transformers stops early, and so does the graph path's output
+    both = [int(ref[0, 9 + 3]), int(ref[1, 9 + 7])]
+    ref_both = GenerationMixin.generate(model, ids, max_new_tokens=40, eos_token_id=both, pad_token_id=0)
+    assert ref_both.shape[1] < ids.shape[1] + 40
+    assert torch.equal(model.generate(ids, max_new_tokens=40, eos_token_id=both, pad_token_id=0), ref_both)
+
+
+@pytest.mark.parametrize("kw", [dict(do_sample=True, top_k=5), dict(num_beams=2), dict(repetition_penalty=1.3),
+                                dict(return_dict_in_generate=True), dict(eos_token_id=3)], ids=str)
+def test_transformers_generate_keeps_its_own_loop_for_other_options(monkeypatch, kw):
+    """Sampling, beams, logits processors, dict outputs, and an end-of-sequence token without a pad token run
+    transformers' loop (and keep working)."""
+    model = model_of("gdn")
+    ids = torch.randint(1, 256, (2, 9), generator=gen(3))
+    calls = _graph_path(monkeypatch)
+    out = model.generate(ids, max_new_tokens=6, **kw)
+    assert not calls
+    seqs = out.sequences if hasattr(out, "sequences") else out
+    assert seqs.shape[0] == 2 and seqs.shape[1] <= 9 + 6 and torch.equal(seqs[:, :9], ids)
