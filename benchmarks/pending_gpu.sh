@@ -9,7 +9,8 @@
 #   prefill prefill of the 340M models at 32k/128k with the routers forced to 12.5% (the cached path takes the forced
 #           decision since 74584ba; session 21's bench part ran before that, with the untrained routers' ~46%), then
 #           decode with the triton read at 32k and 128k (both decode graphs captured before timing)
-#   fused   the GPU tests of the fused modules that session 21's limit cut off
+#   fused   the GPU tests of the fused modules that session 21's limit cut off, and transformers' generate() on
+#           its CUDA-graph path (new after session 21's device calls)
 set -u
 OUT=${OUT:-out}; mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl 2>/dev/null
@@ -55,7 +56,8 @@ prefill)
   ;;
 fused)
   NATSL_TEST_DEVICE=cuda timeout 560 python3 -m pytest -q -m gpu -p no:cacheprovider -W ignore -rfE \
-    tests/gpu/test_fused_gpu.py 2>&1 | tail -n 15 | tee "$OUT/tests.txt"
+    tests/gpu/test_fused_gpu.py tests/gpu/test_generation_gpu.py::test_generate_greedy_with_cache_gpu 2>&1 \
+    | tail -n 15 | tee "$OUT/tests.txt"
   ;;
 *) echo "unknown part $part"; exit 2 ;;
 esac
