@@ -285,20 +285,18 @@ class NAtSLForCausalLM(NAtSLPreTrainedModel, GenerationMixin):
         if inputs is None and isinstance(kwargs.get("input_ids"), torch.Tensor):
             inputs = kwargs.pop("input_ids")
         graph = _graph_generate_args(self, inputs, generation_config, kwargs)
-        if graph is None:
+        decoder = None if graph is None else _graph_decoder(self)
+        if decoder is None:
             return super().generate(inputs, generation_config=generation_config, **kwargs)
-        from natsl.models.graphs import GraphDecoder
-
         max_new, eos, pad = graph
-        out = GraphDecoder(self, capture=_graph_capture(self)).generate(inputs, max_new)
+        out = decoder.generate(inputs, max_new)
         if eos is None:
             return out
         T, new = inputs.shape[1], out[:, inputs.shape[1]:]
         is_eos = torch.isin(new, torch.tensor(eos, device=new.device))
-        done_before = (is_eos.cumsum(1) - is_eos.long()) > 0  # a row's tokens after its first end-of-sequence
-        new = new.masked_fill(done_before, pad)
-        finished = is_eos.cumsum(1) > 0  # [B, n]: the row has finished by this step
-        all_done = finished.all(0)
+        seen = is_eos.cumsum(1)  # [B, n]: end-of-sequence tokens of the row up to this step
+        new = new.masked_fill(seen - is_eos.long() > 0, pad)  # a row's tokens after its first end-of-sequence
+        all_done = (seen > 0).all(0)
         if bool(all_done.any()):  # transformers stops at the step where the last row finishes
             new = new[:, :int(all_done.nonzero()[0]) + 1]
         return torch.cat([out[:, :T], new], 1)
@@ -341,31 +339,30 @@ def _same_option(value, default) -> bool:
     return value == default or (value in unset and default in unset)
 
 
-def _graph_capture(model):
-    """The capture of `NAtSLForCausalLM.generate`'s graph path: `None` (CUDA graphs); tests substitute an emulation."""
-    return None
+def _graph_decoder(model):
+    """The `GraphDecoder` of `NAtSLForCausalLM.generate`'s graph path, or `None` off CUDA (tests substitute one with an
+    emulated capture)."""
+    from natsl.models.graphs import GraphDecoder
 
-
-def _graphs_available(model) -> bool:
-    return next(model.parameters()).device.type == "cuda"
+    return GraphDecoder(model) if next(model.parameters()).device.type == "cuda" else None
 
 
 def _graph_generate_args(model, inputs, generation_config, kwargs) -> tuple | None:
-    """`(max_new_tokens, eos ids or None, pad id)` when `generate()` can replay `GraphDecoder`, else `None`."""
+    """`(max_new_tokens, eos ids or None, pad id)` when `generate()`'s options allow `GraphDecoder`, else `None`."""
     import copy
 
     from transformers import GenerationConfig
 
-    if model.training or not _graphs_available(model) or not isinstance(inputs, torch.Tensor):
+    if model.training or not isinstance(inputs, torch.Tensor):
         return None
     if inputs.dim() != 2 or inputs.dtype not in (torch.int32, torch.int64) or inputs.shape[1] == 0:
         return None
-    extra = set(kwargs) - {"attention_mask"} - set(GenerationConfig().to_dict())
+    defaults = GenerationConfig().to_dict()
+    extra = set(kwargs) - {"attention_mask"} - set(defaults)
     if extra or (kwargs.get("attention_mask") is not None and not bool(kwargs["attention_mask"].bool().all())):
         return None
     config = copy.deepcopy(generation_config if generation_config is not None else model.generation_config)
     config.update(**{k: v for k, v in kwargs.items() if k != "attention_mask"})
-    defaults = GenerationConfig().to_dict()
     if any(not _same_option(v, defaults.get(k)) for k, v in config.to_dict().items() if k not in _GRAPH_GENERATE_OPTIONS):
         return None
     if config.do_sample or (config.num_beams or 1) != 1 or (config.num_return_sequences or 1) != 1:

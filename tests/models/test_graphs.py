@@ -215,8 +215,7 @@ def _graph_path(monkeypatch):
         calls.append(self.replays)
         return out
 
-    monkeypatch.setattr(modeling, "_graphs_available", lambda model: True)
-    monkeypatch.setattr(modeling, "_graph_capture", lambda model: TracedCapture())
+    monkeypatch.setattr(modeling, "_graph_decoder", lambda model: GraphDecoder(model, capture=TracedCapture()))
     monkeypatch.setattr(graphs.GraphDecoder, "generate", counted)
     return calls
 
