@@ -2,14 +2,16 @@
 
 Run on a GPU (one process; prefill + decode is checked against the full forward before anything is timed):
     PYTHONPATH=$PWD python3 benchmarks/bench_generation.py [--contexts 8192 32768 131072] [--batch 1 8] [--models]
-        [--decode-attention sdpa|triton] [--linear-impl torch|auto]
+        [--decode-attention sdpa triton] [--linear-impl torch|auto]
 
 The caches are built synthetically at context `T` (random K/V rows and linear states, bf16): every (batch, router
 head) pair of a natsl layer holds exactly `round(f·T/C)` softmax blocks, a plain softmax layer all `T` rows. One
 decode step = one layer (or model) call on one new token with the cache; it appends to the cache, so the context
 grows by a few hundred tokens over a measurement (< 1% at 32k). Timings: `eager` = `triton.testing.do_bench` of the
 eager call (includes the host's launch overhead whenever the GPU is faster than the host), `graph` = the same step
-replayed as a CUDA graph at a fixed position (GPU time only), `GraphDecoder ms/token` (models) = wall time per
+replayed as a CUDA graph at a fixed position (GPU time only, L2 flushed before each replay), `replay loop ms` (models)
+= wall time per replay of that graph over 256 back-to-back replays (no flush, no host work between them),
+`GraphDecoder ms/token` (models) = wall time per
 token of `natsl.models.GraphDecoder` over 256 tokens (two captured steps: inside a block, block completion; both
 captured during a warm-up of two blocks).
 `core` = the attention read alone (natsl: `attend_current` over the pair's committed rows + current block; dense:
@@ -19,6 +21,7 @@ Providers (layer level, the paper's 340M layer: H_L=6, d_k=128, d_v=256, H_A=12 
 - `natsl f=100%`: the same layer with every block softmax (dense K/V of the same heads);
 - `softmax 16x64`: the Transformer's SoftmaxAttention layer (16 heads × 64, dense K/V).
 With `--models`: the 340M NAtS-L Hybrid (f=12.5%), GDN Hybrid (all GDN) and Transformer, one token through 21 layers.
+Every provider runs with each softmax read given to `--decode-attention` (column `read`).
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from utils import bench_graph_ms, bench_ms, env_line, markdown_table  # noqa: E402
+from utils import bench_graph_ms, bench_ms, capture_cuda_graph, env_line, host_us_per_call, markdown_table  # noqa: E402
 
 from natsl import NAtSLAttention, NAtSLConfig, NAtSLForCausalLM  # noqa: E402
 from natsl.layers.baselines import LinearAttention, SoftmaxAttention  # noqa: E402
@@ -222,25 +225,7 @@ def gate() -> float:
     return ((torch.cat(outs, 1) - ref).abs().max() / ref.abs().max()).item()
 
 
-def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--contexts", type=int, nargs="+", default=[8192, 32768, 131072])
-    ap.add_argument("--batch", type=int, nargs="+", default=[1, 8])
-    ap.add_argument("--models", action="store_true")
-    ap.add_argument("--no-graph", action="store_true")
-    ap.add_argument("--profile", action="store_true", help="profile the eager natsl steps at the largest B and T")
-    ap.add_argument("--decode-attention", default="sdpa", choices=("sdpa", "triton"),
-                    help="the softmax read of decode steps (natsl.layers.state.attend_rows)")
-    ap.add_argument("--linear-impl", default="torch", choices=("torch", "auto"),
-                    help="linear path: torch ops, or fla (chunked prefill and the fused recurrent decode step)")
-    args = ap.parse_args()
-    DECODE["decode_attention"] = args.decode_attention
-    CPU_PATHS["linear_impl"] = args.linear_impl
-    err = gate()
-    print(f"gate: prefill + decode vs full forward (fp32), max rel. error {err:.2e}", flush=True)  # noqa: T201
-    if not err < (1e-4 if args.linear_impl == "torch" else 2e-3):  # fla kernels: fp32 inputs, tf32-class matmuls
-        raise SystemExit("correctness gate failed: not timing anything")
-    print(f"{env_line()}; decode_attention={args.decode_attention}, linear_impl={args.linear_impl}", flush=True)  # noqa: T201
+def layer_rows(args, read: str) -> list[dict]:
     rows = []
     for B in args.batch:
         for T in args.contexts:
@@ -253,8 +238,8 @@ def main():
                 step, core, states = setup(SHAPES["340m layer"], prov, T, B)
                 eager = bench_ms(step)[0]
                 core_ms = bench_ms(core)[0]
-                row = {"level": "layer", "B": B, "T": T, "provider": prov, "eager ms": eager, "graph ms": graph,
-                       "core ms": core_ms, **kv_report(states)}
+                row = {"level": "layer", "B": B, "T": T, "provider": prov, "read": read, "eager ms": eager,
+                       "graph ms": graph, "core ms": core_ms, **kv_report(states)}
                 base[prov] = row
                 rows.append(row)
                 print(row, flush=True)  # noqa: T201
@@ -266,27 +251,69 @@ def main():
             for prov in PROVIDERS:
                 for key in ("eager ms", "graph ms", "core ms"):
                     base[prov][f"x vs softmax ({key[:-3]})"] = ref[key] / base[prov][key]
+    return rows
+
+
+def model_rows(args, T: int, read: str) -> list[dict]:
+    """The three 340M models at context `T` (B=1) with the softmax read `read`; `x vs transformer` compares with
+    the Transformer under the same read."""
+    rows = []
+    for prov in MODEL_PROVIDERS:
+        graph = loop = float("nan")
+        if not args.no_graph:
+            g, _ = capture_cuda_graph(setup_model(prov, T, 1)[0])
+            graph = bench_ms(g.replay)[0]
+            loop = host_us_per_call(g.replay, n=256) / 1e3
+            del g
+            torch.cuda.empty_cache()
+        step, states, _ = setup_model(prov, T, 1)
+        eager = bench_ms(step)[0]
+        del step, states
+        torch.cuda.empty_cache()
+        _, states, (model, cache, ids) = setup_model(prov, T, 1)
+        decoder = decoder_ms_per_token(model, cache, ids)
+        row = {"level": "model", "B": 1, "T": T, "provider": prov, "read": read, "eager ms": eager,
+               "graph ms": graph, "replay loop ms": loop, "GraphDecoder ms/token": decoder, **kv_report(states)}
+        rows.append(row)
+        print(row, flush=True)  # noqa: T201
+        del model, cache, states
+        torch.cuda.empty_cache()
+    ref = rows[-1]
+    for row in rows:
+        row["x vs transformer (GraphDecoder)"] = ref["GraphDecoder ms/token"] / row["GraphDecoder ms/token"]
+    return rows
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--contexts", type=int, nargs="+", default=[8192, 32768, 131072])
+    ap.add_argument("--batch", type=int, nargs="+", default=[1, 8])
+    ap.add_argument("--models", action="store_true")
+    ap.add_argument("--no-graph", action="store_true")
+    ap.add_argument("--profile", action="store_true", help="profile the eager natsl steps at the largest B and T")
+    ap.add_argument("--decode-attention", nargs="+", default=["sdpa"], choices=("sdpa", "triton"),
+                    help="the softmax read(s) of decode steps (natsl.layers.state.attend_rows); with several, every "
+                         "provider is measured with each, in this process")
+    ap.add_argument("--linear-impl", default="torch", choices=("torch", "auto"),
+                    help="linear path: torch ops, or fla (chunked prefill and the fused recurrent decode step)")
+    args = ap.parse_args()
+    CPU_PATHS["linear_impl"] = args.linear_impl
+    err = gate()
+    print(f"gate: prefill + decode vs full forward (fp32), max rel. error {err:.2e}", flush=True)  # noqa: T201
+    if not err < (1e-4 if args.linear_impl == "torch" else 2e-3):  # fla kernels: fp32 inputs, tf32-class matmuls
+        raise SystemExit("correctness gate failed: not timing anything")
+    print(f"{env_line()}; decode_attention={args.decode_attention}, linear_impl={args.linear_impl}", flush=True)  # noqa: T201
+    rows = []
+    for read in args.decode_attention:
+        DECODE["decode_attention"] = read
+        rows += layer_rows(args, read)
     if args.models:
         for T in args.contexts:
-            for prov in MODEL_PROVIDERS:
-                graph = float("nan")
-                if not args.no_graph:
-                    graph = bench_graph_ms(setup_model(prov, T, 1)[0])[0]
-                    torch.cuda.empty_cache()
-                step, states, _ = setup_model(prov, T, 1)
-                eager = bench_ms(step)[0]
-                del step, states
-                torch.cuda.empty_cache()
-                _, states, (model, cache, ids) = setup_model(prov, T, 1)
-                decoder = decoder_ms_per_token(model, cache, ids)
-                row = {"level": "model", "B": 1, "T": T, "provider": prov, "eager ms": eager, "graph ms": graph,
-                       "GraphDecoder ms/token": decoder, **kv_report(states)}
-                rows.append(row)
-                print(row, flush=True)  # noqa: T201
-                del model, cache, states
-                torch.cuda.empty_cache()
-    cols = ["level", "B", "T", "provider", "eager ms", "graph ms", "GraphDecoder ms/token", "core ms",
-            "x vs softmax (eager)",
+            for read in args.decode_attention:
+                DECODE["decode_attention"] = read
+                rows += model_rows(args, T, read)
+    cols = ["level", "B", "T", "provider", "read", "eager ms", "graph ms", "replay loop ms", "GraphDecoder ms/token",
+            "x vs transformer (GraphDecoder)", "core ms", "x vs softmax (eager)",
             "x vs softmax (graph)", "x vs softmax (core)", "KV MiB", "KV alloc MiB", "linear MiB"]
     text = markdown_table(rows, cols)
     print(text)  # noqa: T201

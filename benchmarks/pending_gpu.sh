@@ -9,13 +9,15 @@
 #   prefill prefill of the 340M models at 32k/128k with the routers forced to 12.5% (the cached path takes the forced
 #           decision since 74584ba; session 21's bench part ran before that, with the untrained routers' ~46%), then
 #           decode with the triton read at 32k and 128k (both decode graphs captured before timing)
+#   profile the kernels of the NAtS-L and GDN layers' prefill at 128k (where the Hybrid's prefill time goes), then
+#           decode of the layers and models at 128k with both softmax reads side by side (session 22)
 #   fused   the GPU tests of the fused modules that session 21's limit cut off, and transformers' generate() on
 #           its CUDA-graph path (new after session 21's device calls)
 set -u
 OUT=${OUT:-out}; mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl 2>/dev/null
 export PYTHONPATH=/tmp/site:$PWD
-part=${1:?part: tests | bench | more | prefill | fused}
+part=${1:?part: tests | bench | more | prefill | profile | fused}
 # MQAR at T=4096 (issue 23): 2 layers of the 340M width, pairs at random positions; fla's #640 guard bypassed
 # explicitly for the harness (Triton 3.6 on Hopper; the CLI never does this)
 mqar() {
@@ -53,6 +55,12 @@ prefill)
     --steps 5 --out "$OUT/prefill.md" 2>&1 | tail -n 8
   OUT=$OUT timeout 230 python3 benchmarks/bench_generation.py --models --contexts 32768 131072 --batch 1 \
     --decode-attention triton --linear-impl auto 2>&1 | tail -n 14
+  ;;
+profile)
+  timeout 200 python3 benchmarks/profile_layer.py --prefill --shape 1x131072 --rows 25 --fla-hopper-bypass \
+    --out "$OUT/profile_prefill.md" 2>&1 | tail -n 70
+  OUT=$OUT timeout 330 python3 benchmarks/bench_generation.py --models --contexts 131072 --batch 1 --profile \
+    --decode-attention sdpa triton --linear-impl auto 2>&1 | tail -n 50
   ;;
 fused)
   NATSL_TEST_DEVICE=cuda timeout 560 python3 -m pytest -q -m gpu -p no:cacheprovider -W ignore -rfE \

@@ -4,7 +4,9 @@ of each layer, grouped by name, with the layer's total GPU time and its number o
 Layers: the paper's 340M NAtS-L layer (gdn, forced softmax fraction `--frac`, `softmax_backend` of `--softmax`) and
 the GDN layer of the same width, bf16 weights as in `bench_layer.py`; torch.profiler over one fwd+bwd after two
 warm-up calls. Usage (H200, fla wheels on PYTHONPATH):
-    python3 benchmarks/profile_layer.py [--shape 8x4096] [--frac 0.125] [--softmax auto] [--rows 30] --fla-hopper-bypass
+    python3 benchmarks/profile_layer.py [--shape 8x4096] [--frac 0.125] [--softmax auto] [--rows 30] [--prefill] \
+        --fla-hopper-bypass
+`--prefill`: one no-grad forward of each layer into a fresh inference cache (the prefill of generation) instead.
 CPU smoke run: --device cpu --shape 1x128
 """
 
@@ -26,9 +28,14 @@ from natsl.layers.baselines import LinearAttention  # noqa: E402
 D = 1024
 
 
-def kernel_table(layer, x, dy, device: str, rows: int) -> tuple[str, float, int]:
-    """`(table, total ms, launches)` of one fwd+bwd: device time per kernel name (CPU: per op), largest first."""
+def kernel_table(layer, x, dy, device: str, rows: int, prefill: bool = False) -> tuple[str, float, int]:
+    """`(table, total ms, launches)` of one fwd+bwd (with `prefill`: one no-grad forward into a fresh inference
+    cache, the prefill of generation): device time per kernel name (CPU: per op), largest first."""
     def call():
+        if prefill:
+            with torch.no_grad():
+                layer(x, use_cache=True)
+            return
         x.grad = None
         layer.zero_grad(set_to_none=True)
         torch.autograd.backward(layer(x)[0], dy)
@@ -68,20 +75,22 @@ def main():
     ap.add_argument("--frac", type=float, default=0.125)
     ap.add_argument("--softmax", default="auto", help="softmax_backend of the NAtS-L layer")
     ap.add_argument("--rows", type=int, default=30)
+    ap.add_argument("--prefill", action="store_true", help="profile the no-grad prefill into a cache instead")
     add_common_args(ap)
     args = parse_common(ap)
     B, T = (int(n) for n in args.shape.split("x"))
     cuda = args.device.startswith("cuda")
     dtype = torch.bfloat16 if cuda else torch.float32
-    print(f"# {env_line()}; {B}x{T}, forced softmax fraction {args.frac}, {dtype}", flush=True)
+    what = "prefill (no grad, into a fresh cache)" if args.prefill else "fwd+bwd"
+    print(f"# {env_line()}; {B}x{T} {what}, forced softmax fraction {args.frac}, {dtype}", flush=True)
     layers = {"natsl-gdn": NAtSLAttention(hidden_size=D, softmax_backend=args.softmax),
               "gdn-only": LinearAttention(hidden_size=D, num_heads=6, head_dim=128, linear_backend="gdn")}
     force_router(layers["natsl-gdn"], args.frac)
     out = []
     for name, layer in layers.items():
         layer = layer.to(device=args.device, dtype=dtype)
-        x = torch.randn(B, T, D, device=args.device, dtype=dtype, requires_grad=True)
-        table, total, launches = kernel_table(layer, x, torch.randn_like(x), args.device, args.rows)
+        x = torch.randn(B, T, D, device=args.device, dtype=dtype, requires_grad=not args.prefill)
+        table, total, launches = kernel_table(layer, x, torch.randn_like(x), args.device, args.rows, args.prefill)
         out.append(f"## {name}: {total:.3f} ms {'GPU' if cuda else 'CPU'} time in {launches} "
                    f"{'kernels' if cuda else 'top-level ops'}\n\n{table}\n")
         print(out[-1], flush=True)
