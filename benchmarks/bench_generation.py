@@ -79,8 +79,8 @@ def natsl_state(layer: NAtSLAttention, B: int, T: int, frac: float) -> NAtSLLaye
     st.linear_start = _randn(B, layer.num_heads, layer.head_dim, layer.head_v_dim, dtype=torch.float32, scale=0.01)
     st.linear_run = st.linear_start.clone()
     st.log_decay = torch.zeros(B, layer.num_heads, device=DEVICE) if layer.linear_backend in ("gdn", "mamba2") else None
-    st.k_rows = _randn(B, layer.num_softmax_heads, cap + 1, layer.softmax_head_dim)
-    st.v_rows = _randn(B, layer.num_softmax_heads, cap + 1, layer.softmax_value_dim)
+    st.k_rows = _randn(B, layer.num_softmax_heads, cap, layer.softmax_head_dim)
+    st.v_rows = _randn(B, layer.num_softmax_heads, cap, layer.softmax_value_dim)
     st.lengths = torch.full((B, Hr), L, dtype=torch.long, device=DEVICE)
     st.length_bound = L
     st.seen_tokens = T + OFFSET

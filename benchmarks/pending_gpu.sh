@@ -11,13 +11,17 @@
 #           decode with the triton read at 32k and 128k (both decode graphs captured before timing)
 #   profile the kernels of the NAtS-L and GDN layers' prefill at 128k (where the Hybrid's prefill time goes), then
 #           decode of the layers and models at 128k with both softmax reads side by side (session 22)
+#   pairs   session 22's changes: the GPU tests of the triton softmax kernels (two query blocks per forward program)
+#           beside the 128k prefill of the 340M models (prefill writes only the softmax blocks of a chunk, router
+#           sums without index_add, the block count scans along the last dim), then the forward probe (one vs two
+#           query blocks per program, side by side) and decode at 128k (one multi-tensor state copy per step)
 #   fused   the GPU tests of the fused modules that session 21's limit cut off, and transformers' generate() on
 #           its CUDA-graph path (new after session 21's device calls)
 set -u
 OUT=${OUT:-out}; mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl 2>/dev/null
 export PYTHONPATH=/tmp/site:$PWD
-part=${1:?part: tests | bench | more | prefill | profile | fused}
+part=${1:?part: tests | bench | more | prefill | profile | pairs | fused}
 # MQAR at T=4096 (issue 23): 2 layers of the 340M width, pairs at random positions; fla's #640 guard bypassed
 # explicitly for the harness (Triton 3.6 on Hopper; the CLI never does this)
 mqar() {
@@ -61,6 +65,18 @@ profile)
     --out "$OUT/profile_prefill.md" 2>&1 | tail -n 70
   OUT=$OUT timeout 330 python3 benchmarks/bench_generation.py --models --contexts 131072 --batch 1 --profile \
     --decode-attention sdpa triton --linear-impl auto 2>&1 | tail -n 50
+  ;;
+pairs)
+  NATSL_TEST_DEVICE=cuda timeout 250 python3 -m pytest -q -m gpu -p no:cacheprovider -W ignore -rfE \
+    tests/gpu/test_softmax_gpu.py -k triton > "$OUT/tests.txt" 2>&1 &
+  timeout 330 python3 benchmarks/bench_model.py --prefill --shapes 1x131072 --models hybrid,fla_gdn,softmax \
+    --steps 5 --out "$OUT/prefill.md" 2>&1 | tail -n 6
+  wait
+  tail -n 8 "$OUT/tests.txt"
+  timeout 110 python3 benchmarks/probe_triton_configs.py --shapes 1x131072 --kinds fwd,fwd_pair --stages 2,3 2>&1 \
+    | tee "$OUT/probe.txt" | grep -E "BEST"
+  OUT=$OUT timeout 200 python3 benchmarks/bench_generation.py --models --contexts 131072 --batch 1 \
+    --decode-attention sdpa --linear-impl auto 2>&1 | tail -n 8
   ;;
 fused)
   NATSL_TEST_DEVICE=cuda timeout 560 python3 -m pytest -q -m gpu -p no:cacheprovider -W ignore -rfE \

@@ -1,11 +1,15 @@
 """Launch configurations of natsl's block-sparse softmax kernels (`natsl.kernels.block_attention.CONFIGS`).
 
-For the forward, dq and dk/dv kernels in turn (each keeping the best of the ones before), times the `triton`
-softmax backend (forward under no_grad for the forward kernel, forward+backward with the router gradient for the
-others) at num_warps in (4, 8) × num_stages in (1, 2, 3). Paper heads (H_A=12, d=64, d_v=128, H_R=6, blocks of
-64), 12.5% softmax blocks, bf16, at B=1 × 64k and B=8 × 4k. Usage (GPU): python3 benchmarks/probe_triton_configs.py
+For the kernels in turn (each keeping the best of the ones before), times the `triton` softmax backend (forward
+under no_grad for the forward kernels, forward+backward with the router gradient for the others) at num_warps in
+(4, 8) × the given num_stages. `fwd` is the forward with one query block per program (`block_attn_fwd_kernel`,
+timed with `PAIR_MAX_BLOCK` set to 0), `fwd_pair` the one with two (`block_attn_fwd_pair_kernel`, the default for
+blocks of 64): both in one process, side by side. Paper heads (H_A=12, d=64, d_v=128, H_R=6, blocks of 64), 12.5%
+softmax blocks, bf16. Usage (GPU):
+    python3 benchmarks/probe_triton_configs.py [--shapes 1x65536,8x4096] [--kinds fwd,fwd_pair,dq,dkdv] [--stages 1,2,3]
 """
 
+import argparse
 import itertools
 import os
 import sys
@@ -20,10 +24,23 @@ import natsl.kernels.block_attention as ba  # noqa: E402
 from natsl.layers.routing import Routing  # noqa: E402
 from natsl.layers.softmax import SOFTMAX_BACKENDS  # noqa: E402
 
+KINDS = ("fwd", "fwd_pair", "dq", "dkdv")
+
 
 def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shapes", default="1x65536,8x4096", help="comma-separated BxT")
+    ap.add_argument("--kinds", default=",".join(KINDS), help=f"comma-separated, of {KINDS}")
+    ap.add_argument("--stages", default="1,2,3", help="num_stages to try (comma-separated)")
+    args = ap.parse_args()
+    kinds = args.kinds.split(",")
+    if not set(kinds) <= set(KINDS):
+        raise SystemExit(f"--kinds must be of {KINDS}, got {args.kinds}")
+    stages = [int(s) for s in args.stages.split(",")]
     impl = SOFTMAX_BACKENDS["triton"]
-    for B, T in [(1, 65536), (8, 4096)]:
+    pair_max = ba.PAIR_MAX_BLOCK
+    for shape in args.shapes.split(","):
+        B, T = (int(n) for n in shape.split("x"))
         SHAPE["B"] = B
         inp = make_inputs(T, 0.125)
         q, k, v, w = (inp[x].detach().requires_grad_() for x in ("q", "k", "v", "w"))
@@ -37,18 +54,21 @@ def main():
         def fwd_bwd():
             impl.forward(q, k, v, route, scale=scale).backward(inp["do"])
 
-        for kind in ("fwd", "dq", "dkdv"):
+        for kind in kinds:
+            ba.PAIR_MAX_BLOCK = 0 if kind == "fwd" else pair_max
             best = None
-            for nw, ns in itertools.product((4, 8), (1, 2, 3)):
+            for nw, ns in itertools.product((4, 8), stages):
                 ba.CONFIGS[kind] = dict(num_warps=nw, num_stages=ns)
-                ms = triton.testing.do_bench(fwd if kind == "fwd" else fwd_bwd, grad_to_none=[q, k, v, w])
+                ms = triton.testing.do_bench(fwd if kind.startswith("fwd") else fwd_bwd, grad_to_none=[q, k, v, w])
                 print(f"B={B} T={T} {kind} w{nw} s{ns}: {ms:.3f} ms", flush=True)
                 if best is None or ms < best[0]:
                     best = (ms, nw, ns)
             ba.CONFIGS[kind] = dict(num_warps=best[1], num_stages=best[2])
             print(f"BEST B={B} T={T} {kind}: {best}", flush=True)
-        ms = triton.testing.do_bench(fwd_bwd, grad_to_none=[q, k, v, w])
-        print(f"B={B} T={T} fwd+bwd with the best configurations: {ms:.3f} ms", flush=True)
+        ba.PAIR_MAX_BLOCK = pair_max
+        if any(not kind.startswith("fwd") for kind in kinds):
+            ms = triton.testing.do_bench(fwd_bwd, grad_to_none=[q, k, v, w])
+            print(f"B={B} T={T} fwd+bwd with the best configurations: {ms:.3f} ms", flush=True)
 
 
 if __name__ == "__main__":

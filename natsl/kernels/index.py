@@ -131,6 +131,14 @@ class SoftmaxBlocks:
     cu_block_tokens: torch.Tensor
 
 
+def blocks_before(si: torch.Tensor) -> torch.Tensor:
+    """`si [B, N, Hr]` (0/1 integer) → `[B, N, Hr]` the number of 1s before block `n` in its batch row (an exclusive
+    cumsum over the blocks), in `si`'s dtype. Scanned along the last dim of a `[B, Hr, N]` copy: a cumsum over
+    dim 1 of `[B, N, Hr]` runs as one sequential scan per (b, r) column (0.24 ms at N = 2048 on the H200)."""
+    st = si.transpose(1, 2).contiguous()
+    return (torch.cumsum(st, -1, dtype=si.dtype) - st).transpose(1, 2)
+
+
 def _exclusive_cu(x: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.pad(torch.cumsum(x.reshape(-1), 0), (1, 0))
 

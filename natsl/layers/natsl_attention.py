@@ -274,17 +274,18 @@ class NAtSLAttention(nn.Module):
         # router over the blocks this chunk touches: local block 0 continues the current block; the router runs
         # only when a block completes (a decode step inside a block just adds to the running sum)
         nb, n_done = (n0 + T - 1) // C + 1, (n0 + T) // C
-        xf = upcast(x)
+        acc = torch.promote_types(x.dtype, torch.float32)  # sums in at least float32, read in x's dtype
         if nb == 1:
-            sums = xf.sum(1, keepdim=True)
-        else:
-            sums = xf.new_zeros(B, nb, D).index_add_(1, (n0 + torch.arange(T, device=x.device)) // C, xf)
+            sums = x.sum(1, keepdim=True, dtype=acc)
+        else:  # the chunk padded to whole blocks (a view when it starts and ends at block boundaries)
+            xb = x if n0 == 0 and nb * C == T else torch.nn.functional.pad(x, (0, 0, n0, nb * C - n0 - T))
+            sums = xb.reshape(B, nb, C, D).sum(2, dtype=acc)
         if state.initialized:  # the running sum is zero at a block start: no branch on n0 (one captured step)
             sums = torch.cat([sums[:, :1] + state.router_sum[:, None], sums[:, 1:]], 1) if nb > 1 \
                 else sums + state.router_sum[:, None]
         weights = is_soft = None
         if n_done:
-            counts = (n0 + T - C * torch.arange(nb, device=x.device)).clamp(max=C).to(xf.dtype)  # no host copy
+            counts = (n0 + T - C * torch.arange(nb, device=x.device)).clamp(max=C).to(acc)  # no host copy
             weights, _ = self.router.decide(sums / counts[:, None])
             is_soft = weights.detach()[..., 0] > 0.5  # [B, nb, Hr]
         if not state.initialized:

@@ -3,12 +3,12 @@
 Pure tensors plus host integers, changed only through their methods. The layers compute the new values; the
 states store them, write softmax K/V rows, commit completed blocks and grow their storage.
 
-Softmax K/V of a natsl layer live in `k_rows [B, H_A, capacity + 1, d]` (and `v_rows`): for every (batch, router
-head) pair, rows `[0, lengths[b, r])` hold its committed softmax blocks in order, rows `[lengths, lengths + n)` the
-`n` tokens of the current block so far (so a decode step attends to one contiguous prefix per pair), and the last
-row is a scratch row that absorbs the writes of blocks that are routed to linear inside a prefill chunk. A block
-routed to softmax is committed by advancing `lengths` by `block_size` (no copy); a linear block is dropped by not
-advancing it. Capacity grows geometrically (amortised O(1) copies per row) and is shared by all pairs.
+Softmax K/V of a natsl layer live in `k_rows [B, H_A, capacity, d]` (and `v_rows`): for every (batch, router
+head) pair, rows `[0, lengths[b, r])` hold its committed softmax blocks in order, and rows `[lengths, lengths + n)`
+the `n` tokens of the current block so far (so a decode step attends to one contiguous prefix per pair). A prefill
+chunk writes only its softmax blocks (`_write_blocks`). A block routed to softmax is committed by advancing
+`lengths` by `block_size` (no copy); a linear block is dropped by not advancing it. Capacity grows geometrically
+(amortised O(1) copies per row) and is shared by all pairs.
 """
 
 from __future__ import annotations
@@ -120,7 +120,7 @@ class NAtSLLayerState(_DevicePosition):
         linear_run (torch.Tensor): `[B, H_L, K, V]` state of the current block's virtual run after its last token.
         log_decay (torch.Tensor or None): `[B, H_L]` (`[B, H_L, K]` for gla) sum of the log decays of the current
             block's tokens (`None` for backends without decay).
-        k_rows, v_rows (torch.Tensor): `[B, H_A, capacity + 1, d]` softmax K/V rows (module docstring).
+        k_rows, v_rows (torch.Tensor): `[B, H_A, capacity, d]` softmax K/V rows (module docstring).
         lengths (torch.Tensor): `[B, H_R]` int64 committed softmax rows per (batch, router head).
         length_bound (int): host upper bound of `lengths.max()` (avoids a host sync per committed block).
         position (torch.Tensor or None): `[]` int64, `seen_tokens` on the device. Decode steps index rows and
@@ -150,7 +150,7 @@ class NAtSLLayerState(_DevicePosition):
 
     @property
     def capacity(self) -> int:
-        return 0 if self.k_rows is None else self.k_rows.shape[2] - 1
+        return 0 if self.k_rows is None else self.k_rows.shape[2]
 
     @property
     def batch_size(self) -> int:
@@ -168,8 +168,8 @@ class NAtSLLayerState(_DevicePosition):
         C, Hr = self.block_size, self.num_router_heads
         if H_A % Hr:
             raise ValueError(f"softmax heads H_A={H_A} must be a multiple of the router heads {Hr}")
-        self.k_rows = k.new_zeros(B, H_A, C + 1, d)
-        self.v_rows = v.new_zeros(B, H_A, C + 1, v.shape[-1])
+        self.k_rows = k.new_zeros(B, H_A, C, d)
+        self.v_rows = v.new_zeros(B, H_A, C, v.shape[-1])
         self.lengths = torch.zeros(B, Hr, dtype=torch.long, device=k.device)
         self.linear_start = torch.zeros_like(linear_state)
         self.linear_run = self.linear_start
@@ -195,7 +195,7 @@ class NAtSLLayerState(_DevicePosition):
             new = max(new, _round_up(int(cap * GROWTH), self.block_size))
         for name in ("k_rows", "v_rows"):
             old = getattr(self, name)
-            buf = old.new_zeros(old.shape[0], old.shape[1], new + 1, old.shape[3])
+            buf = old.new_zeros(old.shape[0], old.shape[1], new, old.shape[3])
             buf[:, :, :cap] = old[:, :, :cap]
             setattr(self, name, buf)
 
@@ -234,10 +234,38 @@ class NAtSLLayerState(_DevicePosition):
             self._grow(needed, geometric=False)
 
     def _write(self, k: torch.Tensor, v: torch.Tensor, rows: torch.Tensor) -> None:
-        """Write `k [B, T, H_A, d]`, `v` at `rows [B, H_R, T]` (the scratch row `capacity` for dropped tokens)."""
+        """Write `k [B, T, H_A, d]`, `v` at `rows [B, H_R, T]`."""
         idx = self._to_heads(rows)[..., None]  # [B, H_A, T, 1]
         self.k_rows.scatter_(2, idx.expand(-1, -1, -1, k.shape[-1]), k.transpose(1, 2).to(self.k_rows.dtype))
         self.v_rows.scatter_(2, idx.expand(-1, -1, -1, v.shape[-1]), v.transpose(1, 2).to(self.v_rows.dtype))
+
+    def _write_blocks(self, k: torch.Tensor, v: torch.Tensor, soft: torch.Tensor, added: torch.Tensor) -> None:
+        """Write the softmax blocks among `n` whole blocks `k [B, n·C, H_A, d]`, `v` (routing `soft [B, H_R, n]`
+        bool, `added [B, H_R]` their count) after each pair's committed rows, without a host sync and without
+        writing the dropped blocks anywhere.
+
+        A gather at block granularity: slot `t` of a window of `w = min(n, capacity / C)` block slots after a pair's
+        rows receives its `t`-th new softmax block, and the slots past its `added` keep their content (read and
+        written back; the window wraps around the storage, so its slots are distinct and in range). `_reserve`
+        guarantees `added ≤ w` for every pair."""
+        B, Hr, n = soft.shape
+        C, H_A = self.block_size, self.k_rows.shape[1]
+        nb = self.capacity // C
+        w = min(n, nb)
+        dev = k.device
+        rank = soft.long().cumsum(-1) - 1  # [B, Hr, n] position of each softmax block among the new ones
+        order = torch.zeros(B, Hr, w + 1, dtype=torch.long, device=dev)  # + a slot for the dropped blocks
+        order.scatter_(2, torch.where(soft, rank, w), torch.arange(n, device=dev).expand(B, Hr, n))
+        order = self._to_heads(order[..., :w])  # [B, H_A, w] the new block of slot t
+        t = torch.arange(w, device=dev)
+        keep = ~(t < self._to_heads(added)[..., None])[..., None, None]  # [B, H_A, w, 1, 1]
+        slot = (self._to_heads(self.lengths)[..., None] // C + t) % nb  # [B, H_A, w]
+        b = torch.arange(B, device=dev)[:, None, None]
+        a = torch.arange(H_A, device=dev)[None, :, None]
+        for rows, new in ((self.k_rows, k), (self.v_rows, v)):
+            blocks = rows[:, :, :nb * C].view(B, H_A, nb, C, rows.shape[-1])
+            src = new.reshape(B, n, C, H_A, new.shape[-1])[b, order, :, a].to(rows.dtype)  # [B, H_A, w, C, d]
+            blocks[b, a, slot] = torch.where(keep, blocks[b, a, slot], src)
 
     def set_conv(self, **states: torch.Tensor) -> None:
         """Replace the short-convolution states (`q=`, `k=`, `v=`; each `[B, W-1, D]`)."""
@@ -298,13 +326,11 @@ class NAtSLLayerState(_DevicePosition):
         C, n = self.block_size, is_softmax.shape[1]
         if self.block_pos != 0 or k.shape[1] != n * C:
             raise ValueError("append_blocks takes whole blocks starting at a block boundary")
-        soft = is_softmax.long().transpose(1, 2)  # [B, Hr, n]
-        start = self.lengths[..., None] + C * (soft.cumsum(-1) - soft)
-        lengths = self.lengths + C * soft.sum(-1)
+        soft = is_softmax.transpose(1, 2)  # [B, Hr, n]
+        added = soft.sum(-1)  # new softmax blocks per pair
+        lengths = self.lengths + C * added
         self._reserve(lengths, self.length_bound + n * C)
-        rows = (start[..., None] + torch.arange(C, device=k.device)).flatten(2)  # [B, Hr, n·C]
-        rows = torch.where(soft.repeat_interleave(C, dim=-1).bool(), rows, torch.full_like(rows, self.capacity))
-        self._write(k, v, rows)
+        self._write_blocks(k, v, soft, added)
         self.lengths = lengths
         self.linear_start = self.linear_run = linear_start
         self.router_sum = torch.zeros_like(self.router_sum)
@@ -373,7 +399,7 @@ class NAtSLLayerState(_DevicePosition):
         return int(self.lengths.sum()) * row
 
     def softmax_kv_allocated_bytes(self) -> int:
-        """Bytes of the K/V storage (committed rows, the current block, spare capacity and the scratch row)."""
+        """Bytes of the K/V storage (committed rows, the current block and spare capacity)."""
         return _nbytes(self.k_rows, self.v_rows)
 
     def linear_state_bytes(self) -> int:

@@ -74,6 +74,40 @@ def test_block_size_64_and_router_gradient_not_vacuous():
     assert grads[3].abs().sum() > 0
 
 
+@pytest.mark.parametrize("own", [True, False])
+@pytest.mark.parametrize("p_soft", [0.6, 1.0])
+def test_forward_pairs_across_sequence_starts(own, p_soft):
+    """The forward's query-block pairs (`block_attn_fwd_pair_kernel`, blocks `2p` and `2p+1` in one program) when the
+    second block starts a new sequence, when the first ends one with a partial block, and a lone last block
+    (odd N = 11); every gradient too."""
+    gn = gen(11)
+    B, T, Hr, G, D, DV, C = 1, 150, 2, 2, 16, 24, 16
+    cu = torch.tensor([0, 16, 40, 97, 150])  # sequences start at blocks 0, 1, 3, 7
+    lay = block_layout(T, C, cu)
+    assert lay.N == 11 and lay.block_first.tolist()[:8] == [True, True, False, True, False, False, False, True]
+    q, k = (torch.randn(B, T, Hr * G, D, generator=gn, requires_grad=True) for _ in range(2))
+    v = torch.randn(B, T, Hr * G, DV, generator=gn, requires_grad=True)
+    soft = torch.rand(B, lay.N, Hr, generator=gn) < p_soft
+    gate = torch.ones(B, lay.N, Hr, dtype=torch.float64, requires_grad=True)
+    o = block_attention(q, k, v, soft, lay.block_first, lay.block_start, lay.block_len, C, gate=gate, own=own)
+    qd, kd, vd = (x.detach().double().requires_grad_() for x in (q, k, v))
+    gd = gate.detach().clone().requires_grad_()
+    ref = naive_block_attention(qd, kd, vd, soft, lay.token_block, lay.token_seq, scale=D ** -0.5, gate=gd, own=own)
+    assert_close("o", ref, o, 1e-5, atol=1e-6)
+    do = torch.randn(ref.shape, generator=gen(12), dtype=torch.float64)
+    grads = torch.autograd.grad((o * do.float()).sum(), (q, k, v, gate))
+    for name, r, g in zip(("dq", "dk", "dv", "dgate"), torch.autograd.grad((ref * do).sum(), (qd, kd, vd, gd)), grads):
+        assert_close(name, r, g, 1e-4, atol=1e-5)
+
+
+def test_block_size_128_one_query_block_per_program():
+    """Blocks of 128 take the one-block forward (`block_attn_fwd_kernel`; pairs would be 256-row tiles)."""
+    from natsl.kernels.block_attention import PAIR_MAX_BLOCK
+
+    assert PAIR_MAX_BLOCK < 128
+    _kernel_vs_twin(seed=6, B=1, T=300, Hr=1, G=2, D=16, DV=16, C=128, packed=True, kind="random", own=True)
+
+
 @pytest.mark.parametrize("packed", [False, True], ids=["dense", "packed"])
 @pytest.mark.parametrize("own", [True, False])
 def test_twin_matches_reference(packed, own):

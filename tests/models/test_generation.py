@@ -271,3 +271,36 @@ def test_layer_state_lookup():
     with torch.no_grad():
         _, _, new = layer(x, use_cache=True)
     assert isinstance(new, NAtSLLayerState) and new.seen_tokens == 5 and new.block_pos == 5
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_whole_blocks_write_only_their_softmax_blocks(seed):
+    """`NAtSLLayerState._write_blocks` (a prefill chunk's whole blocks): each pair's softmax blocks land in order
+    after its committed rows, and every other row keeps its content, also when a pair's window of block slots wraps
+    around a tight storage (the capacity `_reserve` leaves after a sync: the largest new length + one block)."""
+    gn = gen(seed)
+    B, Hr, G, C, d, dv, n = 2, 3, 2, 4, 5, 3, 6
+    H_A = Hr * G
+    st = NAtSLLayerState(block_size=C, num_router_heads=Hr)
+    old = C * torch.randint(0, 5, (B, Hr), generator=gn)
+    soft = torch.rand(B, Hr, n, generator=gn) < 0.5
+    soft[0, 0] = True  # a pair that takes every block
+    added = soft.sum(-1)
+    new = old + C * added
+    cap = int(new.max()) + C
+    st.k_rows = torch.randn(B, H_A, cap, d, generator=gn, dtype=torch.float64)
+    st.v_rows = torch.randn(B, H_A, cap, dv, generator=gn, dtype=torch.float64)
+    st.lengths = old
+    k = torch.randn(B, n * C, H_A, d, generator=gn, dtype=torch.float64)
+    v = torch.randn(B, n * C, H_A, dv, generator=gn, dtype=torch.float64)
+    k_before, v_before = st.k_rows.clone(), st.v_rows.clone()
+    st._write_blocks(k, v, soft, added)
+    for b in range(B):
+        for a in range(H_A):
+            r = a // G
+            blocks = [j for j in range(n) if soft[b, r, j]]
+            for rows, before, x in ((st.k_rows, k_before, k), (st.v_rows, v_before, v)):
+                want = before[b, a].clone()
+                if blocks:
+                    want[old[b, r]:new[b, r]] = torch.cat([x[b, j * C:(j + 1) * C, a] for j in blocks])
+                assert torch.equal(rows[b, a], want), (b, a)

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from natsl.kernels import gather_rows, scatter_add_rows
-from natsl.kernels.index import nonzero_static
+from natsl.kernels.index import blocks_before, nonzero_static
 from natsl.layers.routing import Routing
 
 # --------------------------------------------------------------------------------------------------------------
@@ -240,7 +240,7 @@ def build_plan(routing: Routing, T: int, radix_bits: int = RADIX_BITS) -> _Plan:
         nblk = torch.bincount(bseq, minlength=n_seqs)
         fb = (torch.cumsum(nblk, 0) - nblk)[bseq]
     si = soft.long()
-    excl = torch.cumsum(si, 1) - si  # [B, N, Hr] softmax blocks before n in its batch row
+    excl = blocks_before(si)  # [B, N, Hr] softmax blocks before n in its batch row
     seq_base = excl[:, fb]  # ... before the first block of n's sequence
     p = excl - seq_base  # ... before n in its sequence (= the local rank of a softmax block)
     # inverse map: block of the g-th softmax block of every (b, r) row (slot N collects the linear blocks)

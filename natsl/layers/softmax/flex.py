@@ -35,6 +35,7 @@ import warnings
 
 import torch
 
+from natsl.kernels.index import blocks_before
 from natsl.layers.routing import Routing
 
 logger = logging.getLogger(__name__)
@@ -135,7 +136,7 @@ def _layout_t(soft, block_first, block_len, block_start, token_block, T: int, M:
     B, N, Hr = soft.shape
     dev = soft.device
     si = soft.long()
-    excl = torch.cumsum(si, 1) - si  # [B, N, Hr] softmax blocks before n in its batch row
+    excl = blocks_before(si)  # [B, N, Hr] softmax blocks before n in its batch row
     nb = torch.arange(N, device=dev)
     first = torch.where(block_first, nb, torch.zeros_like(nb)).cummax(0).values  # first block of n's sequence
     NC = _compact_len(N, C, M)
