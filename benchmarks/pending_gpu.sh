@@ -73,7 +73,7 @@ pairs)
     --steps 5 --out "$OUT/prefill.md" 2>&1 | tail -n 6
   wait
   tail -n 8 "$OUT/tests.txt"
-  timeout 110 python3 benchmarks/probe_triton_configs.py --shapes 1x131072 --kinds fwd,fwd_pair --stages 2,3 2>&1 \
+  timeout 150 python3 benchmarks/probe_triton_configs.py --shapes 1x131072,1x65536,8x4096 --kinds fwd,fwd_pair --stages 2,3 2>&1 \
     | tee "$OUT/probe.txt" | grep -E "BEST"
   OUT=$OUT timeout 200 python3 benchmarks/bench_generation.py --models --contexts 131072 --batch 1 \
     --decode-attention sdpa --linear-impl auto 2>&1 | tail -n 8
