@@ -274,15 +274,17 @@ class NAtSLAttention(nn.Module):
         # router over the blocks this chunk touches: local block 0 continues the current block; the router runs
         # only when a block completes (a decode step inside a block just adds to the running sum)
         nb, n_done = (n0 + T - 1) // C + 1, (n0 + T) // C
+        # (the running sum is zero at a block start: no branch on n0, one captured step)
         acc = torch.promote_types(x.dtype, torch.float32)  # sums in at least float32, read in x's dtype
         if nb == 1:
-            sums = x.sum(1, keepdim=True, dtype=acc)
+            sums = x if T == 1 else x.sum(1, keepdim=True, dtype=acc)
+            # a decode step: the running sum plus the token (promoted to `acc`) in one kernel
+            sums = sums.to(acc) if not state.initialized else state.router_sum[:, None] + sums
         else:  # the chunk padded to whole blocks (a view when it starts and ends at block boundaries)
             xb = x if n0 == 0 and nb * C == T else torch.nn.functional.pad(x, (0, 0, n0, nb * C - n0 - T))
             sums = xb.reshape(B, nb, C, D).sum(2, dtype=acc)
-        if state.initialized:  # the running sum is zero at a block start: no branch on n0 (one captured step)
-            sums = torch.cat([sums[:, :1] + state.router_sum[:, None], sums[:, 1:]], 1) if nb > 1 \
-                else sums + state.router_sum[:, None]
+            if state.initialized:
+                sums = torch.cat([sums[:, :1] + state.router_sum[:, None], sums[:, 1:]], 1)
         weights = is_soft = None
         if n_done:
             counts = (n0 + T - C * torch.arange(nb, device=x.device)).clamp(max=C).to(acc)  # no host copy
@@ -300,9 +302,9 @@ class NAtSLAttention(nn.Module):
         scale_s = self.softmax_head_dim ** -0.5
         if n0 + T <= C:  # inside the current block (every decode step)
             o_l, run = self._linear_in_block(q_l, k_l, v_in, g, beta, state.linear_run)
-            log_decay = None if g is None else state.log_decay + gsum(0, T)
-            state.append(k_s, v_s, router_sum=sums[:, 0], linear_run=run, log_decay=log_decay)
-            o_s = state.attend_current(q_s, scale_s, self.decode_attention)
+            log_decay = None if g is None else state.log_decay + (g[:, 0] if T == 1 else gsum(0, T))
+            rows = state.append(k_s, v_s, router_sum=sums[:, 0], linear_run=run, log_decay=log_decay)
+            o_s = state.attend_current(q_s, scale_s, self.decode_attention, rows=rows)
             if n_done:
                 state.commit(is_soft[:, 0])
         else:

@@ -233,11 +233,12 @@ class NAtSLLayerState(_DevicePosition):
         if needed > self.capacity:
             self._grow(needed, geometric=False)
 
-    def _write(self, k: torch.Tensor, v: torch.Tensor, rows: torch.Tensor) -> None:
-        """Write `k [B, T, H_A, d]`, `v` at `rows [B, H_R, T]`."""
-        idx = self._to_heads(rows)[..., None]  # [B, H_A, T, 1]
-        self.k_rows.scatter_(2, idx.expand(-1, -1, -1, k.shape[-1]), k.transpose(1, 2).to(self.k_rows.dtype))
-        self.v_rows.scatter_(2, idx.expand(-1, -1, -1, v.shape[-1]), v.transpose(1, 2).to(self.v_rows.dtype))
+    def _write(self, k: torch.Tensor, v: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """Write `k [B, T, H_A, d]`, `v` at `rows [B, H_R, T]`; returns the rows per softmax head `[B, H_A, T]`."""
+        idx = self._to_heads(rows)
+        self.k_rows.scatter_(2, idx[..., None].expand(-1, -1, -1, k.shape[-1]), k.transpose(1, 2).to(self.k_rows.dtype))
+        self.v_rows.scatter_(2, idx[..., None].expand(-1, -1, -1, v.shape[-1]), v.transpose(1, 2).to(self.v_rows.dtype))
+        return idx
 
     def _write_blocks(self, k: torch.Tensor, v: torch.Tensor, soft: torch.Tensor, added: torch.Tensor) -> None:
         """Write the softmax blocks among `n` whole blocks `k [B, n·C, H_A, d]`, `v` (routing `soft [B, H_R, n]`
@@ -272,7 +273,7 @@ class NAtSLLayerState(_DevicePosition):
         self.conv.update(states)
 
     def append(self, k: torch.Tensor, v: torch.Tensor, *, router_sum: torch.Tensor, linear_run: torch.Tensor,
-               log_decay: torch.Tensor | None) -> None:
+               log_decay: torch.Tensor | None) -> torch.Tensor:
         """Add `T` tokens of the current block (they must not cross its end).
 
         Args:
@@ -280,6 +281,9 @@ class NAtSLLayerState(_DevicePosition):
             router_sum (torch.Tensor): `[B, D]` the block's new router-input sum (including these tokens).
             linear_run (torch.Tensor): `[B, H_L, K, V]` the virtual-run state after these tokens.
             log_decay (torch.Tensor, Optional): the block's new log-decay sum.
+
+        Returns:
+            `[B, H_A, T]` the row each token was written to in its softmax head (`attend_current`'s `rows`).
         """
         T, n0 = k.shape[1], self.block_pos
         if n0 + T > self.block_size:
@@ -288,10 +292,11 @@ class NAtSLLayerState(_DevicePosition):
         rows = self.lengths[..., None] + position % self.block_size  # the block position, from the device counter
         if T > 1:
             rows = rows + torch.arange(T, device=k.device)
-        self._write(k, v, rows)
+        written = self._write(k, v, rows)
         self.router_sum, self.linear_run, self.log_decay = router_sum, linear_run, log_decay
         self.seen_tokens += T
         self.position = position + T
+        return written
 
     def commit(self, is_softmax: torch.Tensor) -> None:
         """Route the just-completed block (spec §1.8). `is_softmax [B, H_R]` bool.
@@ -338,15 +343,20 @@ class NAtSLLayerState(_DevicePosition):
         self.seen_tokens += n * C
         self.position = self.device_position(k.device) + n * C
 
-    def attend_current(self, q: torch.Tensor, scale: float, impl: str = "sdpa") -> torch.Tensor:
+    def attend_current(self, q: torch.Tensor, scale: float, impl: str = "sdpa",
+                       rows: torch.Tensor | None = None) -> torch.Tensor:
         """Softmax branch for the last `T` appended tokens, all in the current block (not yet committed): query
         `j` sees its pair's committed rows and the block's rows up to itself. `q [B, T, H_A, d]` → `[B, T, H_A, d_v]`
-        (`impl`: see `attend_rows`)."""
-        T, C = q.shape[1], self.block_size
-        n = (self.device_position(q.device) - 1) % C + 1  # tokens of the current block, from the device counter
-        limit = self.head_lengths()[..., None] + (n - T + 1)
-        if T > 1:
-            limit = limit + torch.arange(T, device=q.device)
+        (`impl`: see `attend_rows`). `rows`: what `append` returned for these tokens (their rows, so the limits
+        need no recomputation from the device counter); `None` computes them."""
+        if rows is None:
+            T, C = q.shape[1], self.block_size
+            n = (self.device_position(q.device) - 1) % C + 1  # tokens of the current block, from the device counter
+            limit = self.head_lengths()[..., None] + (n - T + 1)
+            if T > 1:
+                limit = limit + torch.arange(T, device=q.device)
+        else:
+            limit = rows + 1  # a token sees the rows up to its own
         return attend_rows(q, self.k_rows, self.v_rows, limit, scale, impl)
 
     def attend_chunk(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_softmax: torch.Tensor, scale: float,
