@@ -290,6 +290,7 @@ def main():
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--models", action="store_true")
     ap.add_argument("--no-graph", action="store_true")
+    ap.add_argument("--no-layers", action="store_true", help="with --models: the models only")
     ap.add_argument("--profile", action="store_true", help="profile the eager natsl steps at the largest B and T")
     ap.add_argument("--decode-attention", nargs="+", default=["sdpa"], choices=("sdpa", "triton"),
                     help="the softmax read(s) of decode steps (natsl.layers.state.attend_rows); with several, every "
@@ -304,7 +305,7 @@ def main():
         raise SystemExit("correctness gate failed: not timing anything")
     print(f"{env_line()}; decode_attention={args.decode_attention}, linear_impl={args.linear_impl}", flush=True)  # noqa: T201
     rows = []
-    for read in args.decode_attention:
+    for read in ([] if args.no_layers else args.decode_attention):
         DECODE["decode_attention"] = read
         rows += layer_rows(args, read)
     if args.models:

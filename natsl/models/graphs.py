@@ -17,8 +17,8 @@ reads, RoPE positions) and no decision is taken on the host. `GraphDecoder` capt
 - Each kind of step runs eagerly once on the capture stream before it is captured (lazy initialisations, autotuning).
 - After an eager step the states' new tensors are copied into the captured buffers, so the graphs stay valid. They
   are captured again only when a buffer changes shape (K/V growth) or the batch changes.
-- Inside the captured step every state update is a copy into the buffer it replaces (one multi-tensor copy for
-  all of them: a few kernels per step rather than one per state tensor).
+- Inside the captured step every state update is a copy into the buffer it replaces (one multi-tensor copy per
+  dtype: a few kernels per step rather than one per state tensor).
 - If the cache is changed outside the decoder between steps (`reorder_cache`, an eager model call), the next step
   copies the new tensors into the buffers first (or captures again if their shapes changed).
 
@@ -161,8 +161,13 @@ class GraphDecoder:
         # a new value that is itself some buffer is read before any buffer is written
         current = {k: (v.clone() if v is not self._buffers[k] and id(v) in buffer_ids else v) for k, v in current.items()}
         keys = [key for key, buf in self._buffers.items() if current[key] is not buf]
-        if keys:  # one multi-tensor copy (a few kernels) instead of one copy kernel per state tensor
-            torch._foreach_copy_([self._buffers[k] for k in keys], [current[k] for k in keys])
+        # one multi-tensor copy per dtype (a kernel or two per step instead of one per state tensor): its fast path
+        # takes dense tensors of one dtype only, so strided views (the short-convolution states) are made dense
+        groups: dict = {}
+        for key in keys:
+            groups.setdefault(self._buffers[key].dtype, []).append(key)
+        for group in groups.values():
+            torch._foreach_copy_([self._buffers[k] for k in group], [current[k].contiguous() for k in group])
         for key in keys:
             _set(states, key, self._buffers[key])
 
