@@ -1,12 +1,10 @@
 """Launch configurations of natsl's block-sparse softmax kernels (`natsl.kernels.block_attention.CONFIGS`).
 
 For the kernels in turn (each keeping the best of the ones before), times the `triton` softmax backend (forward
-under no_grad for the forward kernels, forward+backward with the router gradient for the others) at num_warps in
-(4, 8) × the given num_stages. `fwd` is the forward with one query block per program (`block_attn_fwd_kernel`,
-timed with `PAIR_MAX_BLOCK` set to 0), `fwd_pair` the one with two (`block_attn_fwd_pair_kernel`, the default for
-blocks of 64): both in one process, side by side. Paper heads (H_A=12, d=64, d_v=128, H_R=6, blocks of 64), 12.5%
-softmax blocks, bf16. Usage (GPU):
-    python3 benchmarks/probe_triton_configs.py [--shapes 1x65536,8x4096] [--kinds fwd,fwd_pair,dq,dkdv] [--stages 1,2,3]
+under no_grad for the forward kernel, forward+backward with the router gradient for the others) at num_warps in
+(4, 8) × the given num_stages. Paper heads (H_A=12, d=64, d_v=128, H_R=6, blocks of 64), 12.5% softmax blocks,
+bf16. Usage (GPU):
+    python3 benchmarks/probe_triton_configs.py [--shapes 1x65536,8x4096] [--kinds fwd,dq,dkdv] [--stages 1,2,3]
 """
 
 import argparse
@@ -24,7 +22,7 @@ import natsl.kernels.block_attention as ba  # noqa: E402
 from natsl.layers.routing import Routing  # noqa: E402
 from natsl.layers.softmax import SOFTMAX_BACKENDS  # noqa: E402
 
-KINDS = ("fwd", "fwd_pair", "dq", "dkdv")
+KINDS = ("fwd", "dq", "dkdv")
 
 
 def main():
@@ -38,7 +36,6 @@ def main():
         raise SystemExit(f"--kinds must be of {KINDS}, got {args.kinds}")
     stages = [int(s) for s in args.stages.split(",")]
     impl = SOFTMAX_BACKENDS["triton"]
-    pair_max = ba.PAIR_MAX_BLOCK
     for shape in args.shapes.split(","):
         B, T = (int(n) for n in shape.split("x"))
         SHAPE["B"] = B
@@ -55,18 +52,16 @@ def main():
             impl.forward(q, k, v, route, scale=scale).backward(inp["do"])
 
         for kind in kinds:
-            ba.PAIR_MAX_BLOCK = 0 if kind == "fwd" else pair_max
             best = None
             for nw, ns in itertools.product((4, 8), stages):
                 ba.CONFIGS[kind] = dict(num_warps=nw, num_stages=ns)
-                ms = triton.testing.do_bench(fwd if kind.startswith("fwd") else fwd_bwd, grad_to_none=[q, k, v, w])
+                ms = triton.testing.do_bench(fwd if kind == "fwd" else fwd_bwd, grad_to_none=[q, k, v, w])
                 print(f"B={B} T={T} {kind} w{nw} s{ns}: {ms:.3f} ms", flush=True)
                 if best is None or ms < best[0]:
                     best = (ms, nw, ns)
             ba.CONFIGS[kind] = dict(num_warps=best[1], num_stages=best[2])
             print(f"BEST B={B} T={T} {kind}: {best}", flush=True)
-        ba.PAIR_MAX_BLOCK = pair_max
-        if any(not kind.startswith("fwd") for kind in kinds):
+        if any(kind != "fwd" for kind in kinds):
             ms = triton.testing.do_bench(fwd_bwd, grad_to_none=[q, k, v, w])
             print(f"B={B} T={T} fwd+bwd with the best configurations: {ms:.3f} ms", flush=True)
 

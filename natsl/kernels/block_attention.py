@@ -2,14 +2,11 @@
 (spec §1.3, §1.5, §1.7), in three Triton kernels.
 
 A query of block `i` (router head `r = h // G` of softmax head `h`) sees the softmax blocks of `r` before `i` in
-its sequence, and its own block causally (unless `own=False`, the `diagonal="linear"` policy). Per program two
-query blocks (forward, for `C ≤ PAIR_MAX_BLOCK`), one query block (forward for larger blocks, dq) or one key block
-(dk/dv) of one (batch, head), tiles of `C = block_size` keys:
+its sequence, and its own block causally (unless `own=False`, the `diagonal="linear"` policy). Per program one
+query block (forward, dq) or one key block (dk/dv) of one (batch, head), tiles of `C = block_size` tokens:
 
 - forward: online softmax over the `p(i) - lo(i)` past softmax blocks (read from a per-(batch, router head) sorted
-  block list, no gather of K/V), then the own block with its causal mask; writes `o` and the row LSE. Blocks `2p`
-  and `2p + 1` of a sequence share all of `2p`'s past blocks, so one `[2C, ·]` query tile runs that loop for both
-  (twice the work per key tile loaded) and two masked tiles finish them (`block_attn_fwd_pair_kernel`).
+  block list, no gather of K/V), then the own block with its causal mask; writes `o` and the row LSE.
 - dq: the same loop, with `dS = P ∘ (dP − Δ)`, `Δ_t = dO_t·o_t` (flash-attention 2's backward).
 - dk/dv: per key block `j`, its own block and, if `j` is a softmax block, every later query block of its
   sequence; it also sums `dS` over those past queries: the router gradient `∂L/∂m(j)` of spec §1.7
@@ -37,11 +34,10 @@ LOG2E = 1.4426950408889634
 #: the routing block sizes the kernels take (one `C × C` tile per block pair)
 BLOCK_SIZES = (16, 32, 64, 128)
 # launch configurations (warps, pipeline stages) of the forward, dq and dk/dv kernels
-CONFIGS = {"fwd": dict(num_warps=4, num_stages=2), "fwd_pair": dict(num_warps=8, num_stages=2),
-           "dq": dict(num_warps=4, num_stages=2), "dkdv": dict(num_warps=4, num_stages=1)}
-#: the forward takes two query blocks per program (`block_attn_fwd_pair_kernel`, `[2C, ·]` query tiles) up to this
-#: block size, and one (`block_attn_fwd_kernel`) for larger blocks
-PAIR_MAX_BLOCK = 64
+CONFIGS = {"fwd": dict(num_warps=4, num_stages=2), "dq": dict(num_warps=4, num_stages=2),
+           "dkdv": dict(num_warps=4, num_stages=1)}
+# two query blocks per forward program (one [2C, ·] query tile over the pair's shared past blocks) measured no faster
+# on the H200 (benchmarks/RESULTS.md, session 22: 14.26 vs 14.07 ms at 128k, 3.68 vs 3.48 at 64k) and was removed
 # dq has its own kernel, which recomputes the scores and dP (7 matmuls per visible tile pair in the backward): dq by
 # float32 atomic adds in the dk/dv kernel (5 matmuls) measured 1.9x slower on the H200 (benchmarks/RESULTS.md,
 # session 21) and was removed
@@ -115,89 +111,6 @@ def block_attn_fwd_kernel(Q, K, V, OUT, LSE, IDX, LO, HI, BSTART, BLEN, sqb, sqt
     lse = tl.where(empty, float("inf"), m_i + tl.log2(tl.where(empty, 1., l_i)))
     rows = tl.arange(0, C)
     tl.store(LSE + bh.to(tl.int64) * T + q0 + rows, lse, mask=rows < qn)
-
-
-@triton.jit
-def _pair_tile(b_q, K, V, b, h, k0, kn, skb, skt, skh, svb, svt, svh, qk_scale, m_i, l_i, acc, vis, D, DV,
-               C: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, MASKED: tl.constexpr, PREC: tl.constexpr):
-    """`_softmax_step` for the `[2C, BD]` query tile of a pair of blocks against one key tile; `MASKED`: only the
-    scores where `vis [2C, C]` holds count."""
-    k_ptr, k_mask = _tile_ptrs(K, b, h, k0, kn, skb, skt, skh, C, D, BD)
-    v_ptr, v_mask = _tile_ptrs(V, b, h, k0, kn, svb, svt, svh, C, DV, BDV)
-    b_s = tl.dot(b_q, tl.trans(tl.load(k_ptr, mask=k_mask, other=0.)), input_precision=PREC) * qk_scale
-    if MASKED:
-        b_s = tl.where(vis, b_s, float("-inf"))
-    return online_softmax_update(b_s, tl.load(v_ptr, mask=v_mask, other=0.), m_i, l_i, acc, PREC)
-
-
-@triton.jit
-def block_attn_fwd_pair_kernel(Q, K, V, OUT, LSE, IDX, LO, HI, SOFT, SEQ_END, BSTART, BLEN, sqb, sqt, sqh, skb, skt,
-                               skh, svb, svt, svh, sob, sot, soh, qk_scale, T, N, H, HR, G, D, DV, C: tl.constexpr,
-                               BD: tl.constexpr, BDV: tl.constexpr, OWN: tl.constexpr, PREC: tl.constexpr):
-    """The forward for two consecutive query blocks `a = 2p`, `b = 2p + 1` per program: one `[2C, ·]` query tile
-    (twice the work per loaded key tile). In one sequence, `b` sees the past softmax blocks of `a`, then `a` itself
-    if it is softmax; so the loop over `a`'s past blocks serves both halves, and two masked tiles finish: key block
-    `a` (causal for `a`'s rows, whole for `b`'s if `a` is softmax) and key block `b` (causal for `b`'s rows). If
-    `b` starts a new sequence (packed input), its rows are masked out of the loop and of key block `a`."""
-    NP = (N + 1) // 2
-    pid = tl.program_id(0)
-    nbh = tl.num_programs(0) // NP
-    i_a = 2 * (NP - 1 - pid // nbh)  # pairs with the most past blocks first
-    i_b = i_a + 1
-    bh = pid % nbh
-    b, h = (bh // H).to(tl.int64), bh % H
-    r = h // G
-    has_b = i_b < N
-    q0a, qna = tl.load(BSTART + i_a), tl.load(BLEN + i_a)
-    q0b = tl.load(BSTART + i_b, mask=has_b, other=0)
-    qnb = tl.load(BLEN + i_b, mask=has_b, other=0)
-    same = has_b & (i_b < tl.load(SEQ_END + i_a))  # b continues a's sequence
-    rows = tl.arange(0, 2 * C)
-    bot = rows >= C  # the rows of block b
-    t = tl.where(bot, rows - C, rows)  # position in its block
-    tok = tl.where(bot, q0b, q0a) + t
-    valid = t < tl.where(bot, qnb, qna)
-    cols = tl.arange(0, BD)
-    q_ptr = Q + b * sqb + h * sqh + tok.to(tl.int64)[:, None] * sqt + cols[None, :]
-    b_q = tl.load(q_ptr, mask=valid[:, None] & (cols < D)[None, :], other=0.)
-    m_i = tl.full([2 * C], float("-inf"), tl.float32)
-    l_i = tl.zeros([2 * C], tl.float32)
-    acc = tl.zeros([2 * C, BDV], tl.float32)
-    meta = (b * N + i_a) * HR + r
-    lo, hi = tl.load(LO + meta), tl.load(HI + meta)
-    list_base = IDX + (b * HR + r) * N
-    kc = tl.arange(0, C)
-    if same:
-        for j in range(lo, hi):  # past softmax blocks of a (and of b): full blocks, every pair visible
-            k0 = tl.load(BSTART + tl.load(list_base + j))
-            m_i, l_i, acc = _pair_tile(b_q, K, V, b, h, k0, C, skb, skt, skh, svb, svt, svh, qk_scale, m_i, l_i,
-                                       acc, 0, D, DV, C, BD, BDV, False, PREC)
-    else:
-        top = (~bot)[:, None] & (kc >= 0)[None, :]
-        for j in range(lo, hi):
-            k0 = tl.load(BSTART + tl.load(list_base + j))
-            m_i, l_i, acc = _pair_tile(b_q, K, V, b, h, k0, C, skb, skt, skh, svb, svt, svh, qk_scale, m_i, l_i,
-                                       acc, top, D, DV, C, BD, BDV, True, PREC)
-    # key block a: causal for a's rows (own), whole for b's if a is a softmax block of b's sequence
-    b_sees_a = bot[:, None] & (same & (tl.load(SOFT + meta) != 0)) & (kc < qna)[None, :]
-    if OWN:
-        vis = ((~bot)[:, None] & (kc[None, :] <= t[:, None]) & (kc < qna)[None, :]) | b_sees_a
-        m_i, l_i, acc = _pair_tile(b_q, K, V, b, h, q0a, qna, skb, skt, skh, svb, svt, svh, qk_scale, m_i, l_i, acc,
-                                   vis, D, DV, C, BD, BDV, True, PREC)
-        if has_b:  # key block b: causal for b's rows
-            vis = bot[:, None] & (kc[None, :] <= t[:, None]) & (kc < qnb)[None, :]
-            m_i, l_i, acc = _pair_tile(b_q, K, V, b, h, q0b, qnb, skb, skt, skh, svb, svt, svh, qk_scale, m_i, l_i,
-                                       acc, vis, D, DV, C, BD, BDV, True, PREC)
-    else:
-        m_i, l_i, acc = _pair_tile(b_q, K, V, b, h, q0a, qna, skb, skt, skh, svb, svt, svh, qk_scale, m_i, l_i, acc,
-                                   b_sees_a, D, DV, C, BD, BDV, True, PREC)
-    empty = l_i == 0.
-    o = acc / tl.where(empty, 1., l_i)[:, None]
-    vcols = tl.arange(0, BDV)
-    o_ptr = OUT + b * sob + h * soh + tok.to(tl.int64)[:, None] * sot + vcols[None, :]
-    tl.store(o_ptr, o.to(OUT.dtype.element_ty), mask=valid[:, None] & (vcols < DV)[None, :])
-    lse = tl.where(empty, float("inf"), m_i + tl.log2(tl.where(empty, 1., l_i)))
-    tl.store(LSE + bh.to(tl.int64) * T + tok, lse, mask=valid)
 
 
 @triton.jit
@@ -359,12 +272,7 @@ def block_attention_fwd(q, k, v, plan: dict, scale: float, num_router_heads: int
     N = plan["hi"].shape[1]
     o = torch.empty(B, T, H, DV, dtype=q.dtype, device=q.device)
     lse = torch.empty(B, H, T, dtype=torch.float32, device=q.device)
-    if N and B * H and plan["C"] <= PAIR_MAX_BLOCK:
-        block_attn_fwd_pair_kernel[((N + 1) // 2 * B * H,)](
-            q, k, v, o, lse, plan["idx"], plan["lo"], plan["hi"], plan["soft"], plan["seq_end"], plan["block_start"],
-            plan["block_len"], *strides, *o.stride()[:3], scale * LOG2E, T, N, H, num_router_heads,
-            H // num_router_heads, D, DV, OWN=own, **const, **CONFIGS["fwd_pair"])
-    elif N and B * H:
+    if N and B * H:
         block_attn_fwd_kernel[(N * B * H,)](
             q, k, v, o, lse, plan["idx"], plan["lo"], plan["hi"], plan["block_start"], plan["block_len"], *strides,
             *o.stride()[:3], scale * LOG2E, T, N, H, num_router_heads, H // num_router_heads, D, DV, OWN=own,

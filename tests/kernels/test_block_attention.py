@@ -76,10 +76,9 @@ def test_block_size_64_and_router_gradient_not_vacuous():
 
 @pytest.mark.parametrize("own", [True, False])
 @pytest.mark.parametrize("p_soft", [0.6, 1.0])
-def test_forward_pairs_across_sequence_starts(own, p_soft):
-    """The forward's query-block pairs (`block_attn_fwd_pair_kernel`, blocks `2p` and `2p+1` in one program) when the
-    second block starts a new sequence, when the first ends one with a partial block, and a lone last block
-    (odd N = 11); every gradient too."""
+def test_packed_sequences_starting_at_odd_and_even_blocks(own, p_soft):
+    """Packed input whose sequences start at blocks 0, 1, 3 and 7 and end in partial blocks (N = 11): no query sees
+    a block of another sequence; output and every gradient against the twin."""
     gn = gen(11)
     B, T, Hr, G, D, DV, C = 1, 150, 2, 2, 16, 24, 16
     cu = torch.tensor([0, 16, 40, 97, 150])  # sequences start at blocks 0, 1, 3, 7
@@ -100,11 +99,8 @@ def test_forward_pairs_across_sequence_starts(own, p_soft):
         assert_close(name, r, g, 1e-4, atol=1e-5)
 
 
-def test_block_size_128_one_query_block_per_program():
-    """Blocks of 128 take the one-block forward (`block_attn_fwd_kernel`; pairs would be 256-row tiles)."""
-    from natsl.kernels.block_attention import PAIR_MAX_BLOCK
-
-    assert PAIR_MAX_BLOCK < 128
+def test_block_size_128():
+    """The largest block size the kernels take (128 × 128 tiles), packed input."""
     _kernel_vs_twin(seed=6, B=1, T=300, Hr=1, G=2, D=16, DV=16, C=128, packed=True, kind="random", own=True)
 
 
