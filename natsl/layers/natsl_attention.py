@@ -16,7 +16,7 @@ from natsl.kernels.merge import norm_merge
 from natsl.layers.conv import ShortConv, conv_qkv
 from natsl.layers.fused import RMSNorm, l2_norm, rotary_torch
 from natsl.layers.gates import LinearGates
-from natsl.layers.router import BlockRouter
+from natsl.layers.router import BlockRouter, block_sums
 from natsl.layers.state import NAtSLLayerState, layer_state
 from natsl.utils import (
     DECODE_ATTENTIONS,
@@ -280,9 +280,8 @@ class NAtSLAttention(nn.Module):
             sums = x if T == 1 else x.sum(1, keepdim=True, dtype=acc)
             # a decode step: the running sum plus the token (promoted to `acc`) in one kernel
             sums = sums.to(acc) if not state.initialized else state.router_sum[:, None] + sums
-        else:  # the chunk padded to whole blocks (a view when it starts and ends at block boundaries)
-            xb = x if n0 == 0 and nb * C == T else torch.nn.functional.pad(x, (0, 0, n0, nb * C - n0 - T))
-            sums = xb.reshape(B, nb, C, D).sum(2, dtype=acc)
+        else:
+            sums = block_sums(x, C, n0)
             if state.initialized:
                 sums = torch.cat([sums[:, :1] + state.router_sum[:, None], sums[:, 1:]], 1)
         weights = is_soft = None

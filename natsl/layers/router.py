@@ -14,13 +14,30 @@ from natsl.utils import check_choice, upcast
 ROUTER_SAMPLES = ("argmax", "gumbel")
 
 
+def block_sums(x: torch.Tensor, block_size: int, offset: int = 0) -> torch.Tensor:
+    """Sums of `x [B, T, D]` over consecutive blocks of `block_size` tokens, the first of which already holds `offset`
+    tokens before `x` → `[B, ceil((offset + T) / C), D]`, accumulated in at least float32 (read in `x`'s dtype).
+
+    A view of `x` padded to whole blocks (no copy when it starts and ends at block boundaries), summed over each
+    block: no float32 copy of `x`, no `index_add_`."""
+    B, T, D = x.shape
+    C = block_size
+    n = -(-(offset + T) // C)
+    if offset or n * C != T:
+        x = F.pad(x, (0, 0, offset, n * C - offset - T))
+    return x.reshape(B, n, C, D).sum(2, dtype=torch.promote_types(x.dtype, torch.float32))
+
+
 def block_mean(x: torch.Tensor, layout: BlockLayout) -> torch.Tensor:
     """Mean of `x [B, T, D]` over the tokens of each block → `[B, N, D]` (at least float32; partial blocks average the
     tokens present)."""
     B, T, D = x.shape
-    xf = upcast(x)
-    s = xf.new_zeros(B, layout.N, D).index_add_(1, layout.token_block, xf)
-    return s / layout.block_len.to(xf.dtype)[None, :, None]
+    if layout.num_seqs is None:  # dense: blocks at multiples of the block size
+        s = block_sums(x, layout.block_size)
+    else:  # packed: blocks restart at every sequence start
+        xf = upcast(x)
+        s = xf.new_zeros(B, layout.N, D).index_add_(1, layout.token_block, xf)
+    return s / layout.block_len.to(s.dtype)[None, :, None]
 
 
 def straight_through(logits: torch.Tensor, temperature: float, sample: str, training: bool) -> tuple[torch.Tensor,

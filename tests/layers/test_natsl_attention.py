@@ -180,6 +180,32 @@ def test_router_straight_through():
     torch.testing.assert_close(gw, gp)
 
 
+@pytest.mark.parametrize("T,offset", [(64, 0), (61, 0), (50, 5), (3, 13), (1, 0)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])
+def test_block_sums_and_means(T, offset, dtype):
+    """`block_sums` (a padded view summed per block) equals a per-token `index_add_` in float32/float64, with a first
+    block that already holds `offset` tokens and a partial last block; `block_mean` of dense and packed layouts
+    equals the mean of each block's tokens; gradients flow to `x`."""
+    from natsl.kernels.index import block_layout
+    from natsl.layers.router import block_mean, block_sums
+
+    C = 16
+    x = torch.randn(2, T, 8, generator=gen(T + offset)).to(dtype).requires_grad_()
+    acc = torch.promote_types(dtype, torch.float32)
+    n = -(-(offset + T) // C)
+    ref = torch.zeros(2, n, 8, dtype=acc).index_add_(1, (offset + torch.arange(T)) // C, x.detach().to(acc))
+    s = block_sums(x, C, offset)
+    assert s.dtype == acc
+    torch.testing.assert_close(s, ref, rtol=1e-6 if dtype == torch.bfloat16 else 1e-12, atol=1e-6)
+    s.sum().backward()
+    assert torch.equal(x.grad, torch.ones_like(x))
+    cu = torch.tensor([0, T // 3, T]) if T > 2 else None
+    for lay in (block_layout(T, C), block_layout(T, C, cu)):
+        want = torch.stack([torch.stack([x.detach()[b].to(acc)[lay.token_block == i].mean(0) for i in range(lay.N)])
+                            for b in range(2)])
+        torch.testing.assert_close(block_mean(x, lay), want, rtol=1e-6, atol=1e-6)
+
+
 def test_router_gumbel_samples_in_training_only():
     r = BlockRouter(8, 2, 4, sample="gumbel").double()
     x = torch.randn(1, 64, 8, generator=gen(0), dtype=torch.float64)
