@@ -6,7 +6,8 @@
 #   prefill the 128k and 32k prefill of the 340M models with the routers forced to 12.5%, alone in the process and on
 #           the GPU (session 22's run had the GPU tests beside it), after session 22's prefill changes (a chunk
 #           writes only its softmax blocks, router sums without index_add, block counts scanned along the last dim)
-#   decode  decode of the 340M models at 128k and 32k, SDPA read (the Transformer's fastest at batch 1), after the
+#   decode  the decode read alone (sdpa vs the split-KV kernel, whose range merge is one kernel since session 22
+#           instead of ~12 torch ops), then decode of the 340M models at 128k and 32k with both reads, after the
 #           dtype-grouped state copy of GraphDecoder (not measured in session 22)
 #   tests   the GPU tests of the softmax kernels, the generation path (decode step trimmed in session 22) and the
 #           fused modules
@@ -23,8 +24,9 @@ prefill)
     --steps 5 --out "$OUT/prefill.md" 2>&1 | grep -v Warning
   ;;
 decode)
-  OUT=$OUT timeout 400 python3 benchmarks/bench_generation.py --models --no-layers --contexts 131072 32768 --batch 1 \
-    --decode-attention sdpa --linear-impl auto 2>&1 | grep -v Warning
+  timeout 100 python3 benchmarks/bench_decode_read.py --out "$OUT/decode_read.md"
+  OUT=$OUT timeout 440 python3 benchmarks/bench_generation.py --models --no-layers --contexts 131072 32768 --batch 1 \
+    --decode-attention sdpa triton --linear-impl auto 2>&1 | grep -v Warning
   ;;
 tests)
   NATSL_TEST_DEVICE=cuda timeout 560 python3 -m pytest -q -m gpu -p no:cacheprovider -W ignore -rfE \

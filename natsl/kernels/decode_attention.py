@@ -4,10 +4,10 @@ A decode step's query `t` of head `h` attends to rows `[0, limit[b, h, t])` of `
 (the committed softmax rows of its router head, then its block so far; or a softmax layer's whole past). At batch
 1 a kernel with one program per (batch, head) reads the whole context serially; here the rows are split into
 `num_splits` ranges, one program per (range, batch, head) computes a partial output and its log-sum-exp for all
-`T` queries, and torch merges the ranges (`o = Σ_s exp(lse_s − lse) o_s`). Lengths are read on the device: no host
-sync, and one launch configuration per buffer capacity, so a captured decode step (CUDA graph) replays it at every
-length. Ranges past a query's limit contribute nothing. PyTorch twin (test oracle and default path):
-`natsl.layers.state.attend_rows` with `impl="sdpa"`.
+`T` queries, and a second kernel merges the ranges (`o = Σ_s exp(lse_s − lse) o_s`), one program per query.
+Lengths are read on the device: no host sync, and one launch configuration per buffer capacity, so a captured
+decode step (CUDA graph) replays it at every length. Ranges past a query's limit contribute nothing. PyTorch twin
+(test oracle and default path): `natsl.layers.state.attend_rows` with `impl="sdpa"`.
 """
 
 from __future__ import annotations
@@ -59,6 +59,27 @@ def decode_attn_split_kernel(Q, K, V, LIMIT, OUT, LSE, sqb, sqt, sqh, skb, skh, 
     tl.store(LSE + out_row, lse, mask=m_t)
 
 
+@triton.jit
+def decode_attn_combine_kernel(OP, LSE, OUT, sob, sot, soh, T, H, NS, DV, BS: tl.constexpr, BDV: tl.constexpr):
+    """One program per (batch, head, query): merge its `NS` partial outputs `o_s` (log-sum-exps `lse_s`, log2 units)
+    into `o = Σ_s 2^(lse_s − max) o_s / Σ_s 2^(lse_s − max)` (0 for a query that sees nothing), stored at `OUT[b, t,
+    h]` in the output dtype."""
+    pid = tl.program_id(0)
+    bh, t = pid // T, pid % T
+    b, h = (bh // H).to(tl.int64), bh % H
+    s = tl.arange(0, BS)
+    m_s = s < NS
+    row = pid.to(tl.int64) * NS + s
+    lse = tl.load(LSE + row, mask=m_s, other=float("-inf"))
+    top = tl.max(lse, 0)
+    w = tl.exp2(lse - tl.where(top == float("-inf"), 0., top))  # ranges that saw nothing weigh 0
+    z = tl.sum(w, 0)
+    cols = tl.arange(0, BDV)
+    part = tl.load(OP + row[:, None] * DV + cols[None, :], mask=m_s[:, None] & (cols < DV)[None, :], other=0.)
+    o = tl.sum(w[:, None] * part, 0) / tl.where(z == 0., 1., z)
+    tl.store(OUT + b * sob + t * sot + h * soh + cols, o.to(OUT.dtype.element_ty), mask=cols < DV)
+
+
 def num_splits(R: int, B: int, H: int, num_sms: int = 132) -> tuple[int, int]:
     """`(splits, rows per split)` for `R` rows and `B·H` heads: about two programs per SM, at least 256 rows (a
     multiple of `BLOCK_N`) per split."""
@@ -95,20 +116,21 @@ def decode_attention(q: torch.Tensor, k_rows: torch.Tensor, v_rows: torch.Tensor
     k_rows, v_rows = (x if x.stride(-1) == 1 else x.contiguous() for x in (k_rows, v_rows))
     sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 132
     ns, split = num_splits(R, B, H, sms)
+    o = torch.empty(B, T, H, DV, dtype=q.dtype, device=q.device)
+    if not (B * H and T):
+        return o
+    if not R:
+        return o.zero_()
     o_part = torch.empty(B, H, T, ns, DV, dtype=torch.float32, device=q.device)
     lse_part = torch.empty(B, H, T, ns, dtype=torch.float32, device=q.device)
-    lim = limit.to(torch.int32).contiguous()
-    if B * H and T and R:
-        decode_attn_split_kernel[(ns, B * H)](
-            q, k_rows, v_rows, lim, o_part, lse_part, *q.stride()[:3], *k_rows.stride()[:3], *v_rows.stride()[:3],
-            T, H, R, D, DV, scale * LOG2E, SPLIT=split, BT=max(16, triton.next_power_of_2(T)),
-            BD=max(16, triton.next_power_of_2(D)), BDV=max(16, triton.next_power_of_2(DV)), BN=BLOCK_N,
-            PREC="ieee" if q.dtype == torch.float32 else "tf32", num_warps=4, num_stages=2)
-    else:
-        lse_part.fill_(float("-inf"))
-        o_part.zero_()
-    lse = lse_part.amax(-1, keepdim=True)
-    w = torch.exp2(lse_part - torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse)))  # [B, H, T, ns]
-    z = w.sum(-1, keepdim=True)
-    o = (w[..., None] * o_part).sum(-2) / torch.where(z == 0, torch.ones_like(z), z)
-    return o.transpose(1, 2).to(q.dtype)
+    bdv = max(16, triton.next_power_of_2(DV))
+    decode_attn_split_kernel[(ns, B * H)](
+        q, k_rows, v_rows, limit.contiguous(), o_part, lse_part, *q.stride()[:3], *k_rows.stride()[:3],
+        *v_rows.stride()[:3], T, H, R, D, DV, scale * LOG2E, SPLIT=split, BT=max(16, triton.next_power_of_2(T)),
+        BD=max(16, triton.next_power_of_2(D)), BDV=bdv, BN=BLOCK_N, PREC="ieee" if q.dtype == torch.float32 else "tf32",
+        num_warps=4, num_stages=2)
+    # the merge of the ranges in one launch (it was ~12 small torch kernels, more than the split kernel's time at
+    # batch 1)
+    decode_attn_combine_kernel[(B * H * T,)](o_part, lse_part, o, *o.stride()[:3], T, H, ns, DV,
+                                             BS=max(2, triton.next_power_of_2(ns)), BDV=bdv, num_warps=4)
+    return o
