@@ -38,7 +38,7 @@ from utils import bench_graph_ms, bench_ms, capture_cuda_graph, env_line, host_u
 
 from natsl import NAtSLAttention, NAtSLConfig, NAtSLForCausalLM  # noqa: E402
 from natsl.layers.baselines import LinearAttention, SoftmaxAttention  # noqa: E402
-from natsl.layers.state import LinearLayerState, NAtSLLayerState, SoftmaxLayerState  # noqa: E402
+from natsl.layers.state import LinearLayerState, NAtSLLayerState, SoftmaxLayerState, attend_rows  # noqa: E402
 from natsl.models.cache import NAtSLCache  # noqa: E402
 from natsl.models.graphs import GraphDecoder  # noqa: E402
 
@@ -146,8 +146,11 @@ def setup(shape: dict, provider: str, T: int, B: int):
         q = _randn(B, 1, module.num_softmax_heads, module.softmax_head_dim)
         scale = module.softmax_head_dim ** -0.5
 
+        C = module.block_size  # the rows a decode step's query reads: committed ones and its block so far
+        limit = st.head_lengths()[..., None] + (st.device_position(x.device) - 1) % C + 1
+
         def core():
-            return st.attend_current(q, scale, DECODE["decode_attention"])
+            return attend_rows(q, st.k_rows, st.v_rows, limit, scale, DECODE["decode_attention"])
     else:
         q = _randn(B, 1, module.num_heads, module.head_dim)
 

@@ -343,21 +343,11 @@ class NAtSLLayerState(_DevicePosition):
         self.seen_tokens += n * C
         self.position = self.device_position(k.device) + n * C
 
-    def attend_current(self, q: torch.Tensor, scale: float, impl: str = "sdpa",
-                       rows: torch.Tensor | None = None) -> torch.Tensor:
+    def attend_current(self, q: torch.Tensor, scale: float, impl: str, rows: torch.Tensor) -> torch.Tensor:
         """Softmax branch for the last `T` appended tokens, all in the current block (not yet committed): query
         `j` sees its pair's committed rows and the block's rows up to itself. `q [B, T, H_A, d]` → `[B, T, H_A, d_v]`
-        (`impl`: see `attend_rows`). `rows`: what `append` returned for these tokens (their rows, so the limits
-        need no recomputation from the device counter); `None` computes them."""
-        if rows is None:
-            T, C = q.shape[1], self.block_size
-            n = (self.device_position(q.device) - 1) % C + 1  # tokens of the current block, from the device counter
-            limit = self.head_lengths()[..., None] + (n - T + 1)
-            if T > 1:
-                limit = limit + torch.arange(T, device=q.device)
-        else:
-            limit = rows + 1  # a token sees the rows up to its own
-        return attend_rows(q, self.k_rows, self.v_rows, limit, scale, impl)
+        (`impl`: see `attend_rows`); `rows [B, H_A, T]`: what `append` returned for these tokens (their rows)."""
+        return attend_rows(q, self.k_rows, self.v_rows, rows + 1, scale, impl)  # a token sees the rows up to its own
 
     def attend_chunk(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_softmax: torch.Tensor, scale: float,
                      mask_elements: int = 2**28) -> torch.Tensor:
