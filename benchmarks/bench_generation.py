@@ -11,11 +11,10 @@ grows by a few hundred tokens over a measurement (< 1% at 32k). Timings: `eager`
 eager call (includes the host's launch overhead whenever the GPU is faster than the host), `graph` = the same step
 replayed as a CUDA graph at a fixed position (GPU time only, L2 flushed before each replay), `replay loop ms` (models)
 = wall time per replay of that graph over 256 back-to-back replays (no flush, no host work between them),
-`GraphDecoder ms/token` (models) = wall time per
-token of `natsl.models.GraphDecoder` over 256 tokens (two captured steps: inside a block, block completion; both
-captured during a warm-up of two blocks).
-`core` = the attention read alone (natsl: `attend_current` over the pair's committed rows + current block; dense:
-`attend_last` over all rows).
+`GraphDecoder ms/token` (models) = wall time per token of `natsl.models.GraphDecoder` over 256 tokens (two captured
+steps: inside a block, block completion; both captured during a warm-up of two blocks).
+`core` = the attention read alone (natsl: `attend_rows` over the pair's committed rows + current block, limits
+computed once at setup; dense: `attend_last` over all rows).
 Providers (layer level, the paper's 340M layer: H_L=6, d_k=128, d_v=256, H_A=12 × (64, 128), H_R=6, C=64):
 - `natsl f=12.5%`: NAtSLAttention with 12.5% of the blocks of every pair routed to softmax;
 - `natsl f=100%`: the same layer with every block softmax (dense K/V of the same heads);
