@@ -18,9 +18,13 @@ from natsl.reference import softmax_branch_reference
 
 
 def _case(seed, B, T, Hr, G, D, DV, C, packed, kind, p_soft=0.5, dtype=torch.float32):
+    """`packed`: False (dense), True (random packed sequences) or the `cu_seqlens` tensor itself."""
     gn = gen(seed)
     H = Hr * G
-    cu = random_cu_seqlens(gn, T, int(torch.randint(1, min(T, 4) + 1, (1,), generator=gn))) if packed else None
+    if isinstance(packed, torch.Tensor):
+        cu = packed
+    else:
+        cu = random_cu_seqlens(gn, T, int(torch.randint(1, min(T, 4) + 1, (1,), generator=gn))) if packed else None
     lay = block_layout(T, C, cu)
     q, k = (torch.randn(B, T, H, D, generator=gn, dtype=dtype) for _ in range(2))
     v = torch.randn(B, T, H, DV, generator=gn, dtype=dtype)
@@ -79,24 +83,11 @@ def test_block_size_64_and_router_gradient_not_vacuous():
 def test_packed_sequences_starting_at_odd_and_even_blocks(own, p_soft):
     """Packed input whose sequences start at blocks 0, 1, 3 and 7 and end in partial blocks (N = 11): no query sees
     a block of another sequence; output and every gradient against the twin."""
-    gn = gen(11)
-    B, T, Hr, G, D, DV, C = 1, 150, 2, 2, 16, 24, 16
     cu = torch.tensor([0, 16, 40, 97, 150])  # sequences start at blocks 0, 1, 3, 7
-    lay = block_layout(T, C, cu)
+    lay = block_layout(150, 16, cu)
     assert lay.N == 11 and lay.block_first.tolist()[:8] == [True, True, False, True, False, False, False, True]
-    q, k = (torch.randn(B, T, Hr * G, D, generator=gn, requires_grad=True) for _ in range(2))
-    v = torch.randn(B, T, Hr * G, DV, generator=gn, requires_grad=True)
-    soft = torch.rand(B, lay.N, Hr, generator=gn) < p_soft
-    gate = torch.ones(B, lay.N, Hr, dtype=torch.float64, requires_grad=True)
-    o = block_attention(q, k, v, soft, lay.block_first, lay.block_start, lay.block_len, C, gate=gate, own=own)
-    qd, kd, vd = (x.detach().double().requires_grad_() for x in (q, k, v))
-    gd = gate.detach().clone().requires_grad_()
-    ref = naive_block_attention(qd, kd, vd, soft, lay.token_block, lay.token_seq, scale=D ** -0.5, gate=gd, own=own)
-    assert_close("o", ref, o, 1e-5, atol=1e-6)
-    do = torch.randn(ref.shape, generator=gen(12), dtype=torch.float64)
-    grads = torch.autograd.grad((o * do.float()).sum(), (q, k, v, gate))
-    for name, r, g in zip(("dq", "dk", "dv", "dgate"), torch.autograd.grad((ref * do).sum(), (qd, kd, vd, gd)), grads):
-        assert_close(name, r, g, 1e-4, atol=1e-5)
+    _kernel_vs_twin(seed=11, B=1, T=150, Hr=2, G=2, D=16, DV=24, C=16, packed=cu, kind="random", own=own,
+                    p_soft=p_soft)
 
 
 def test_block_size_128():
