@@ -10,6 +10,7 @@ from helpers import assert_close, gen, random_cu_seqlens
 from hypothesis import example, given
 from hypothesis import strategies as st
 
+import natsl.kernels.block_attention as ba
 from natsl.kernels.block_attention import block_attention, block_sparse_plan
 from natsl.kernels.index import block_layout
 from natsl.kernels.naive import naive_block_attention
@@ -114,8 +115,8 @@ def test_twin_matches_reference(packed, own):
 
 
 def test_plan_lists_the_past_softmax_blocks():
-    """`idx[b, r, lo:hi]` of block n are exactly the softmax blocks of (b, r) before n in n's sequence;
-    `seq_end[n]` is one past the last block of n's sequence."""
+    """`kstart[b, r, lo:hi]` of block n are exactly the first rows of the softmax blocks of (b, r) before n in n's
+    sequence; `seq_end[n]` is one past the last block of n's sequence."""
     gn = gen(11)
     cu = torch.tensor([0, 50, 51, 130, 200])
     C = 16
@@ -129,9 +130,28 @@ def test_plan_lists_the_past_softmax_blocks():
             for n in range(lay.N):
                 want = [j for j in range(n) if soft[b, j, r] and bs[j] == bs[n]]
                 lo, hi = int(plan["lo"][b, n, r]), int(plan["hi"][b, n, r])
-                assert plan["idx"][b, r, lo:hi].tolist() == want
+                assert plan["kstart"][b, r, lo:hi].tolist() == [int(lay.block_start[j]) for j in want]
     for n in range(lay.N):
         assert int(plan["seq_end"][n]) == max(j for j in range(lay.N) if bs[j] == bs[n]) + 1
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_forward_tile_descriptors_and_pointer_loads_agree(monkeypatch, packed):
+    """Power-of-two head dims read their tiles through tensor descriptors (TMA), others through pointers: both
+    give the same output and LSE (partial blocks and packed sequences included: descriptor rows past a block's
+    end are masked or zero-filled)."""
+    (q, k, v), soft, _, lay, _ = _case(12, 2, 150, 2, 2, 16, 32, 16, torch.tensor([0, 37, 150]) if packed else False,
+                                       "random")
+    plan = block_sparse_plan(soft, lay.block_first, lay.block_start, lay.block_len, 16)
+    const = ba._launch_args(q, k, v, 16)[5]
+    assert ba._tile_descriptors(q, k, v, 16, const) is not None
+    assert ba._tile_descriptors(q[..., :12], k[..., :12], v, 16, const) is None  # not the tile's width
+    with torch.no_grad():
+        o, lse = ba.block_attention_fwd(q, k, v, plan, 0.25, 2, True)
+        monkeypatch.setattr(ba, "_tile_descriptors", lambda *a: None)
+        o_ptr, lse_ptr = ba.block_attention_fwd(q, k, v, plan, 0.25, 2, True)
+    torch.testing.assert_close(o, o_ptr, rtol=0, atol=0)
+    torch.testing.assert_close(lse, lse_ptr, rtol=0, atol=0)
 
 
 def test_rows_that_see_nothing_are_zero_with_finite_gradients():
