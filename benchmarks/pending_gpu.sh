@@ -1,24 +1,26 @@
 #!/usr/bin/env bash
-# The H200 checks and measurements left pending at the end of session 22 (closing note of stop 23), as device calls
-# of at most ~9.5 minutes each. Logs and tables go to $OUT (default ./out). Run the parts back to back (the next call
-# within the device's idle limit) so that the Triton disk cache of the first call's compiles is reused.
+# The H200 checks and measurements left pending at the end of session 23 (closing note of stop 30), as device calls
+# of at most ~9.5 minutes each. Logs and tables go to $OUT (default ./out). Run each part alone in its call (GPU tests
+# beside a timed benchmark spoil it); the Triton disk cache of a call is reused only by later processes of that call.
 # Usage (repository root, fla wheels in .whl/): bash benchmarks/pending_gpu.sh PART
-#   prefill the 128k and 32k prefill of the 340M models with the routers forced to 12.5%, alone in the process and on
-#           the GPU (session 22's run had the GPU tests beside it), after session 22's prefill changes (a chunk
-#           writes only its softmax blocks, router sums without index_add, block counts scanned along the last dim)
-#   decode  the decode read alone (sdpa vs the split-KV kernel, whose range merge is one kernel since session 22
-#           instead of ~12 torch ops), then decode of the 340M models at 128k and 32k with both reads, after the
-#           dtype-grouped state copy of GraphDecoder (not measured in session 22)
-#   tests   the GPU tests of the softmax kernels, the generation path (decode step trimmed in session 22) and the
-#           fused modules
+#   gaps    where the 340M Hybrid's 128k prefill leaves the GPU idle (≈ 23-33 ms that fla's GDN model does not have,
+#           session 23): profile_layer.py --models with the idle gaps and the host time per op, Hybrid and fla GDN
+#   prefill the 128k and 32k prefill of the 340M models with the routers forced to 12.5% (after a gaps fix)
+#   tests   the GPU tests of the softmax kernels (TMA forward since session 23; session 23 ran 5 of them before a
+#           timeout), the generation path and the fused modules
+#   decode  the decode read alone, then decode of the 340M models at 128k and 32k with both reads
 #   profile the kernels of the NAtS-L and GDN layers' prefill at 128k
 # Every command prints its rows as they come (no `| tail`: a timeout keeps what was printed).
 set -u
 OUT=${OUT:-out}; mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl 2>/dev/null
 export PYTHONPATH=/tmp/site:$PWD
-part=${1:?part: prefill | decode | tests | profile}
+part=${1:?part: gaps | prefill | tests | decode | profile}
 case "$part" in
+gaps)
+  timeout 500 python3 benchmarks/profile_layer.py --prefill --shape 1x131072 --models hybrid,fla_gdn --rows 30 \
+    --fla-hopper-bypass --out "$OUT/profile_models.md" 2>&1 | grep -v Warning
+  ;;
 prefill)
   timeout 400 python3 benchmarks/bench_model.py --prefill --shapes 1x131072,1x32768 --models hybrid,fla_gdn,softmax \
     --steps 5 --out "$OUT/prefill.md" 2>&1 | grep -v Warning
