@@ -10,12 +10,14 @@
 #           timeout), the generation path and the fused modules
 #   decode  the decode read alone, then decode of the 340M models at 128k and 32k with both reads
 #   profile the kernels of the NAtS-L and GDN layers' prefill at 128k
+#   bwdtma  the backward kernels (dq, dk/dv) with pointer vs tensor-descriptor (TMA) loads: whether to switch
+#           `block_attention.DESCRIPTORS["dq"/"dkdv"]` on (the forward's gain was 13% at 128k)
 # Every command prints its rows as they come (no `| tail`: a timeout keeps what was printed).
 set -u
 OUT=${OUT:-out}; mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl 2>/dev/null
 export PYTHONPATH=/tmp/site:$PWD
-part=${1:?part: gaps | prefill | tests | decode | profile}
+part=${1:?part: gaps | prefill | tests | decode | profile | bwdtma}
 case "$part" in
 gaps)
   timeout 500 python3 benchmarks/profile_layer.py --prefill --shape 1x131072 --models hybrid,fla_gdn --rows 30 \
@@ -37,6 +39,10 @@ tests)
 profile)
   timeout 300 python3 benchmarks/profile_layer.py --prefill --shape 1x131072 --rows 25 --fla-hopper-bypass \
     --out "$OUT/profile_prefill.md"
+  ;;
+bwdtma)
+  timeout 500 python3 benchmarks/probe_triton_configs.py --shapes 1x65536,8x4096,1x16384 --kinds dq,dkdv --stages 1,2 \
+    --descriptors 2>&1 | tee "$OUT/probe_bwd_tma.txt"
   ;;
 *) echo "unknown part $part"; exit 2 ;;
 esac

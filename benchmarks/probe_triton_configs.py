@@ -5,6 +5,9 @@ under no_grad for the forward kernel, forward+backward with the router gradient 
 (4, 8) × the given num_stages. Paper heads (H_A=12, d=64, d_v=128, H_R=6, blocks of 64), 12.5% softmax blocks,
 bf16. Usage (GPU):
     python3 benchmarks/probe_triton_configs.py [--shapes 1x65536,8x4096] [--kinds fwd,dq,dkdv] [--stages 1,2,3]
+        [--descriptors]
+`--descriptors`: every configuration of a kernel with its tiles read through pointers and through tensor descriptors
+(TMA; `block_attention.DESCRIPTORS`), the faster kept for the kernels after it.
 """
 
 import argparse
@@ -30,6 +33,7 @@ def main():
     ap.add_argument("--shapes", default="1x65536,8x4096", help="comma-separated BxT")
     ap.add_argument("--kinds", default=",".join(KINDS), help=f"comma-separated, of {KINDS}")
     ap.add_argument("--stages", default="1,2,3", help="num_stages to try (comma-separated)")
+    ap.add_argument("--descriptors", action="store_true", help="also try each kernel with tensor-descriptor loads")
     args = ap.parse_args()
     kinds = args.kinds.split(",")
     if not set(kinds) <= set(KINDS):
@@ -53,13 +57,16 @@ def main():
 
         for kind in kinds:
             best = None
-            for nw, ns in itertools.product((4, 8), stages):
+            descs = (False, True) if args.descriptors else (ba.DESCRIPTORS[kind],)
+            for nw, ns, desc in itertools.product((4, 8), stages, descs):
                 ba.CONFIGS[kind] = dict(num_warps=nw, num_stages=ns)
+                ba.DESCRIPTORS[kind] = desc
                 ms = triton.testing.do_bench(fwd if kind == "fwd" else fwd_bwd, grad_to_none=[q, k, v, w])
-                print(f"B={B} T={T} {kind} w{nw} s{ns}: {ms:.3f} ms", flush=True)
+                print(f"B={B} T={T} {kind} w{nw} s{ns}{' tma' if desc else ''}: {ms:.3f} ms", flush=True)
                 if best is None or ms < best[0]:
-                    best = (ms, nw, ns)
+                    best = (ms, nw, ns, desc)
             ba.CONFIGS[kind] = dict(num_warps=best[1], num_stages=best[2])
+            ba.DESCRIPTORS[kind] = best[3]
             print(f"BEST B={B} T={T} {kind}: {best}", flush=True)
         if any(kind != "fwd" for kind in kinds):
             ms = triton.testing.do_bench(fwd_bwd, grad_to_none=[q, k, v, w])

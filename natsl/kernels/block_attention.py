@@ -38,6 +38,11 @@ BLOCK_SIZES = (16, 32, 64, 128)
 # launch configurations (warps, pipeline stages) of the forward, dq and dk/dv kernels
 CONFIGS = {"fwd": dict(num_warps=4, num_stages=2), "dq": dict(num_warps=4, num_stages=2),
            "dkdv": dict(num_warps=4, num_stages=1)}
+# which kernels read q/k/v/dO tiles through tensor descriptors (TMA) where they apply (`_tile_descriptors`): the
+# forward measured 13% faster at 128k on the H200 (benchmarks/RESULTS.md, session 23); the backward kernels take
+# them too (tested on the CPU) but stay on pointer loads until `probe_triton_configs.py --descriptors` has measured
+# them
+DESCRIPTORS = {"fwd": True, "dq": False, "dkdv": False}
 # two query blocks per forward program (one [2C, ·] query tile over the pair's shared past blocks) measured no faster
 # on the H200 (benchmarks/RESULTS.md, session 22: 14.26 vs 14.07 ms at 128k, 3.68 vs 3.48 at 64k) and was removed
 # dq has its own kernel, which recomputes the scores and dP (7 matmuls per visible tile pair in the backward): dq by
@@ -56,20 +61,26 @@ def _tile_ptrs(X, b, h, row0, n_rows, stride_b, stride_t, stride_h, C: tl.conste
 
 
 @triton.jit
+def _load_tile(X, b, h, row0, n_rows, stride_b, stride_t, stride_h, T, D, C: tl.constexpr, BD: tl.constexpr,
+               DESC: tl.constexpr):
+    """The `[C, BD]` tile of rows `row0 + [0, C)` of `X[b, :, h, :D]`: through the tensor descriptor `X` of the
+    `[B*T, H*BD]` view (`DESC`; rows past `n_rows` hold the next rows' values or zeros), or masked pointer loads
+    (rows past `n_rows` and columns past `D` are 0)."""
+    if DESC:
+        return X.load([(b * T + row0).to(tl.int32), h * BD])
+    ptr, mask = _tile_ptrs(X, b, h, row0, n_rows, stride_b, stride_t, stride_h, C, D, BD)
+    return tl.load(ptr, mask=mask, other=0.)
+
+
+@triton.jit
 def _softmax_step(b_q, K, V, b, h, k0, kn, skb, skt, skh, svb, svt, svh, qk_scale, m_i, l_i, acc, T, D, DV,
                   C: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, CAUSAL: tl.constexpr, PREC: tl.constexpr,
                   DESC: tl.constexpr):
     """One key tile (rows `k0 + [0, C)`, valid `< kn`) of the online softmax, scores in log2 units: the new
     `(m, l, acc)`. `CAUSAL`: the own block (key `<=` query); rows that see nothing keep `m = -inf`. `DESC`: `K`, `V`
     are tensor descriptors of the `[B*T, H*D]` views (TMA copies; rows past `kn` are masked by `CAUSAL` or absent)."""
-    if DESC:
-        b_k = K.load([(b * T + k0).to(tl.int32), h * BD])
-        b_v = V.load([(b * T + k0).to(tl.int32), h * BDV])
-    else:
-        k_ptr, k_mask = _tile_ptrs(K, b, h, k0, kn, skb, skt, skh, C, D, BD)
-        v_ptr, v_mask = _tile_ptrs(V, b, h, k0, kn, svb, svt, svh, C, DV, BDV)
-        b_k = tl.load(k_ptr, mask=k_mask, other=0.)
-        b_v = tl.load(v_ptr, mask=v_mask, other=0.)
+    b_k = _load_tile(K, b, h, k0, kn, skb, skt, skh, T, D, C, BD, DESC)
+    b_v = _load_tile(V, b, h, k0, kn, svb, svt, svh, T, DV, C, BDV, DESC)
     b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PREC) * qk_scale
     if CAUSAL:
         rows = tl.arange(0, C)
@@ -99,11 +110,7 @@ def block_attn_fwd_kernel(Q, K, V, OUT, LSE, KSTART, LO, HI, BSTART, BLEN, sqb, 
     b, h = (bh // H).to(tl.int64), bh % H
     r = h // G
     q0, qn = tl.load(BSTART + i), tl.load(BLEN + i)
-    if DESC:
-        b_q = Q.load([(b * T + q0).to(tl.int32), h * BD])
-    else:
-        q_ptr, q_mask = _tile_ptrs(Q, b, h, q0, qn, sqb, sqt, sqh, C, D, BD)
-        b_q = tl.load(q_ptr, mask=q_mask, other=0.)
+    b_q = _load_tile(Q, b, h, q0, qn, sqb, sqt, sqh, T, D, C, BD, DESC)
     m_i = tl.full([C], float("-inf"), tl.float32)
     l_i = tl.zeros([C], tl.float32)
     acc = tl.zeros([C, BDV], tl.float32)
@@ -128,28 +135,27 @@ def block_attn_fwd_kernel(Q, K, V, OUT, LSE, KSTART, LO, HI, BSTART, BLEN, sqb, 
 
 @triton.jit
 def _query_rows(Q, DO, LSE, DELTA, b, h, bh, q0, qn, sqb, sqt, sqh, sdb, sdt, sdh, T, D, DV, C: tl.constexpr,
-                BD: tl.constexpr, BDV: tl.constexpr):
+                BD: tl.constexpr, BDV: tl.constexpr, DESC: tl.constexpr):
     """The backward's tiles of query rows `q0 + [0, C)` (valid: `< qn`): `q`, `dO`, LSE (`+inf` past `qn`), `Δ`."""
     rows = tl.arange(0, C)
-    q_ptr, q_mask = _tile_ptrs(Q, b, h, q0, qn, sqb, sqt, sqh, C, D, BD)
-    do_ptr, do_mask = _tile_ptrs(DO, b, h, q0, qn, sdb, sdt, sdh, C, DV, BDV)
     lse = tl.load(LSE + bh.to(tl.int64) * T + q0 + rows, mask=rows < qn, other=float("inf"))
     delta = tl.load(DELTA + bh.to(tl.int64) * T + q0 + rows, mask=rows < qn, other=0.)
-    return tl.load(q_ptr, mask=q_mask, other=0.), tl.load(do_ptr, mask=do_mask, other=0.), lse, delta
+    return (_load_tile(Q, b, h, q0, qn, sqb, sqt, sqh, T, D, C, BD, DESC),
+            _load_tile(DO, b, h, q0, qn, sdb, sdt, sdh, T, DV, C, BDV, DESC), lse, delta)
 
 
 @triton.jit
-def _dq_step(b_q, b_do, lse, delta, K, V, b, h, k0, kn, skb, skt, skh, svb, svt, svh, qk_scale, D, DV,
-             C: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, CAUSAL: tl.constexpr, PREC: tl.constexpr):
+def _dq_step(b_q, b_do, lse, delta, K, V, b, h, k0, kn, skb, skt, skh, svb, svt, svh, qk_scale, T, D, DV,
+             C: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, CAUSAL: tl.constexpr, PREC: tl.constexpr,
+             DESC: tl.constexpr):
     """`dS K` of one key tile (`CAUSAL`: the own block, keys `<= ` query and `< kn`) for the query tile."""
-    k_ptr, k_mask = _tile_ptrs(K, b, h, k0, kn, skb, skt, skh, C, D, BD)
-    v_ptr, v_mask = _tile_ptrs(V, b, h, k0, kn, svb, svt, svh, C, DV, BDV)
-    b_k = tl.load(k_ptr, mask=k_mask, other=0.)
+    b_k = _load_tile(K, b, h, k0, kn, skb, skt, skh, T, D, C, BD, DESC)
     b_p = tl.exp2(tl.dot(b_q, tl.trans(b_k), input_precision=PREC) * qk_scale - lse[:, None])
     if CAUSAL:
         rows = tl.arange(0, C)
         b_p = tl.where((rows[None, :] <= rows[:, None]) & (rows[None, :] < kn), b_p, 0.)
-    b_dp = tl.dot(b_do, tl.trans(tl.load(v_ptr, mask=v_mask, other=0.)), input_precision=PREC)
+    b_dp = tl.dot(b_do, tl.trans(_load_tile(V, b, h, k0, kn, svb, svt, svh, T, DV, C, BDV, DESC)),
+                  input_precision=PREC)
     b_ds = b_p * (b_dp - delta[:, None])
     return tl.dot(b_ds.to(b_k.dtype), b_k, input_precision=PREC)
 
@@ -172,7 +178,7 @@ def _dkdv_step(b_k, b_v, b_q, b_do, lse, delta, qk_scale, qn, C: tl.constexpr, C
 def block_attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, KSTART, LO, HI, BSTART, BLEN, sqb, sqt, sqh, skb, skt, skh,
                              svb, svt, svh, sdb, sdt, sdh, qk_scale, scale, T, N, H, HR, G, D, DV,
                              C: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, OWN: tl.constexpr,
-                             PREC: tl.constexpr):
+                             PREC: tl.constexpr, DESC: tl.constexpr):
     pid = tl.program_id(0)
     i = N - 1 - pid // (tl.num_programs(0) // N)
     bh = pid % (tl.num_programs(0) // N)
@@ -180,17 +186,17 @@ def block_attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, KSTART, LO, HI, BSTART
     r = h // G
     q0, qn = tl.load(BSTART + i), tl.load(BLEN + i)
     b_q, b_do, lse, delta = _query_rows(Q, DO, LSE, DELTA, b, h, bh, q0, qn, sqb, sqt, sqh, sdb, sdt, sdh, T, D, DV,
-                                        C, BD, BDV)
+                                        C, BD, BDV, DESC)
     acc = tl.zeros([C, BD], tl.float32)
     meta = (b * N + i) * HR + r
     lo, hi = tl.load(LO + meta), tl.load(HI + meta)
     ks = KSTART + (b * HR + r) * N
     for j in range(lo, hi):
         acc += _dq_step(b_q, b_do, lse, delta, K, V, b, h, tl.load(ks + j), C, skb, skt, skh, svb, svt, svh,
-                        qk_scale, D, DV, C, BD, BDV, False, PREC)
+                        qk_scale, T, D, DV, C, BD, BDV, False, PREC, DESC)
     if OWN:
-        acc += _dq_step(b_q, b_do, lse, delta, K, V, b, h, q0, qn, skb, skt, skh, svb, svt, svh, qk_scale, D, DV, C,
-                        BD, BDV, True, PREC)
+        acc += _dq_step(b_q, b_do, lse, delta, K, V, b, h, q0, qn, skb, skt, skh, svb, svt, svh, qk_scale, T, D, DV,
+                        C, BD, BDV, True, PREC, DESC)
     dq_ptr, dq_mask = _tile_ptrs(DQ, b, h, q0, qn, sqb, sqt, sqh, C, D, BD)
     tl.store(dq_ptr, (acc * scale).to(DQ.dtype.element_ty), mask=dq_mask)
 
@@ -199,7 +205,7 @@ def block_attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, KSTART, LO, HI, BSTART
 def block_attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV_, DM, SOFT, SEQ_END, BSTART, BLEN, sqb, sqt, sqh,
                                skb, skt, skh, svb, svt, svh, sdb, sdt, sdh, qk_scale, scale, T, N, H, HR, G, D, DV,
                                C: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, OWN: tl.constexpr,
-                               PREC: tl.constexpr):
+                               PREC: tl.constexpr, DESC: tl.constexpr):
     pid = tl.program_id(0)
     j = pid // (tl.num_programs(0) // N)  # earliest key blocks (most later queries) first
     bh = pid % (tl.num_programs(0) // N)
@@ -207,15 +213,13 @@ def block_attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV_, DM, SOFT, SEQ_E
     r = h // G
     k0, kn = tl.load(BSTART + j), tl.load(BLEN + j)
     rows = tl.arange(0, C)
-    k_ptr, k_mask = _tile_ptrs(K, b, h, k0, kn, skb, skt, skh, C, D, BD)
-    v_ptr, v_mask = _tile_ptrs(V, b, h, k0, kn, svb, svt, svh, C, DV, BDV)
-    b_k = tl.load(k_ptr, mask=k_mask, other=0.)
-    b_v = tl.load(v_ptr, mask=v_mask, other=0.)
+    b_k = _load_tile(K, b, h, k0, kn, skb, skt, skh, T, D, C, BD, DESC)
+    b_v = _load_tile(V, b, h, k0, kn, svb, svt, svh, T, DV, C, BDV, DESC)
     dk = tl.zeros([C, BD], tl.float32)
     dv = tl.zeros([C, BDV], tl.float32)
     if OWN:  # the queries of the own block, causal
         b_q, b_do, lse, delta = _query_rows(Q, DO, LSE, DELTA, b, h, bh, k0, kn, sqb, sqt, sqh, sdb, sdt, sdh, T, D,
-                                            DV, C, BD, BDV)
+                                            DV, C, BD, BDV, DESC)
         d_v, d_k, _ = _dkdv_step(b_k, b_v, b_q, b_do, lse, delta, qk_scale, kn, C, True, PREC)
         dv += d_v
         dk += d_k
@@ -225,7 +229,7 @@ def block_attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV_, DM, SOFT, SEQ_E
     for i in range(j + 1, i_end):  # later query blocks of the sequence: they all see softmax block j
         q0, qn = tl.load(BSTART + i), tl.load(BLEN + i)
         b_q, b_do, lse, delta = _query_rows(Q, DO, LSE, DELTA, b, h, bh, q0, qn, sqb, sqt, sqh, sdb, sdt, sdh, T, D,
-                                            DV, C, BD, BDV)
+                                            DV, C, BD, BDV, DESC)
         d_v, d_k, b_dst = _dkdv_step(b_k, b_v, b_q, b_do, lse, delta, qk_scale, qn, C, False, PREC)
         dv += d_v
         dk += d_k
@@ -248,9 +252,9 @@ def block_sparse_plan(soft: torch.Tensor, block_first: torch.Tensor, block_start
 
     Returns:
         dict: `C` and int32 tensors `kstart [B, Hr, N]` (the first rows of each pair's softmax blocks, in increasing
-        order, then padding),
-        `lo`, `hi [B, N, Hr]` (the ranks `[lo, hi)` of the past softmax blocks that block `n` sees), `soft [B, N,
-        Hr]`, `seq_end [N]` (one past the last block of `n`'s sequence), `block_start`, `block_len [N]`.
+        order, then padding), `lo`, `hi [B, N, Hr]` (the ranks `[lo, hi)` of the past softmax blocks that block `n`
+        sees), `soft [B, N, Hr]`, `seq_end [N]` (one past the last block of `n`'s sequence), `block_start`,
+        `block_len [N]`.
     """
     B, N, Hr = soft.shape
     dev = soft.device
@@ -279,18 +283,20 @@ def _launch_args(q, k, v, C: int):
     return B, T, H, D, DV, const, strides
 
 
-def _tile_descriptors(q, k, v, C: int, const: dict):
-    """Tensor descriptors (TMA on Hopper and newer) of the `[B*T, H*D]` views of `q, k, v` with `[C, D]` tiles, or
-    `None` where they do not apply: head dims that are not their tile (not a power of two in [16, 256]), views that
-    are not dense or 16-byte aligned, GPUs before sm90 (their pointer loads are the same as the fallback)."""
-    if q.device.type == "cuda" and torch.cuda.get_device_capability(q.device)[0] < 9:
+def _tile_descriptors(kind: str, C: int, const: dict, *xs):
+    """Tensor descriptors (TMA on Hopper and newer) of the `[B*T, H*W]` views of the `[B, T, H, W]` tensors `xs`
+    with `[C, W]` tiles for the kernel `kind` (`DESCRIPTORS[kind]`), or `None` where they do not apply: the kernel's
+    switch off, a width that is not its tile (`BD`, `BDV`: not a power of two in [16, 256]), views that are not
+    dense or 16-byte aligned, GPUs before sm90 (their pointer loads are the same as the fallback)."""
+    if not DESCRIPTORS[kind]:
         return None
-    if q.shape[-1] != const["BD"] or v.shape[-1] != const["BDV"] or max(q.shape[-1], v.shape[-1]) > 256:
+    if xs[0].device.type == "cuda" and torch.cuda.get_device_capability(xs[0].device)[0] < 9:
         return None
-    if any(not x.is_contiguous() or x.data_ptr() % 16 for x in (q, k, v)):
+    if any(x.shape[-1] not in (const["BD"], const["BDV"]) or x.shape[-1] > 256 for x in xs):
         return None
-    B, T = q.shape[:2]
-    return [TensorDescriptor.from_tensor(x.view(B * T, -1), [C, x.shape[-1]]) for x in (q, k, v)]
+    if any(not x.is_contiguous() or x.data_ptr() % 16 for x in xs):
+        return None
+    return [TensorDescriptor.from_tensor(x.view(x.shape[0] * x.shape[1], -1), [C, x.shape[-1]]) for x in xs]
 
 
 def block_attention_fwd(q, k, v, plan: dict, scale: float, num_router_heads: int, own: bool):
@@ -304,7 +310,7 @@ def block_attention_fwd(q, k, v, plan: dict, scale: float, num_router_heads: int
     o = torch.empty(B, T, H, DV, dtype=q.dtype, device=q.device)
     lse = torch.empty(B, H, T, dtype=torch.float32, device=q.device)
     if N and B * H:
-        descs = _tile_descriptors(q, k, v, plan["C"], const)
+        descs = _tile_descriptors("fwd", plan["C"], const, q, k, v)
         qkv = (q, k, v) if descs is None else descs
         block_attn_fwd_kernel[(N * B * H,)](
             *qkv, o, lse, plan["kstart"], plan["lo"], plan["hi"], plan["block_start"], plan["block_len"], *strides,
@@ -326,12 +332,13 @@ def block_attention_bwd(do, q, k, v, o, lse, plan: dict, scale: float, num_route
     dm = torch.zeros(B, H, N, dtype=torch.float32, device=q.device)
     if N and B * H:
         common = (*strides, *do.stride()[:3], scale * LOG2E, scale, T, N, H, Hr, H // Hr, D, DV)
-        block_attn_bwd_dq_kernel[(N * B * H,)](
-            q, k, v, do, lse, delta, dq, plan["kstart"], plan["lo"], plan["hi"], plan["block_start"],
-            plan["block_len"], *common, OWN=own, **const, **CONFIGS["dq"])
-        block_attn_bwd_dkdv_kernel[(N * B * H,)](
-            q, k, v, do, lse, delta, dk, dv, dm, plan["soft"], plan["seq_end"], plan["block_start"],
-            plan["block_len"], *common, OWN=own, **const, **CONFIGS["dkdv"])
+        for kind, kernel, rest in (
+                ("dq", block_attn_bwd_dq_kernel, (dq, plan["kstart"], plan["lo"], plan["hi"])),
+                ("dkdv", block_attn_bwd_dkdv_kernel, (dk, dv, dm, plan["soft"], plan["seq_end"]))):
+            descs = _tile_descriptors(kind, plan["C"], const, q, k, v, do)
+            kernel[(N * B * H,)](*((q, k, v, do) if descs is None else descs), lse, delta, *rest, plan["block_start"],
+                                 plan["block_len"], *common, OWN=own, DESC=descs is not None, **const,
+                                 **CONFIGS[kind])
     dm = dm.view(B, Hr, H // Hr, N).sum(2).permute(0, 2, 1)
     return dq, dk, dv, dm
 

@@ -2,7 +2,8 @@
 
 Rule (flash-attn's): `err(out, ref_fp64) <= 2 * err(plain torch bf16, ref_fp64) + atol`, max abs error, for the
 output and the gradients of q, k, v and the routing. Backends: sdpa, flex, flash over torch's varlen flash
-kernels and over flash-attn-4, natsl's Triton kernels (each skipped with its reasons where it cannot run).
+kernels and over flash-attn-4, natsl's Triton kernels (`triton-tma`: with every kernel reading its tiles through
+tensor descriptors; each backend skipped with its reasons where it cannot run).
 
 Run on the H200 with `NATSL_TEST_DEVICE=cuda pytest -q -m gpu tests/gpu/test_softmax_gpu.py`.
 """
@@ -11,6 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import natsl.kernels.block_attention as ba
 import natsl.kernels.gather_scatter as gs
 from natsl.kernels.index import num_blocks
 from natsl.layers.routing import Routing
@@ -37,6 +39,8 @@ BACKENDS = {
     "flash-varlen": FlashSoftmax("varlen"),
     "flash-fa4": FlashSoftmax("fa4"),
     "triton": SOFTMAX_BACKENDS["triton"],
+    # natsl's kernels with every kernel's tiles read through tensor descriptors (TMA; the default: the forward only)
+    "triton-tma": SOFTMAX_BACKENDS["triton"],
 }
 
 
@@ -66,8 +70,10 @@ PAIRS = [(b, c) for b in BACKENDS for c in CASES if b != "flash-fa4" or c == "pa
 
 
 @pytest.mark.parametrize(("backend", "case"), PAIRS, ids=[f"{b}-{c}" for b, c in PAIRS])
-def test_backend_bf16_vs_reference(backend, case):
+def test_backend_bf16_vs_reference(monkeypatch, backend, case):
     B, T, Hr, G, d, dv, C, _, diagonal, _ = CASES[case]
+    if backend == "triton-tma":
+        monkeypatch.setattr(ba, "DESCRIPTORS", dict.fromkeys(("fwd", "dq", "dkdv"), True))
     q32, k32, v32, w32, cu = make(CASES[case])
     scale = d ** -0.5
     impl = BACKENDS[backend]

@@ -136,22 +136,25 @@ def test_plan_lists_the_past_softmax_blocks():
 
 
 @pytest.mark.parametrize("packed", [False, True])
-def test_forward_tile_descriptors_and_pointer_loads_agree(monkeypatch, packed):
-    """Power-of-two head dims read their tiles through tensor descriptors (TMA), others through pointers: both
-    give the same output and LSE (partial blocks and packed sequences included: descriptor rows past a block's
-    end are masked or zero-filled)."""
-    (q, k, v), soft, _, lay, _ = _case(12, 2, 150, 2, 2, 16, 32, 16, torch.tensor([0, 37, 150]) if packed else False,
-                                       "random")
-    plan = block_sparse_plan(soft, lay.block_first, lay.block_start, lay.block_len, 16)
+def test_tile_descriptors_and_pointer_loads_agree(monkeypatch, packed):
+    """Power-of-two head dims can read their tiles through tensor descriptors (TMA), others through pointers: the
+    forward, dq and dk/dv kernels give the same output and gradients (router gradient included) either way, partial
+    blocks and packed sequences included (descriptor rows past a block's end are masked, zero-weighted or
+    zero-filled)."""
+    (q, k, v), soft, gate, lay, _ = _case(12, 2, 150, 2, 2, 16, 32, 16,
+                                          torch.tensor([0, 37, 150]) if packed else False, "random")
     const = ba._launch_args(q, k, v, 16)[5]
-    assert ba._tile_descriptors(q, k, v, 16, const) is not None
-    assert ba._tile_descriptors(q[..., :12], k[..., :12], v, 16, const) is None  # not the tile's width
-    with torch.no_grad():
-        o, lse = ba.block_attention_fwd(q, k, v, plan, 0.25, 2, True)
-        monkeypatch.setattr(ba, "_tile_descriptors", lambda *a: None)
-        o_ptr, lse_ptr = ba.block_attention_fwd(q, k, v, plan, 0.25, 2, True)
-    torch.testing.assert_close(o, o_ptr, rtol=0, atol=0)
-    torch.testing.assert_close(lse, lse_ptr, rtol=0, atol=0)
+    assert ba._tile_descriptors("fwd", 16, const, q, k, v) is not None  # the default: the forward takes them
+    assert ba._tile_descriptors("fwd", 16, const, q[..., :12], k, v) is None  # not a tile's width
+    do = torch.randn(2, 150, 4, 32, generator=gen(13))
+
+    def run(on: bool):
+        monkeypatch.setattr(ba, "DESCRIPTORS", dict.fromkeys(("fwd", "dq", "dkdv"), on))
+        o = block_attention(q, k, v, soft, lay.block_first, lay.block_start, lay.block_len, 16, gate=gate)
+        return (o, *torch.autograd.grad((o * do).sum(), (q, k, v, gate)))
+
+    for name, a, b in zip(("o", "dq", "dk", "dv", "dgate"), run(True), run(False)):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
 
 
 def test_rows_that_see_nothing_are_zero_with_finite_gradients():
