@@ -307,6 +307,9 @@ class NAtSLAttention(nn.Module):
             if n_done:
                 state.commit(is_soft[:, 0])
         else:
+            # the storage the completed blocks need, read back to the host before the branches are queued: the
+            # commits below size it without waiting for the branches
+            hint = state.lengths_hint(is_soft[:, :n_done])
             if t0 == 0:  # empty cache: the fast softmax backends see exactly the full forward
                 o_s = softmax_branch(q_s, k_s, v_s, Routing(weights.to(q_s.dtype), C), backend=self.softmax_backend,
                                      router_grad=self.router_grad)
@@ -321,7 +324,7 @@ class NAtSLAttention(nn.Module):
                 parts.append(o)
                 log_decay = None if g is None else state.log_decay + gsum(0, h)
                 state.append(k_s[:, :h], v_s[:, :h], router_sum=sums[:, 0], linear_run=run, log_decay=log_decay)
-                state.commit(is_soft[:, 0])
+                state.commit(is_soft[:, 0], bound_hint=hint)
             if nc:  # whole blocks
                 c0, e = (1 if h else 0), h + nc * C
                 route = Routing(weights[:, c0:c0 + nc].to(q_l.dtype), C)
@@ -331,7 +334,8 @@ class NAtSLAttention(nn.Module):
                                      decay_through_softmax=self.decay_through_softmax, router_grad=self.router_grad,
                                      initial_state=state.linear_start, output_final_state=True)
                 parts.append(o)
-                state.append_blocks(k_s[:, h:e], v_s[:, h:e], is_soft[:, c0:c0 + nc], S.to(state.linear_start.dtype))
+                state.append_blocks(k_s[:, h:e], v_s[:, h:e], is_soft[:, c0:c0 + nc], S.to(state.linear_start.dtype),
+                                    bound_hint=hint)
             e = h + nc * C
             if e < T:  # the new current block
                 o, run = self._linear_in_block(q_l[:, e:], k_l[:, e:], v_in[:, e:], None if g is None else g[:, e:],

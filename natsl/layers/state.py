@@ -94,14 +94,33 @@ def _round_up(n: int, m: int) -> int:
     return -(-n // m) * m
 
 
+class EarlyRead:
+    """A device integer scalar read on the host without waiting for the work queued after it: the copy into pinned
+    memory is queued when this is made, and `value()` waits for that copy (a CUDA event), not for the whole stream.
+    On the CPU, or while a stream is being captured, `value()` reads the tensor directly."""
+
+    def __init__(self, x: torch.Tensor):
+        self._x, self._event = x, None
+        if x.device.type == "cuda" and not torch.cuda.is_current_stream_capturing():
+            self._x = torch.empty((), dtype=x.dtype, pin_memory=True)
+            self._x.copy_(x, non_blocking=True)
+            self._event = torch.cuda.Event()
+            self._event.record()
+
+    def value(self) -> int:
+        if self._event is not None:
+            self._event.synchronize()
+        return int(self._x)
+
+
 class _DevicePosition:
     """`position`: the device copy `[]` int64 of the host counter `seen_tokens` (states with K/V rows)."""
 
     def device_position(self, device: torch.device) -> torch.Tensor:
         """`[]` int64 tokens seen so far, on the device; created from `seen_tokens` the first time (one copy).
         Module docstring of `natsl.models.graphs`."""
-        if self.position is None:
-            self.position = torch.tensor(self.seen_tokens, dtype=torch.long, device=device)
+        if self.position is None:  # a fill, not a host-to-device copy (which would wait for the stream)
+            self.position = torch.full((), self.seen_tokens, dtype=torch.long, device=device)
         return self.position
 
 
@@ -203,13 +222,21 @@ class NAtSLLayerState(_DevicePosition):
         """Whether rows up to the host bound `bound` plus one more block fit in the storage."""
         return bound + self.block_size <= self.capacity
 
-    def _reserve(self, lengths_after: torch.Tensor, bound_after: int) -> None:
-        """Make room for `lengths_after` plus one more block; syncs only when the host bound reaches capacity."""
+    def _reserve(self, lengths_after: torch.Tensor, bound_after: int, bound_hint: EarlyRead | None = None) -> None:
+        """Make room for `lengths_after` plus one more block; reads the lengths on the host only when the host bound
+        reaches capacity: `bound_hint` (from `lengths_hint`, a bound of `lengths_after.max()` read early) if given,
+        else `lengths_after.max()` (a sync with all queued work)."""
         if not self._fits(bound_after):
-            bound_after = int(lengths_after.max())
+            bound_after = bound_hint.value() if bound_hint is not None else int(lengths_after.max())
             if not self._fits(bound_after):
                 self._grow(bound_after + self.block_size)
         self.length_bound = bound_after
+
+    def lengths_hint(self, is_softmax: torch.Tensor) -> EarlyRead:
+        """The largest `lengths` after committing blocks routed `is_softmax [B, n, H_R]` (bool), read back to the
+        host early: made before the layer queues its branches, it lets `commit` / `append_blocks` of those blocks
+        size the storage without waiting for them (pass it as their `bound_hint`)."""
+        return EarlyRead((self.lengths + self.block_size * is_softmax.sum(1)).max())
 
     def commit_fits(self) -> bool:
         """Whether committing the current block grows nothing and reads nothing on the host (`_reserve`'s fast path),
@@ -298,8 +325,9 @@ class NAtSLLayerState(_DevicePosition):
         self.position = position + T
         return written
 
-    def commit(self, is_softmax: torch.Tensor) -> None:
-        """Route the just-completed block (spec §1.8). `is_softmax [B, H_R]` bool.
+    def commit(self, is_softmax: torch.Tensor, bound_hint: EarlyRead | None = None) -> None:
+        """Route the just-completed block (spec §1.8). `is_softmax [B, H_R]` bool; `bound_hint`: a `lengths_hint`
+        covering this block (and possibly later ones).
 
         softmax: its K/V rows join the committed rows and `S ← Δ(S^{(i)})` (or unchanged without decay through
         softmax); linear: its rows are dropped and `S ← R_i(S^{(i)})`, the end state of its virtual run.
@@ -316,17 +344,18 @@ class NAtSLLayerState(_DevicePosition):
         self.log_decay = None if self.log_decay is None else torch.zeros_like(self.log_decay)
         self.router_sum = torch.zeros_like(self.router_sum)
         lengths = self.lengths + self.block_size * is_softmax.long()
-        self._reserve(lengths, self.length_bound + self.block_size)
+        self._reserve(lengths, self.length_bound + self.block_size, bound_hint)
         self.lengths = lengths
 
     def append_blocks(self, k: torch.Tensor, v: torch.Tensor, is_softmax: torch.Tensor,
-                      linear_start: torch.Tensor) -> None:
+                      linear_start: torch.Tensor, bound_hint: EarlyRead | None = None) -> None:
         """Add whole blocks at a block boundary and commit them (spec §1.8).
 
         Args:
             k, v (torch.Tensor): `[B, n·C, H_A, d]`, `[B, n·C, H_A, d_v]`.
             is_softmax (torch.Tensor): `[B, n, H_R]` bool, their routing.
             linear_start (torch.Tensor): `[B, H_L, K, V]` the carried state after the last of them.
+            bound_hint (EarlyRead, Optional): a `lengths_hint` covering these blocks.
         """
         C, n = self.block_size, is_softmax.shape[1]
         if self.block_pos != 0 or k.shape[1] != n * C:
@@ -334,7 +363,7 @@ class NAtSLLayerState(_DevicePosition):
         soft = is_softmax.transpose(1, 2)  # [B, Hr, n]
         added = soft.sum(-1)  # new softmax blocks per pair
         lengths = self.lengths + C * added
-        self._reserve(lengths, self.length_bound + n * C)
+        self._reserve(lengths, self.length_bound + n * C, bound_hint)
         self._write_blocks(k, v, soft, added)
         self.lengths = lengths
         self.linear_start = self.linear_run = linear_start

@@ -304,3 +304,52 @@ def test_whole_blocks_write_only_their_softmax_blocks(seed):
                 if blocks:
                     want[old[b, r]:new[b, r]] = torch.cat([x[b, j * C:(j + 1) * C, a] for j in blocks])
                 assert torch.equal(rows[b, a], want), (b, a)
+
+
+def test_storage_is_sized_from_the_early_read(monkeypatch):
+    """A prefill chunk that completes blocks reads the lengths it will need once, before it queues its branches
+    (`lengths_hint`, a copy that does not wait for the branches on a GPU): the value covers both the rest of the
+    current block and the whole blocks, and the commits size the storage from it without reading `lengths`."""
+    import natsl.layers.state as state_mod
+
+    reads = []
+
+    class Recorded(state_mod.EarlyRead):
+        def __init__(self, x):
+            super().__init__(x)
+            reads.append(self)
+
+    monkeypatch.setattr(state_mod, "EarlyRead", Recorded)
+    slow = []  # (hint given) for every `_reserve` that had to read a bound on the host
+    reserve = NAtSLLayerState._reserve
+
+    def recorded_reserve(self, lengths_after, bound_after, bound_hint=None):
+        if not self._fits(bound_after):
+            slow.append(bound_hint is not None)
+        return reserve(self, lengths_after, bound_after, bound_hint)
+
+    monkeypatch.setattr(NAtSLLayerState, "_reserve", recorded_reserve)
+    layer = natsl_layer("gdn")
+    st = NAtSLLayerState(block_size=C_LAYER, num_router_heads=LAYER["num_router_heads"])
+    x = torch.randn(2, 5 * C_LAYER + 3, LAYER["hidden_size"], dtype=torch.float64, generator=gen(4))
+    with torch.no_grad():
+        layer(x[:, :3], past_key_values=st, use_cache=True)  # inside the first block: nothing completes
+        assert not reads
+        layer(x[:, 3:], past_key_values=st, use_cache=True)  # completes block 0, then 4 whole blocks
+    assert slow and all(slow), "the storage was sized by reading lengths on the host, not from the early read"
+    assert len(reads) == 1 and reads[0].value() == int(st.lengths.max())
+    assert st.length_bound == int(st.lengths.max()) and st.capacity >= st.length_bound + C_LAYER
+
+
+def test_commit_takes_the_bound_hint():
+    """`commit` with a hint above the real lengths sizes the storage from the hint (the host never reads `lengths`)."""
+    from natsl.layers.state import EarlyRead
+
+    C, Hr = 4, 2
+    st = NAtSLLayerState(block_size=C, num_router_heads=Hr)
+    st.initialize(torch.zeros(1, 1, Hr, 3), torch.zeros(1, 1, Hr, 2), torch.zeros(1, Hr, 3, 2), torch.zeros(1, 5),
+                  None)
+    st.seen_tokens = C  # one completed block
+    st.commit(torch.tensor([[True, False]]), bound_hint=EarlyRead(torch.tensor(5 * C)))
+    assert st.length_bound == 5 * C and st.capacity >= 6 * C
+    assert st.lengths.tolist() == [[C, 0]]
