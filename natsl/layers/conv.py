@@ -97,12 +97,16 @@ class ShortConv(nn.Conv1d):
             `(y [B, T, D], new_conv_state [B, W-1, D])`; `y` equals the rows of the full-sequence forward.
         """
         W = self.kernel_size[0]
+        if conv_state is None and x.shape[1] > 1:  # the sequence start: zero history, nothing to concatenate
+            y = self.forward(x)
+            T = x.shape[1]
+            tail = x[:, T - (W - 1):] if T >= W - 1 else F.pad(x, (0, 0, W - 1 - T, 0))
+            return y, tail.clone()  # its own W-1 rows, not a view that would keep all of x in the cache
         if conv_state is None:
             conv_state = x.new_zeros(x.shape[0], W - 1, x.shape[-1])
         xc = torch.cat([conv_state.to(x.dtype), x], 1)
         if x.shape[1] == 1:  # decode step: one dot product per channel (few kernels; the host is the bottleneck)
             y = (xc * self.weight[:, 0].t().to(x.dtype)).sum(1, keepdim=True)  # 2 ops (an einsum dispatches ~13)
             y = F.silu(y if self.bias is None else y + self.bias)
-        else:
-            y = self.forward(xc)[:, W - 1:]
-        return y, xc[:, xc.shape[1] - (W - 1):]
+            return y, xc[:, 1:]
+        return self.forward(xc)[:, W - 1:], xc[:, xc.shape[1] - (W - 1):].clone()
