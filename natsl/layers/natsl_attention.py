@@ -341,7 +341,9 @@ class NAtSLAttention(nn.Module):
                 o, run = self._linear_in_block(q_l[:, e:], k_l[:, e:], v_in[:, e:], None if g is None else g[:, e:],
                                                None if beta is None else beta[:, e:], state.linear_start)
                 parts.append(o)
-                state.append(k_s[:, e:], v_s[:, e:], router_sum=sums[:, -1], linear_run=run, log_decay=gsum(e, T))
+                # (a copy: a view would keep the chunk's block sums [B, nb, D] alive in the cache)
+                state.append(k_s[:, e:], v_s[:, e:], router_sum=sums[:, -1].clone(), linear_run=run,
+                             log_decay=gsum(e, T))
             o_l = torch.cat(parts, 1)
         state.set_conv(q=cq, k=ck, v=cv)
         o = self._merge(x, q, o_s.to(x.dtype), self.gates.skip(o_l.to(x.dtype), v_l))
