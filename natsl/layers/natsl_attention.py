@@ -344,7 +344,7 @@ class NAtSLAttention(nn.Module):
                 # (a copy: a view would keep the chunk's block sums [B, nb, D] alive in the cache)
                 state.append(k_s[:, e:], v_s[:, e:], router_sum=sums[:, -1].clone(), linear_run=run,
                              log_decay=gsum(e, T))
-            o_l = torch.cat(parts, 1)
+            o_l = parts[0] if len(parts) == 1 else torch.cat(parts, 1)  # (a cat of one tensor is a copy)
         state.set_conv(q=cq, k=ck, v=cv)
         o = self._merge(x, q, o_s.to(x.dtype), self.gates.skip(o_l.to(x.dtype), v_l))
         stats = None

@@ -269,13 +269,13 @@ class NAtSLLayerState(_DevicePosition):
 
     def _write_blocks(self, k: torch.Tensor, v: torch.Tensor, soft: torch.Tensor, added: torch.Tensor) -> None:
         """Write the softmax blocks among `n` whole blocks `k [B, n·C, H_A, d]`, `v` (routing `soft [B, H_R, n]`
-        bool, `added [B, H_R]` their count) after each pair's committed rows, without a host sync and without
-        writing the dropped blocks anywhere.
+        bool, `added [B, H_R]` their count) after each pair's committed rows, without a host sync.
 
-        A gather at block granularity: slot `t` of a window of `w = min(n, capacity / C)` block slots after a pair's
-        rows receives its `t`-th new softmax block, and the slots past its `added` keep their content (read and
-        written back; the window wraps around the storage, so its slots are distinct and in range). `_reserve`
-        guarantees `added ≤ w` for every pair."""
+        A gather and a scatter at block granularity over `w = min(n, capacity / C)` slots per pair: slot `t < added`
+        receives its `t`-th new softmax block at block `lengths / C + t`; the slots `t ≥ added` all write into the
+        one free block after the new rows, `lengths / C + added` (rows a state holds only after a later `append`:
+        their content is unspecified). `_reserve` guarantees that block exists (`capacity ≥ new lengths + C`), so no
+        committed row is touched and no slot wraps."""
         B, Hr, n = soft.shape
         C, H_A = self.block_size, self.k_rows.shape[1]
         nb = self.capacity // C
@@ -286,14 +286,12 @@ class NAtSLLayerState(_DevicePosition):
         order.scatter_(2, torch.where(soft, rank, w), torch.arange(n, device=dev).expand(B, Hr, n))
         order = self._to_heads(order[..., :w])  # [B, H_A, w] the new block of slot t
         t = torch.arange(w, device=dev)
-        keep = ~(t < self._to_heads(added)[..., None])[..., None, None]  # [B, H_A, w, 1, 1]
-        slot = (self._to_heads(self.lengths)[..., None] // C + t) % nb  # [B, H_A, w]
+        slot = self._to_heads(self.lengths[..., None] // C + torch.minimum(t, added[..., None]))  # [B, H_A, w]
         b = torch.arange(B, device=dev)[:, None, None]
         a = torch.arange(H_A, device=dev)[None, :, None]
         for rows, new in ((self.k_rows, k), (self.v_rows, v)):
             blocks = rows[:, :, :nb * C].view(B, H_A, nb, C, rows.shape[-1])
-            src = new.reshape(B, n, C, H_A, new.shape[-1])[b, order, :, a].to(rows.dtype)  # [B, H_A, w, C, d]
-            blocks[b, a, slot] = torch.where(keep, blocks[b, a, slot], src)
+            blocks[b, a, slot] = new.reshape(B, n, C, H_A, new.shape[-1])[b, order, :, a].to(rows.dtype)
 
     def set_conv(self, **states: torch.Tensor) -> None:
         """Replace the short-convolution states (`q=`, `k=`, `v=`; each `[B, W-1, D]`)."""
