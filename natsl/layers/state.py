@@ -8,7 +8,10 @@ head) pair, rows `[0, lengths[b, r])` hold its committed softmax blocks in order
 the `n` tokens of the current block so far (so a decode step attends to one contiguous prefix per pair). A prefill
 chunk writes only its softmax blocks (`_write_blocks`). A block routed to softmax is committed by advancing
 `lengths` by `block_size` (no copy); a linear block is dropped by not advancing it. Capacity grows geometrically
-(amortised O(1) copies per row) and is shared by all pairs.
+(amortised O(1) copies per row) and is shared by all pairs. Growing needs the new largest length on the host: a
+prefill chunk reads it once, copied right after its router decision (`lengths_hint`), so the host waits for that
+copy and not for the chunk's attention branches; decode steps use a host bound and read nothing while it fits.
+Every tensor a state keeps owns its storage (no views of a chunk's activations).
 """
 
 from __future__ import annotations
