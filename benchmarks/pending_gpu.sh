@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # The H200 checks and measurements left pending at the end of session 23 (closing note of stop 30), as device calls
-# of at most ~9.5 minutes each. Logs and tables go to $OUT (default ./out). Run each part alone in its call (GPU tests
-# beside a timed benchmark spoil it); the Triton disk cache of a call is reused only by later processes of that call.
-# Usage (repository root, fla wheels in .whl/): bash benchmarks/pending_gpu.sh PART
+# of at most ~9.5 minutes each. Logs and tables go to $OUT (default ./out). Parts given together run one after the
+# other (never side by side: GPU tests beside a timed benchmark spoil it); a part's timeout is sized for it alone and
+# cold, so give several parts to one call only where their timeouts add up to less than the call's limit.
+# Usage (repository root, fla wheels in .whl/): bash benchmarks/pending_gpu.sh PART [PART ...] (parts run in turn, in
+# one call: later parts reuse the earlier parts' compiles)
 #   gaps    where the 340M Hybrid's 128k prefill leaves the GPU idle (≈ 23-33 ms that fla's GDN model does not have,
 #           session 23; two stream waits removed after the measurements): profile_layer.py --models with the idle
 #           gaps and the host time per op, Hybrid and fla GDN
@@ -19,7 +21,10 @@ set -u
 OUT=${OUT:-out}; mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl 2>/dev/null
 export PYTHONPATH=/tmp/site:$PWD
-part=${1:?part: gaps | prefill | tests | decode | profile | bwdtma}
+# compile caches inside the checkout (git-ignored): kept between back-to-back calls while the machine stays warm
+export TRITON_CACHE_DIR=$PWD/.cache/triton TORCHINDUCTOR_CACHE_DIR=$PWD/.cache/inductor
+[ $# -ge 1 ] || { echo "part: gaps | prefill | tests | decode | profile | bwdtma"; exit 2; }
+for part in "$@"; do
 case "$part" in
 gaps)
   timeout 500 python3 benchmarks/profile_layer.py --prefill --shape 1x131072 --models hybrid,fla_gdn --rows 30 \
@@ -48,3 +53,4 @@ bwdtma)
   ;;
 *) echo "unknown part $part"; exit 2 ;;
 esac
+done
