@@ -307,8 +307,8 @@ class NAtSLAttention(nn.Module):
             if n_done:
                 state.commit(is_soft[:, 0])
         else:
-            # the storage the completed blocks need, read back to the host before the branches are queued: the
-            # commits below size it without waiting for the branches
+            # the storage the completed blocks need, read back to the host before the branches are queued (only
+            # where it may have to grow): the commits below size it without waiting for the branches
             hint = state.lengths_hint(is_soft[:, :n_done])
             if t0 == 0:  # empty cache: the fast softmax backends see exactly the full forward
                 o_s = softmax_branch(q_s, k_s, v_s, Routing(weights.to(q_s.dtype), C), backend=self.softmax_backend,

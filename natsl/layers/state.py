@@ -235,10 +235,13 @@ class NAtSLLayerState(_DevicePosition):
                 self._grow(bound_after + self.block_size)
         self.length_bound = bound_after
 
-    def lengths_hint(self, is_softmax: torch.Tensor) -> EarlyRead:
+    def lengths_hint(self, is_softmax: torch.Tensor) -> EarlyRead | None:
         """The largest `lengths` after committing blocks routed `is_softmax [B, n, H_R]` (bool), read back to the
         host early: made before the layer queues its branches, it lets `commit` / `append_blocks` of those blocks
-        size the storage without waiting for them (pass it as their `bound_hint`)."""
+        size the storage without waiting for them (pass it as their `bound_hint`). `None` where the host bound
+        already fits all `n` blocks (their commits then read nothing)."""
+        if self._fits(self.length_bound + is_softmax.shape[1] * self.block_size):
+            return None
         return EarlyRead((self.lengths + self.block_size * is_softmax.sum(1)).max())
 
     def commit_fits(self) -> bool:

@@ -355,6 +355,10 @@ def test_commit_takes_the_bound_hint():
     st.commit(torch.tensor([[True, False]]), bound_hint=EarlyRead(torch.tensor(5 * C)))
     assert st.length_bound == 5 * C and st.capacity >= 6 * C
     assert st.lengths.tolist() == [[C, 0]]
+    # storage that already fits the blocks (the host bound says so) needs no early read
+    st.reserve(4 * C)  # room for 4 more blocks, whatever their routing
+    assert st.lengths_hint(torch.ones(1, 4, Hr, dtype=torch.bool)) is None
+    assert st.lengths_hint(torch.ones(1, 5, Hr, dtype=torch.bool)) is not None
 
 
 @pytest.mark.parametrize("family", ["hybrid", "layer_hybrid"])
