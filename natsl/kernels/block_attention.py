@@ -43,6 +43,9 @@ CONFIGS = {"fwd": dict(num_warps=4, num_stages=2), "dq": dict(num_warps=4, num_s
 # them too (tested on the CPU) but stay on pointer loads until `probe_triton_configs.py --descriptors` has measured
 # them
 DESCRIPTORS = {"fwd": True, "dq": False, "dkdv": False}
+# the forward's past-block loop with flash-attention 4's lazy rescale (`_past_block_step`), against the plain
+# online-softmax update of every step: `probe_triton_configs.py --lazy` times both
+LAZY_RESCALE = True
 # two query blocks per forward program (one [2C, ·] query tile over the pair's shared past blocks) measured no faster
 # on the H200 (benchmarks/RESULTS.md, session 22: 14.26 vs 14.07 ms at 128k, 3.68 vs 3.48 at 64k) and was removed
 # dq has its own kernel, which recomputes the scores and dP (7 matmuls per visible tile pair in the backward): dq by
@@ -66,10 +69,14 @@ def _load_tile(X, b, h, row0, n_rows, stride_b, stride_t, stride_h, T, D, C: tl.
     """The `[C, BD]` tile of rows `row0 + [0, C)` of `X[b, :, h, :D]`: through the tensor descriptor `X` of the
     `[B*T, H*BD]` view (`DESC`; rows past `n_rows` hold the next rows' values or zeros), or masked pointer loads
     (rows past `n_rows` and columns past `D` are 0)."""
+    # one return after a constexpr if/else: Triton's compiler also generates what follows an early `return` in a
+    # static `if`, and the pointer path does not compile for a descriptor
     if DESC:
-        return X.load([(b * T + row0).to(tl.int32), h * BD])
-    ptr, mask = _tile_ptrs(X, b, h, row0, n_rows, stride_b, stride_t, stride_h, C, D, BD)
-    return tl.load(ptr, mask=mask, other=0.)
+        tile = X.load([(b * T + row0).to(tl.int32), h * BD])
+    else:
+        ptr, mask = _tile_ptrs(X, b, h, row0, n_rows, stride_b, stride_t, stride_h, C, D, BD)
+        tile = tl.load(ptr, mask=mask, other=0.)
+    return tile
 
 
 @triton.jit
@@ -89,6 +96,28 @@ def _softmax_step(b_q, K, V, b, h, k0, kn, skb, skt, skh, svb, svt, svh, qk_scal
 
 
 @triton.jit
+def _past_block_step(b_q, K, V, b, h, k0, skb, skt, skh, svb, svt, svh, qk_scale, m_i, l_i, acc, T, D, DV,
+                     C: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, PREC: tl.constexpr, DESC: tl.constexpr):
+    """One full past softmax block (every pair visible) of the online softmax with a lazy rescale: the running max
+    `m` moves only when a row's tile max exceeds it by more than 8 (log2 units; the probabilities stay
+    `<= 2**8`, exact in float32), so most steps skip the `acc · alpha` rescale; `m` then is a bound, not the max,
+    which changes neither `o = acc / l` nor the LSE `m + log2 l` (flash-attention 4's conditional rescaling).
+    The scores stay unscaled until the exponent (`s · scale - m`: one fused multiply-add)."""
+    b_k = _load_tile(K, b, h, k0, C, skb, skt, skh, T, D, C, BD, DESC)
+    b_v = _load_tile(V, b, h, k0, C, svb, svt, svh, T, DV, C, BDV, DESC)
+    b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PREC)
+    m_tile = tl.max(b_s, 1) * qk_scale
+    if tl.max(m_tile - m_i, 0) > 8.0:  # (the first block: m = -inf, always)
+        m_new = tl.maximum(m_i, m_tile)
+        alpha = tl.exp2(m_i - m_new)
+        l_i = l_i * alpha
+        acc = acc * alpha[:, None]
+        m_i = m_new
+    b_p = tl.exp2(b_s * qk_scale - m_i[:, None])
+    return m_i, l_i + tl.sum(b_p, 1), acc + tl.dot(b_p.to(b_v.dtype), b_v, input_precision=PREC)
+
+
+@triton.jit
 def online_softmax_update(b_s, b_v, m_i, l_i, acc, PREC: tl.constexpr):
     """Fold the scores `b_s [M, N]` (log2 units, `-inf` = not visible) of one key tile with its values `b_v [N, DV]`
     into the running `(max m, sum l, output acc)`; rows that have seen nothing keep `m = -inf`, `l = 0`."""
@@ -103,7 +132,8 @@ def online_softmax_update(b_s, b_v, m_i, l_i, acc, PREC: tl.constexpr):
 @triton.jit
 def block_attn_fwd_kernel(Q, K, V, OUT, LSE, KSTART, LO, HI, BSTART, BLEN, sqb, sqt, sqh, skb, skt, skh, svb, svt,
                           svh, sob, sot, soh, qk_scale, T, N, H, HR, G, D, DV, C: tl.constexpr, BD: tl.constexpr,
-                          BDV: tl.constexpr, OWN: tl.constexpr, PREC: tl.constexpr, DESC: tl.constexpr):
+                          BDV: tl.constexpr, OWN: tl.constexpr, PREC: tl.constexpr, DESC: tl.constexpr,
+                          LAZY: tl.constexpr):
     pid = tl.program_id(0)
     i = N - 1 - pid // (tl.num_programs(0) // N)  # longest query blocks (most past blocks) first
     bh = pid % (tl.num_programs(0) // N)
@@ -118,8 +148,12 @@ def block_attn_fwd_kernel(Q, K, V, OUT, LSE, KSTART, LO, HI, BSTART, BLEN, sqb, 
     lo, hi = tl.load(LO + meta), tl.load(HI + meta)
     ks = KSTART + (b * HR + r) * N
     for j in range(lo, hi):  # past softmax blocks: full blocks, every pair visible
-        m_i, l_i, acc = _softmax_step(b_q, K, V, b, h, tl.load(ks + j), C, skb, skt, skh, svb, svt, svh, qk_scale,
-                                      m_i, l_i, acc, T, D, DV, C, BD, BDV, False, PREC, DESC)
+        if LAZY:
+            m_i, l_i, acc = _past_block_step(b_q, K, V, b, h, tl.load(ks + j), skb, skt, skh, svb, svt, svh,
+                                             qk_scale, m_i, l_i, acc, T, D, DV, C, BD, BDV, PREC, DESC)
+        else:
+            m_i, l_i, acc = _softmax_step(b_q, K, V, b, h, tl.load(ks + j), C, skb, skt, skh, svb, svt, svh,
+                                          qk_scale, m_i, l_i, acc, T, D, DV, C, BD, BDV, False, PREC, DESC)
     if OWN:  # own block, causal
         m_i, l_i, acc = _softmax_step(b_q, K, V, b, h, q0, qn, skb, skt, skh, svb, svt, svh, qk_scale, m_i, l_i, acc,
                                       T, D, DV, C, BD, BDV, True, PREC, DESC)
@@ -315,7 +349,7 @@ def block_attention_fwd(q, k, v, plan: dict, scale: float, num_router_heads: int
         block_attn_fwd_kernel[(N * B * H,)](
             *qkv, o, lse, plan["kstart"], plan["lo"], plan["hi"], plan["block_start"], plan["block_len"], *strides,
             *o.stride()[:3], scale * LOG2E, T, N, H, num_router_heads, H // num_router_heads, D, DV, OWN=own,
-            DESC=descs is not None, **const, **CONFIGS["fwd"])
+            DESC=descs is not None, LAZY=LAZY_RESCALE, **const, **CONFIGS["fwd"])
     return o, lse
 
 

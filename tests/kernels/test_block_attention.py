@@ -157,6 +157,37 @@ def test_tile_descriptors_and_pointer_loads_agree(monkeypatch, packed):
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
 
 
+@pytest.mark.parametrize("lazy", [True, False])
+def test_forward_rescale_over_widely_spread_scores(monkeypatch, lazy):
+    """Key norms that grow along the sequence move the rows' running max by more and by less than the lazy
+    rescale's threshold (2**8) from one past block to the next: the forward with and without the lazy rescale
+    (`LAZY_RESCALE`) equals the float64 twin (the LSE through the backward's gradients included)."""
+    monkeypatch.setattr(ba, "LAZY_RESCALE", lazy)
+    (q, k, v), soft, gate, lay, _ = _case(21, 1, 160, 1, 2, 16, 16, 16, False, "all_softmax")
+    with torch.no_grad():
+        q.mul_(2.0)
+        k.mul_(torch.linspace(0.5, 3.0, 160)[None, :, None, None])
+    # the data takes both paths: the lazy step's decisions over the past blocks of the last query block
+    s = torch.einsum("td,sd->ts", q[0, 144:, 0].double(), k[0, :144, 0].double()) * 16 ** -0.5 * ba.LOG2E
+    m, moves, stale = torch.full((16,), float("-inf"), dtype=torch.float64), 0, 0.
+    for j in range(9):
+        tile = s[:, 16 * j:16 * j + 16].amax(1)
+        if (tile - m).max() > 8:
+            m, moves = torch.maximum(m, tile), moves + 1
+        else:
+            stale = max(stale, float((tile - m).max()))
+    assert moves >= 3 and stale > 5, (moves, stale)  # several rescales, and skips with probabilities above 2**5
+    o = block_attention(q, k, v, soft, lay.block_first, lay.block_start, lay.block_len, 16, gate=gate)
+    qd, kd, vd = (x.detach().double().requires_grad_() for x in (q, k, v))
+    gd = gate.detach().clone().requires_grad_()
+    ref = naive_block_attention(qd, kd, vd, soft, lay.token_block, lay.token_seq, scale=16 ** -0.5, gate=gd)
+    assert_close("o", ref, o, 1e-5, atol=1e-6)
+    do = torch.randn(ref.shape, generator=gen(22), dtype=torch.float64)
+    grads = torch.autograd.grad((o * do.float()).sum(), (q, k, v, gate))
+    for name, r, g in zip(("dq", "dk", "dv", "dgate"), torch.autograd.grad((ref * do).sum(), (qd, kd, vd, gd)), grads):
+        assert_close(name, r, g, 1e-4, atol=1e-5)
+
+
 def test_rows_that_see_nothing_are_zero_with_finite_gradients():
     """diagonal='linear' with no past softmax block: o = 0, gradients finite (and zero)."""
     (q, k, v), soft, gate, lay, _ = _case(9, 1, 40, 1, 1, 16, 16, 16, False, "all_linear")
