@@ -14,7 +14,6 @@
 #           timeout), the generation path and the fused modules
 #   decode  the decode read alone, then decode of the 340M models at 128k and 32k with both reads
 #   profile the kernels of the NAtS-L and GDN layers' prefill at 128k
-#   lazy    the forward kernel with and without the lazy rescale of its past-block loop (session 24), 4 warps
 #   bwdtma  the backward kernels (dq, dk/dv) with pointer vs tensor-descriptor (TMA) loads: whether to switch
 #           `block_attention.DESCRIPTORS["dq"/"dkdv"]` on (the forward's gain was 13% at 128k)
 # Every command prints its rows as they come (no `| tail`: a timeout keeps what was printed).
@@ -24,7 +23,7 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --tar
 export PYTHONPATH=/tmp/site:$PWD
 # compile caches inside the checkout (git-ignored): kept between back-to-back calls while the machine stays warm
 export TRITON_CACHE_DIR=$PWD/.cache/triton TORCHINDUCTOR_CACHE_DIR=$PWD/.cache/inductor
-[ $# -ge 1 ] || { echo "part: gaps | prefill | tests | decode | profile | lazy | bwdtma"; exit 2; }
+[ $# -ge 1 ] || { echo "part: gaps | prefill | tests | decode | profile | bwdtma"; exit 2; }
 for part in "$@"; do
 case "$part" in
 gaps)
@@ -47,10 +46,6 @@ tests)
 profile)
   timeout 300 python3 benchmarks/profile_layer.py --prefill --shape 1x131072 --rows 25 --fla-hopper-bypass \
     --out "$OUT/profile_prefill.md"
-  ;;
-lazy)
-  timeout 300 python3 benchmarks/probe_triton_configs.py --shapes 1x131072,1x65536,8x4096 --kinds fwd --stages 2,3 \
-    --warps 4 --lazy 2>&1 | tee "$OUT/probe_fwd_lazy.txt"
   ;;
 bwdtma)
   timeout 400 python3 benchmarks/probe_triton_configs.py --shapes 1x65536,8x4096,1x16384 --kinds dq,dkdv --stages 1,2 \

@@ -5,10 +5,10 @@ under no_grad for the forward kernel, forward+backward with the router gradient 
 (default 4, 8) × num_stages. Paper heads (H_A=12, d=64, d_v=128, H_R=6, blocks of 64), 12.5% softmax blocks,
 bf16. Usage (GPU):
     python3 benchmarks/probe_triton_configs.py [--shapes 1x65536,8x4096] [--kinds fwd,dq,dkdv] [--stages 1,2,3]
-        [--descriptors] [--lazy]
+        [--warps 4,8] [--descriptors]
 `--descriptors`: every configuration of a kernel with its tiles read through pointers and through tensor descriptors
-(TMA; `block_attention.DESCRIPTORS`), the faster kept for the kernels after it. `--lazy`: every configuration of the
-forward with and without the lazy rescale of its past-block loop (`block_attention.LAZY_RESCALE`).
+(TMA; `block_attention.DESCRIPTORS`), the faster kept for the kernels after it; without it, the path
+`DESCRIPTORS` gives at each length.
 """
 
 import argparse
@@ -36,7 +36,6 @@ def main():
     ap.add_argument("--stages", default="1,2,3", help="num_stages to try (comma-separated)")
     ap.add_argument("--warps", default="4,8", help="num_warps to try (comma-separated)")
     ap.add_argument("--descriptors", action="store_true", help="also try each kernel with tensor-descriptor loads")
-    ap.add_argument("--lazy", action="store_true", help="the forward with and without the lazy rescale")
     args = ap.parse_args()
     kinds = args.kinds.split(",")
     if not set(kinds) <= set(KINDS):
@@ -44,8 +43,10 @@ def main():
     stages = [int(s) for s in args.stages.split(",")]
     warps = [int(s) for s in args.warps.split(",")]
     impl = SOFTMAX_BACKENDS["triton"]
+    lengths = dict(ba.DESCRIPTORS)
     for shape in args.shapes.split(","):
         B, T = (int(n) for n in shape.split("x"))
+        ba.DESCRIPTORS.update(lengths)  # each shape starts from the library's choice
         SHAPE["B"] = B
         inp = make_inputs(T, 0.125)
         q, k, v, w = (inp[x].detach().requires_grad_() for x in ("q", "k", "v", "w"))
@@ -61,19 +62,16 @@ def main():
 
         for kind in kinds:
             best = None
-            descs = (False, True) if args.descriptors else (ba.DESCRIPTORS[kind],)
-            lazies = (False, True) if args.lazy and kind == "fwd" else (ba.LAZY_RESCALE,)
-            for nw, ns, desc, lazy in itertools.product(warps, stages, descs, lazies):
-                ba.CONFIGS[kind] = dict(num_warps=nw, num_stages=ns)
-                ba.DESCRIPTORS[kind] = desc
-                ba.LAZY_RESCALE = lazy
+            default = ba.DESCRIPTORS[kind] is not None and ba.DESCRIPTORS[kind] <= T
+            for nw, ns, desc in itertools.product(warps, stages, (False, True) if args.descriptors else (default,)):
+                ba.CONFIGS[kind, desc] = dict(num_warps=nw, num_stages=ns)
+                ba.DESCRIPTORS[kind] = 0 if desc else None
                 ms = triton.testing.do_bench(fwd if kind == "fwd" else fwd_bwd, grad_to_none=[q, k, v, w])
-                print(f"B={B} T={T} {kind} w{nw} s{ns}{' tma' if desc else ''}{' lazy' if lazy else ''}: {ms:.3f} ms",
-                      flush=True)
+                print(f"B={B} T={T} {kind} w{nw} s{ns}{' tma' if desc else ''}: {ms:.3f} ms", flush=True)
                 if best is None or ms < best[0]:
-                    best = (ms, nw, ns, desc, lazy)
-            ba.CONFIGS[kind] = dict(num_warps=best[1], num_stages=best[2])
-            ba.DESCRIPTORS[kind], ba.LAZY_RESCALE = best[3], best[4]
+                    best = (ms, nw, ns, desc)
+            ba.CONFIGS[kind, best[3]] = dict(num_warps=best[1], num_stages=best[2])
+            ba.DESCRIPTORS[kind] = 0 if best[3] else None
             print(f"BEST B={B} T={T} {kind}: {best}", flush=True)
         if any(kind != "fwd" for kind in kinds):
             ms = triton.testing.do_bench(fwd_bwd, grad_to_none=[q, k, v, w])

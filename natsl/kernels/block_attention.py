@@ -35,17 +35,16 @@ from natsl.kernels.index import blocks_before
 LOG2E = 1.4426950408889634
 #: the routing block sizes the kernels take (one `C × C` tile per block pair)
 BLOCK_SIZES = (16, 32, 64, 128)
-# launch configurations (warps, pipeline stages) of the forward, dq and dk/dv kernels
-CONFIGS = {"fwd": dict(num_warps=4, num_stages=2), "dq": dict(num_warps=4, num_stages=2),
-           "dkdv": dict(num_warps=4, num_stages=1)}
-# which kernels read q/k/v/dO tiles through tensor descriptors (TMA) where they apply (`_tile_descriptors`): the
-# forward measured 13% faster at 128k on the H200 (benchmarks/RESULTS.md, session 23); the backward kernels take
-# them too (tested on the CPU) but stay on pointer loads until `probe_triton_configs.py --descriptors` has measured
-# them
-DESCRIPTORS = {"fwd": True, "dq": False, "dkdv": False}
-# the forward's past-block loop with flash-attention 4's lazy rescale (`_past_block_step`), against the plain
-# online-softmax update of every step: `probe_triton_configs.py --lazy` times both
-LAZY_RESCALE = True
+# where each kernel reads its q/k/v/dO tiles through tensor descriptors (TMA; `_tile_descriptors`): from this
+# sequence length (the `T` of the `[B, T, H, D]` inputs) on, `None` never. Measured on the H200
+# (`probe_triton_configs.py --descriptors`, benchmarks/RESULTS.md, session 24): the forward is faster with them at
+# every length (13% at 128k); dq and dk/dv are 11% and 9% faster at 64k but slower at 16k and 8 × 4k
+DESCRIPTORS = {"fwd": 0, "dq": 32768, "dkdv": 32768}
+# launch configurations (warps, pipeline stages) per kernel with pointer loads (False) and descriptors (True), from
+# the same probe
+CONFIGS = {("fwd", False): dict(num_warps=4, num_stages=2), ("fwd", True): dict(num_warps=4, num_stages=2),
+           ("dq", False): dict(num_warps=4, num_stages=2), ("dq", True): dict(num_warps=4, num_stages=1),
+           ("dkdv", False): dict(num_warps=4, num_stages=1), ("dkdv", True): dict(num_warps=4, num_stages=2)}
 # two query blocks per forward program (one [2C, ·] query tile over the pair's shared past blocks) measured no faster
 # on the H200 (benchmarks/RESULTS.md, session 22: 14.26 vs 14.07 ms at 128k, 3.68 vs 3.48 at 64k) and was removed
 # dq has its own kernel, which recomputes the scores and dP (7 matmuls per visible tile pair in the backward): dq by
@@ -96,28 +95,6 @@ def _softmax_step(b_q, K, V, b, h, k0, kn, skb, skt, skh, svb, svt, svh, qk_scal
 
 
 @triton.jit
-def _past_block_step(b_q, K, V, b, h, k0, skb, skt, skh, svb, svt, svh, qk_scale, m_i, l_i, acc, T, D, DV,
-                     C: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, PREC: tl.constexpr, DESC: tl.constexpr):
-    """One full past softmax block (every pair visible) of the online softmax with a lazy rescale: the running max
-    `m` moves only when a row's tile max exceeds it by more than 8 (log2 units; the probabilities stay
-    `<= 2**8`, exact in float32), so most steps skip the `acc · alpha` rescale; `m` then is a bound, not the max,
-    which changes neither `o = acc / l` nor the LSE `m + log2 l` (flash-attention 4's conditional rescaling).
-    The scores stay unscaled until the exponent (`s · scale - m`: one fused multiply-add)."""
-    b_k = _load_tile(K, b, h, k0, C, skb, skt, skh, T, D, C, BD, DESC)
-    b_v = _load_tile(V, b, h, k0, C, svb, svt, svh, T, DV, C, BDV, DESC)
-    b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PREC)
-    m_tile = tl.max(b_s, 1) * qk_scale
-    if tl.max(m_tile - m_i, 0) > 8.0:  # (the first block: m = -inf, always)
-        m_new = tl.maximum(m_i, m_tile)
-        alpha = tl.exp2(m_i - m_new)
-        l_i = l_i * alpha
-        acc = acc * alpha[:, None]
-        m_i = m_new
-    b_p = tl.exp2(b_s * qk_scale - m_i[:, None])
-    return m_i, l_i + tl.sum(b_p, 1), acc + tl.dot(b_p.to(b_v.dtype), b_v, input_precision=PREC)
-
-
-@triton.jit
 def online_softmax_update(b_s, b_v, m_i, l_i, acc, PREC: tl.constexpr):
     """Fold the scores `b_s [M, N]` (log2 units, `-inf` = not visible) of one key tile with its values `b_v [N, DV]`
     into the running `(max m, sum l, output acc)`; rows that have seen nothing keep `m = -inf`, `l = 0`."""
@@ -132,8 +109,7 @@ def online_softmax_update(b_s, b_v, m_i, l_i, acc, PREC: tl.constexpr):
 @triton.jit
 def block_attn_fwd_kernel(Q, K, V, OUT, LSE, KSTART, LO, HI, BSTART, BLEN, sqb, sqt, sqh, skb, skt, skh, svb, svt,
                           svh, sob, sot, soh, qk_scale, T, N, H, HR, G, D, DV, C: tl.constexpr, BD: tl.constexpr,
-                          BDV: tl.constexpr, OWN: tl.constexpr, PREC: tl.constexpr, DESC: tl.constexpr,
-                          LAZY: tl.constexpr):
+                          BDV: tl.constexpr, OWN: tl.constexpr, PREC: tl.constexpr, DESC: tl.constexpr):
     pid = tl.program_id(0)
     i = N - 1 - pid // (tl.num_programs(0) // N)  # longest query blocks (most past blocks) first
     bh = pid % (tl.num_programs(0) // N)
@@ -148,12 +124,8 @@ def block_attn_fwd_kernel(Q, K, V, OUT, LSE, KSTART, LO, HI, BSTART, BLEN, sqb, 
     lo, hi = tl.load(LO + meta), tl.load(HI + meta)
     ks = KSTART + (b * HR + r) * N
     for j in range(lo, hi):  # past softmax blocks: full blocks, every pair visible
-        if LAZY:
-            m_i, l_i, acc = _past_block_step(b_q, K, V, b, h, tl.load(ks + j), skb, skt, skh, svb, svt, svh,
-                                             qk_scale, m_i, l_i, acc, T, D, DV, C, BD, BDV, PREC, DESC)
-        else:
-            m_i, l_i, acc = _softmax_step(b_q, K, V, b, h, tl.load(ks + j), C, skb, skt, skh, svb, svt, svh,
-                                          qk_scale, m_i, l_i, acc, T, D, DV, C, BD, BDV, False, PREC, DESC)
+        m_i, l_i, acc = _softmax_step(b_q, K, V, b, h, tl.load(ks + j), C, skb, skt, skh, svb, svt, svh, qk_scale,
+                                      m_i, l_i, acc, T, D, DV, C, BD, BDV, False, PREC, DESC)
     if OWN:  # own block, causal
         m_i, l_i, acc = _softmax_step(b_q, K, V, b, h, q0, qn, skb, skt, skh, svb, svt, svh, qk_scale, m_i, l_i, acc,
                                       T, D, DV, C, BD, BDV, True, PREC, DESC)
@@ -319,10 +291,12 @@ def _launch_args(q, k, v, C: int):
 
 def _tile_descriptors(kind: str, C: int, const: dict, *xs):
     """Tensor descriptors (TMA on Hopper and newer) of the `[B*T, H*W]` views of the `[B, T, H, W]` tensors `xs`
-    with `[C, W]` tiles for the kernel `kind` (`DESCRIPTORS[kind]`), or `None` where they do not apply: the kernel's
-    switch off, a width that is not its tile (`BD`, `BDV`: not a power of two in [16, 256]), views that are not
-    dense or 16-byte aligned, GPUs before sm90 (their pointer loads are the same as the fallback)."""
-    if not DESCRIPTORS[kind]:
+    with `[C, W]` tiles for the kernel `kind`, or `None` where they do not apply: below the kernel's length
+    `DESCRIPTORS[kind]` (or where that is `None`), a width that is not its tile (`BD`, `BDV`: not a power of two in
+    [16, 256]), views that are not dense or 16-byte aligned, GPUs before sm90 (their pointer loads are the same as
+    the fallback)."""
+    start = DESCRIPTORS[kind]
+    if start is None or xs[0].shape[1] < start:
         return None
     if xs[0].device.type == "cuda" and torch.cuda.get_device_capability(xs[0].device)[0] < 9:
         return None
@@ -349,7 +323,7 @@ def block_attention_fwd(q, k, v, plan: dict, scale: float, num_router_heads: int
         block_attn_fwd_kernel[(N * B * H,)](
             *qkv, o, lse, plan["kstart"], plan["lo"], plan["hi"], plan["block_start"], plan["block_len"], *strides,
             *o.stride()[:3], scale * LOG2E, T, N, H, num_router_heads, H // num_router_heads, D, DV, OWN=own,
-            DESC=descs is not None, LAZY=LAZY_RESCALE, **const, **CONFIGS["fwd"])
+            DESC=descs is not None, **const, **CONFIGS["fwd", descs is not None])
     return o, lse
 
 
@@ -372,7 +346,7 @@ def block_attention_bwd(do, q, k, v, o, lse, plan: dict, scale: float, num_route
             descs = _tile_descriptors(kind, plan["C"], const, q, k, v, do)
             kernel[(N * B * H,)](*((q, k, v, do) if descs is None else descs), lse, delta, *rest, plan["block_start"],
                                  plan["block_len"], *common, OWN=own, DESC=descs is not None, **const,
-                                 **CONFIGS[kind])
+                                 **CONFIGS[kind, descs is not None])
     dm = dm.view(B, Hr, H // Hr, N).sum(2).permute(0, 2, 1)
     return dq, dk, dv, dm
 
