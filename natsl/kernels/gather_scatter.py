@@ -12,6 +12,7 @@ import triton
 import triton.language as tl
 
 from natsl.kernels.naive import (
+    naive_copy_blocks,
     naive_gather_rows,
     naive_gather_tokens,
     naive_scatter_add_rows,
@@ -81,6 +82,53 @@ def scatter_rows_fwd_kernel(
         tl.atomic_add(p_o, b_y, mask=m, sem="relaxed")
     else:
         tl.store(p_o, b_y, mask=m)
+
+
+@triton.jit
+def copy_blocks_kernel(src, dst, order, first, count, W, H, NS, ssb, sst, ssh, ssw, dsb, dsh, dst_, C: tl.constexpr,
+                       BW: tl.constexpr):
+    # slot t of (b, h): block order[b, h, t] of src[b, :, h] -> block first[b, h] + t of dst[b, h], if t < count
+    t, bh = tl.program_id(0), tl.program_id(1)
+    if t < tl.load(count + bh):
+        b, h = (bh // H).to(tl.int64), bh % H
+        s_row = tl.load(order + bh.to(tl.int64) * NS + t).to(tl.int64) * C
+        d_row = (tl.load(first + bh).to(tl.int64) + t) * C
+        rows, cols = tl.arange(0, C).to(tl.int64), tl.arange(0, BW)
+        mask = (cols < W)[None, :]
+        x = tl.load(src + b * ssb + h * ssh + (s_row + rows)[:, None] * sst + cols[None, :] * ssw, mask=mask)
+        tl.store(dst + b * dsb + h * dsh + (d_row + rows)[:, None] * dst_ + cols[None, :], x.to(dst.dtype.element_ty),
+                 mask=mask)
+
+
+def copy_blocks(src: torch.Tensor, dst: torch.Tensor, order: torch.Tensor, first: torch.Tensor, count: torch.Tensor,
+                block_size: int) -> None:
+    """Copy whole blocks of tokens per (batch, head), in place, without a host sync (the KV-cache write of a prefill
+    chunk's softmax blocks, `NAtSLLayerState._write_blocks`).
+
+    For every `(b, h)` and slot `t < count[b, h]`: block `first[b, h] + t` (rows `C·(first + t) + [0, C)`) of
+    `dst[b, h]` gets block `order[b, h, t]` of `src[b, :, h]`. Slots `t >= count` copy nothing: one program per slot
+    whose count is known only on the device, of which those past the count return at once.
+
+    Args:
+        src (torch.Tensor): `[B, n·C, H, W]`, any strides.
+        dst (torch.Tensor): `[B, H, R, W]`, contiguous; the written blocks must lie in `[0, R)`.
+        order (torch.Tensor): `[B, H, w]` int64 source block of each slot (entries past the count are ignored).
+        first, count (torch.Tensor): `[B, H]` int64 destination block of slot 0, number of slots to copy (`<= w`).
+        block_size (int): `C`.
+    """
+    B, H, w = order.shape
+    if not dst.is_contiguous():
+        raise ValueError("dst must be contiguous")
+    if not uses_triton(dst):
+        return naive_copy_blocks(src, dst, order, first, count, block_size)
+    if w == 0 or B * H == 0:
+        return None
+    order, first, count = order.contiguous(), first.contiguous(), count.contiguous()
+    W = dst.shape[-1]
+    copy_blocks_kernel[(w, B * H)](src, dst, order, first, count, W, H, w, src.stride(0), src.stride(1),
+                                   src.stride(2), src.stride(3), dst.stride(0), dst.stride(1), dst.stride(2),
+                                   C=block_size, BW=_next_pow2(W), num_warps=4)
+    return None
 
 
 # a plain bool (not an isinstance test on a kernel object at call time): torch.compile traces it without a break

@@ -55,6 +55,21 @@ def naive_scatter_tokens(y: torch.Tensor, dest: torch.Tensor) -> torch.Tensor:
     return out.index_put(torch.nonzero(routed, as_tuple=True), y[dest[routed].long()]).view(B, T, Hr * G, D)
 
 
+def naive_copy_blocks(src: torch.Tensor, dst: torch.Tensor, order: torch.Tensor, first: torch.Tensor,
+                      count: torch.Tensor, block_size: int) -> None:
+    """Twin of `gather_scatter.copy_blocks` (in place): block `first + t` of `dst[b, h]` gets block `order[b, h, t]`
+    of `src[b, :, h]` for `t < count[b, h]`; the slots `t >= count` all write into block `first + count` (the
+    kernel leaves it untouched; its content is unspecified either way). `dst` must be contiguous."""
+    B, H, w = order.shape
+    C, W = block_size, dst.shape[-1]
+    nb = dst.shape[2] // C
+    blocks = dst[:, :, :nb * C].view(B, H, nb, C, W)
+    slot = first[..., None] + torch.minimum(torch.arange(w, device=dst.device), count[..., None])
+    b = torch.arange(B, device=dst.device)[:, None, None]
+    h = torch.arange(H, device=dst.device)[None, :, None]
+    blocks[b, h, slot] = src.reshape(B, src.shape[1] // C, C, H, src.shape[-1])[b, order, :, h].to(dst.dtype)
+
+
 def naive_masked_write_bwd(x, k, m, dh, dk, *, dv=None, dv_add=False, dg=None, g=None, gk=None, z=None, h=None,
                            cu_seqlens=None, chunk_size=64):
     """PyTorch twin of `natsl.kernels.masked_write.masked_write_bwd` (same arguments, same in-place updates of `dk`,

@@ -277,27 +277,23 @@ class NAtSLLayerState(_DevicePosition):
         """Write the softmax blocks among `n` whole blocks `k [B, n·C, H_A, d]`, `v` (routing `soft [B, H_R, n]`
         bool, `added [B, H_R]` their count) after each pair's committed rows, without a host sync.
 
-        A gather and a scatter at block granularity over `w = min(n, capacity / C)` slots per pair: slot `t < added`
-        receives its `t`-th new softmax block at block `lengths / C + t`; the slots `t ≥ added` all write into the
-        one free block after the new rows, `lengths / C + added` (rows a state holds only after a later `append`:
-        their content is unspecified). `_reserve` guarantees that block exists (`capacity ≥ new lengths + C`), so no
-        committed row is touched and no slot wraps."""
+        One block copy (`natsl.kernels.gather_scatter.copy_blocks`) over `w = min(n, capacity / C)` slots per head:
+        slot `t < added` receives its `t`-th new softmax block at block `lengths / C + t`. The slots `t ≥ added` copy
+        nothing (the kernel); the CPU twin writes them into the free block after the new rows, `lengths / C + added`
+        (rows a state holds only after a later `append`: their content is unspecified). `_reserve` guarantees that
+        block exists (`capacity ≥ new lengths + C`), so no committed row is touched and no slot wraps."""
+        from natsl.kernels.gather_scatter import copy_blocks
+
         B, Hr, n = soft.shape
-        C, H_A = self.block_size, self.k_rows.shape[1]
-        nb = self.capacity // C
-        w = min(n, nb)
+        C = self.block_size
+        w = min(n, self.capacity // C)
         dev = k.device
         rank = soft.long().cumsum(-1) - 1  # [B, Hr, n] position of each softmax block among the new ones
         order = torch.zeros(B, Hr, w + 1, dtype=torch.long, device=dev)  # + a slot for the dropped blocks
         order.scatter_(2, torch.where(soft, rank, w), torch.arange(n, device=dev).expand(B, Hr, n))
-        order = self._to_heads(order[..., :w])  # [B, H_A, w] the new block of slot t
-        t = torch.arange(w, device=dev)
-        slot = self._to_heads(self.lengths[..., None] // C + torch.minimum(t, added[..., None]))  # [B, H_A, w]
-        b = torch.arange(B, device=dev)[:, None, None]
-        a = torch.arange(H_A, device=dev)[None, :, None]
+        order, first, count = (self._to_heads(x) for x in (order[..., :w], self.lengths // C, added))
         for rows, new in ((self.k_rows, k), (self.v_rows, v)):
-            blocks = rows[:, :, :nb * C].view(B, H_A, nb, C, rows.shape[-1])
-            blocks[b, a, slot] = new.reshape(B, n, C, H_A, new.shape[-1])[b, order, :, a].to(rows.dtype)
+            copy_blocks(new, rows, order, first, count, C)
 
     def set_conv(self, **states: torch.Tensor) -> None:
         """Replace the short-convolution states (`q=`, `k=`, `v=`; each `[B, W-1, D]`)."""

@@ -342,3 +342,35 @@ def test_clear_errors(call, exc, match):
 
 def test_the_interpreted_kernels_are_what_runs_here():
     assert gs.interpreted() and gs.uses_triton(torch.zeros(1))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_copy_blocks_matches_its_twin_on_a_strided_source(dtype):
+    """`copy_blocks` (the prefill's KV-cache write) from a strided `[B, n·C, H, W]` view (a slice of a fused
+    projection) into a `[B, H, R, W]` cache, bit for bit against `naive_copy_blocks` on every written block, and
+    nothing else written (the twin's extra write into the free block `first + count` aside)."""
+    gn = gen(3)
+    B, H, C, W, n, nb = 2, 3, 4, 5, 6, 9
+    fused = torch.randn(B, n * C, H, 2 * W + 1, generator=gn).to(dtype)
+    src = fused[..., 1:W + 1]  # strided: the rows are 2W+1 apart
+    order = torch.stack([torch.randperm(n, generator=gn) for _ in range(B * H)]).view(B, H, n)
+    count = torch.randint(0, n + 1, (B, H), generator=gn)
+    first = torch.randint(0, nb - n, (B, H), generator=gn)
+    base = torch.randn(B, H, nb * C, W, generator=gn).to(dtype)
+    got, want = base.clone(), base.clone()
+    gs.copy_blocks(src, got, order, first, count, C)
+    with mock.patch.object(gs, "uses_triton", lambda t: False):
+        gs.copy_blocks(src, want, order, first, count, C)
+    for b in range(B):
+        for h in range(H):
+            f, c = int(first[b, h]), int(count[b, h])
+            for t in range(c):
+                j = int(order[b, h, t])
+                assert torch.equal(got[b, h, (f + t) * C:(f + t + 1) * C], src[b, j * C:(j + 1) * C, h])
+            written = slice(f * C, (f + c) * C)
+            assert torch.equal(got[b, h, written], want[b, h, written])
+            untouched = torch.ones(nb * C, dtype=torch.bool)
+            untouched[written] = False
+            assert torch.equal(got[b, h, untouched], base[b, h, untouched])
+    with pytest.raises(ValueError, match="dst must be contiguous"):
+        gs.copy_blocks(src, got.transpose(2, 3), order, first, count, C)

@@ -273,11 +273,17 @@ def test_layer_state_lookup():
     assert isinstance(new, NAtSLLayerState) and new.seen_tokens == 5 and new.block_pos == 5
 
 
+@pytest.mark.parametrize("impl", ["kernel", "twin"])
 @pytest.mark.parametrize("seed", range(4))
-def test_whole_blocks_write_only_their_softmax_blocks(seed):
-    """`NAtSLLayerState._write_blocks` (a prefill chunk's whole blocks): each pair's softmax blocks land in order
-    after its committed rows, and every row outside them and the one free block after them keeps its content, in a
+def test_whole_blocks_write_only_their_softmax_blocks(monkeypatch, seed, impl):
+    """`NAtSLLayerState._write_blocks` (a prefill chunk's whole blocks), by the block-copy kernel (under the
+    interpreter) and by its PyTorch twin: each pair's softmax blocks land in order after its committed rows, and
+    every row outside them and the one free block after them keeps its content (the kernel's: that block too), in a
     tight storage (the capacity `_reserve` leaves after a sync: the largest new length + one block)."""
+    import natsl.kernels.gather_scatter as gs
+
+    if impl == "twin":
+        monkeypatch.setattr(gs, "uses_triton", lambda t: False)
     gn = gen(seed)
     B, Hr, G, C, d, dv, n = 2, 3, 2, 4, 5, 3, 6
     H_A = Hr * G
@@ -303,8 +309,9 @@ def test_whole_blocks_write_only_their_softmax_blocks(seed):
                 want = before[b, a].clone()
                 if blocks:
                     want[old[b, r]:new[b, r]] = torch.cat([x[b, j * C:(j + 1) * C, a] for j in blocks])
-                free = slice(new[b, r], new[b, r] + C)  # the free block after the new rows: unspecified
-                want[free] = rows[b, a, free]
+                if impl == "twin":  # the free block after the new rows: unspecified
+                    free = slice(new[b, r], new[b, r] + C)
+                    want[free] = rows[b, a, free]
                 assert torch.equal(rows[b, a], want), (b, a)
 
 
