@@ -12,6 +12,9 @@
 #           fla's autotuner tunes at 128k in each process (FLA_CACHE_RESULTS=0: no configs from earlier processes)
 #   tests   the GPU tests of the softmax kernels (TMA forward since session 23; session 23 ran 5 of them before a
 #           timeout), the generation path and the fused modules
+#   layer64k the NAtS-L layer (triton softmax backend) against the softmax layer at 1 x 65536, fwd+bwd (issue 21's
+#           2.5x; the backward kernels read through tensor descriptors from 32k since session 24)
+#   gputests the triton softmax-backend GPU tests (descriptor paths included) and the generation GPU tests
 #   decode  the decode read alone, then decode of the 340M models at 128k and 32k with both reads
 #   profile the kernels of the NAtS-L and GDN layers' prefill at 128k
 #   bwdtma  the backward kernels (dq, dk/dv) with pointer vs tensor-descriptor (TMA) loads: whether to switch
@@ -23,7 +26,7 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --tar
 export PYTHONPATH=/tmp/site:$PWD
 # compile caches inside the checkout (git-ignored): kept between back-to-back calls while the machine stays warm
 export TRITON_CACHE_DIR=$PWD/.cache/triton TORCHINDUCTOR_CACHE_DIR=$PWD/.cache/inductor
-[ $# -ge 1 ] || { echo "part: gaps | prefill | tests | decode | profile | bwdtma"; exit 2; }
+[ $# -ge 1 ] || { echo "part: gaps | prefill | tests | layer64k | gputests | decode | profile | bwdtma"; exit 2; }
 for part in "$@"; do
 case "$part" in
 gaps)
@@ -33,6 +36,14 @@ gaps)
 prefill)
   FLA_CACHE_RESULTS=0 timeout 400 python3 benchmarks/bench_model.py --prefill --shapes 1x131072,1x32768 --models hybrid,fla_gdn,softmax \
     --steps 5 --out "$OUT/prefill.md" 2>&1 | grep -v Warning
+  ;;
+layer64k)
+  timeout 220 python3 benchmarks/bench_layer.py --T 65536 --providers natsl-gdn@triton,softmax,gdn-only \
+    --fla-hopper-bypass 2>&1 | grep -v Warning | tee "$OUT/layer64k.txt"
+  ;;
+gputests)
+  NATSL_TEST_DEVICE=cuda timeout 360 python3 -m pytest -q -m gpu -p no:cacheprovider -W ignore -rfE --durations=0 \
+    tests/gpu/test_softmax_gpu.py tests/gpu/test_generation_gpu.py -k "triton or test_generation_gpu" 2>&1 | tee "$OUT/gputests.txt"
   ;;
 decode)
   timeout 100 python3 benchmarks/bench_decode_read.py --out "$OUT/decode_read.md"
