@@ -1,24 +1,22 @@
 #!/usr/bin/env bash
-# The H200 checks and measurements left pending at the end of session 23 (closing note of stop 30), as device calls
+# The H200 checks and measurements left pending at the end of session 24 (closing note of stop 31), as device calls
 # of at most ~9.5 minutes each. Logs and tables go to $OUT (default ./out). Parts given together run one after the
 # other (never side by side: GPU tests beside a timed benchmark spoil it); a part's timeout is sized for it alone and
 # cold, so give several parts to one call only where their timeouts add up to less than the call's limit.
 # Usage (repository root, fla wheels in .whl/): bash benchmarks/pending_gpu.sh PART [PART ...] (parts run in turn, in
-# one call: later parts reuse the earlier parts' compiles)
-#   gaps    where the 340M Hybrid's 128k prefill leaves the GPU idle (≈ 23-33 ms that fla's GDN model does not have,
-#           session 23; two stream waits removed after the measurements): profile_layer.py --models with the idle
-#           gaps and the host time per op, Hybrid and fla GDN
-#   prefill the 128k and 32k prefill of the 340M models with the routers forced to 12.5% (issue 22's 5.4x target);
-#           fla's autotuner tunes at 128k in each process (FLA_CACHE_RESULTS=0: no configs from earlier processes)
-#   tests   the GPU tests of the softmax kernels (TMA forward since session 23; session 23 ran 5 of them before a
-#           timeout), the generation path and the fused modules
+# one call: later parts reuse the earlier parts' compiles). Next session: `prefill gentests` (~450 s), then `layer64k`.
+#   prefill  the 128k and 32k prefill of the 340M models with the routers forced to 12.5% (issue 22's 5.4x: 5.40x in
+#            session 24's one run); fla's autotuner tunes at 128k in each process (FLA_CACHE_RESULTS=0)
+#   gentests the generation GPU tests session 24's call did not reach: greedy generate(), decode with no host sync,
+#            GraphDecoder replays against eager decoding, the split-KV read (issue 22: exact on the GPU)
 #   layer64k the NAtS-L layer (triton softmax backend) against the softmax layer at 1 x 65536, fwd+bwd (issue 21's
-#           2.5x; the backward kernels read through tensor descriptors from 32k since session 24)
+#            2.5x; the backward kernels read through tensor descriptors from 32k since session 24; session 24's
+#            220 s limit ended in fla's cold compile)
+#   gaps     profile_layer.py --models: the 340M Hybrid's and fla GDN's 128k prefill kernels, idle gaps, host time
+#   tests    every GPU test of the softmax kernels, the generation path and the fused modules (~10 min or more)
 #   gputests the triton softmax-backend GPU tests (descriptor paths included) and the generation GPU tests
-#   decode  the decode read alone, then decode of the 340M models at 128k and 32k with both reads
-#   profile the kernels of the NAtS-L and GDN layers' prefill at 128k
-#   bwdtma  the backward kernels (dq, dk/dv) with pointer vs tensor-descriptor (TMA) loads: whether to switch
-#           `block_attention.DESCRIPTORS["dq"/"dkdv"]` on (the forward's gain was 13% at 128k)
+#   decode   the decode read alone, then decode of the 340M models at 128k and 32k with both reads
+#   profile  the kernels of the NAtS-L and GDN layers' prefill at 128k
 # Every command prints its rows as they come (no `| tail`: a timeout keeps what was printed).
 set -u
 OUT=${OUT:-out}; mkdir -p "$OUT"
@@ -26,7 +24,7 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --tar
 export PYTHONPATH=/tmp/site:$PWD
 # compile caches inside the checkout (git-ignored): kept between back-to-back calls while the machine stays warm
 export TRITON_CACHE_DIR=$PWD/.cache/triton TORCHINDUCTOR_CACHE_DIR=$PWD/.cache/inductor
-[ $# -ge 1 ] || { echo "part: gaps | prefill | tests | layer64k | gputests | decode | profile | bwdtma"; exit 2; }
+[ $# -ge 1 ] || { echo "part: prefill | gentests | layer64k | gaps | tests | gputests | decode | profile"; exit 2; }
 for part in "$@"; do
 case "$part" in
 gaps)
@@ -37,8 +35,13 @@ prefill)
   FLA_CACHE_RESULTS=0 timeout 400 python3 benchmarks/bench_model.py --prefill --shapes 1x131072,1x32768 --models hybrid,fla_gdn,softmax \
     --steps 5 --out "$OUT/prefill.md" 2>&1 | grep -v Warning
   ;;
+gentests)
+  NATSL_TEST_DEVICE=cuda timeout 300 python3 -m pytest -q -m gpu -p no:cacheprovider -W ignore -rfE --durations=0 \
+    tests/gpu/test_generation_gpu.py -k "generate or no_host_sync or graph_decoder or split_kv" 2>&1 \
+    | tee "$OUT/gentests.txt"
+  ;;
 layer64k)
-  timeout 220 python3 benchmarks/bench_layer.py --T 65536 --providers natsl-gdn@triton,softmax,gdn-only \
+  timeout 480 python3 benchmarks/bench_layer.py --T 65536 --providers natsl-gdn@triton,softmax \
     --fla-hopper-bypass 2>&1 | grep -v Warning | tee "$OUT/layer64k.txt"
   ;;
 gputests)
@@ -57,10 +60,6 @@ tests)
 profile)
   timeout 300 python3 benchmarks/profile_layer.py --prefill --shape 1x131072 --rows 25 --fla-hopper-bypass \
     --out "$OUT/profile_prefill.md"
-  ;;
-bwdtma)
-  timeout 400 python3 benchmarks/probe_triton_configs.py --shapes 1x65536,8x4096,1x16384 --kinds dq,dkdv --stages 1,2 \
-    --warps 4 --descriptors 2>&1 | tee "$OUT/probe_bwd_tma.txt"
   ;;
 *) echo "unknown part $part"; exit 2 ;;
 esac
