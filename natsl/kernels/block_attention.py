@@ -8,7 +8,8 @@ query block (forward, dq) or one key block (dk/dv) of one (batch, head), tiles o
 - forward: online softmax over the `p(i) - lo(i)` past softmax blocks (read from a per-(batch, router head) sorted
   list of their first rows, no gather of K/V), then the own block with its causal mask; writes `o` and the row LSE.
   Power-of-two head dims read tiles through tensor descriptors (TMA copies on Hopper), others through pointers.
-- dq: the same loop, with `dS = P ∘ (dP − Δ)`, `Δ_t = dO_t·o_t` (flash-attention 2's backward).
+- dq: the same loop, with `dS = P ∘ (dP − Δ)`, `Δ_t = dO_t·o_t` (flash-attention 2's backward; the dq kernel computes
+  `Δ` from its `dO` and `o` tiles and stores it for the dk/dv kernel, launched after it).
 - dk/dv: per key block `j`, its own block and, if `j` is a softmax block, every later query block of its
   sequence; it also sums `dS` over those past queries: the router gradient `∂L/∂m(j)` of spec §1.7
   (`router_grad="selected"`), a column sum of the score gradient accumulated in the attention backward, as in the
@@ -140,14 +141,19 @@ def block_attn_fwd_kernel(Q, K, V, OUT, LSE, KSTART, LO, HI, BSTART, BLEN, sqb, 
 
 
 @triton.jit
-def _query_rows(Q, DO, LSE, DELTA, b, h, bh, q0, qn, sqb, sqt, sqh, sdb, sdt, sdh, T, D, DV, C: tl.constexpr,
-                BD: tl.constexpr, BDV: tl.constexpr, DESC: tl.constexpr):
-    """The backward's tiles of query rows `q0 + [0, C)` (valid: `< qn`): `q`, `dO`, LSE (`+inf` past `qn`), `Δ`."""
+def _row_values(X, bh, q0, qn, T, C: tl.constexpr, other):
+    """`X[bh, q0 + [0, C)]` of a `[B*H, T]` per-row tensor (LSE, `Δ`), `other` past `qn`."""
     rows = tl.arange(0, C)
-    lse = tl.load(LSE + bh.to(tl.int64) * T + q0 + rows, mask=rows < qn, other=float("inf"))
-    delta = tl.load(DELTA + bh.to(tl.int64) * T + q0 + rows, mask=rows < qn, other=0.)
+    return tl.load(X + bh.to(tl.int64) * T + q0 + rows, mask=rows < qn, other=other)
+
+
+@triton.jit
+def _query_rows(Q, DO, LSE, b, h, bh, q0, qn, sqb, sqt, sqh, sdb, sdt, sdh, T, D, DV, C: tl.constexpr,
+                BD: tl.constexpr, BDV: tl.constexpr, DESC: tl.constexpr):
+    """The backward's tiles of query rows `q0 + [0, C)` (valid: `< qn`): `q`, `dO`, LSE (`+inf` past `qn`)."""
     return (_load_tile(Q, b, h, q0, qn, sqb, sqt, sqh, T, D, C, BD, DESC),
-            _load_tile(DO, b, h, q0, qn, sdb, sdt, sdh, T, DV, C, BDV, DESC), lse, delta)
+            _load_tile(DO, b, h, q0, qn, sdb, sdt, sdh, T, DV, C, BDV, DESC),
+            _row_values(LSE, bh, q0, qn, T, C, float("inf")))
 
 
 @triton.jit
@@ -181,18 +187,24 @@ def _dkdv_step(b_k, b_v, b_q, b_do, lse, delta, qk_scale, qn, C: tl.constexpr, C
 
 
 @triton.jit
-def block_attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, KSTART, LO, HI, BSTART, BLEN, sqb, sqt, sqh, skb, skt, skh,
-                             svb, svt, svh, sdb, sdt, sdh, qk_scale, scale, T, N, H, HR, G, D, DV,
+def block_attn_bwd_dq_kernel(Q, K, V, DO, OUT, LSE, DELTA, DQ, KSTART, LO, HI, BSTART, BLEN, sqb, sqt, sqh, skb, skt,
+                             skh, svb, svt, svh, sdb, sdt, sdh, qk_scale, scale, T, N, H, HR, G, D, DV,
                              C: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, OWN: tl.constexpr,
                              PREC: tl.constexpr, DESC: tl.constexpr):
+    # (`OUT`, the forward's output, has the strides of `DO`)
     pid = tl.program_id(0)
     i = N - 1 - pid // (tl.num_programs(0) // N)
     bh = pid % (tl.num_programs(0) // N)
     b, h = (bh // H).to(tl.int64), bh % H
     r = h // G
     q0, qn = tl.load(BSTART + i), tl.load(BLEN + i)
-    b_q, b_do, lse, delta = _query_rows(Q, DO, LSE, DELTA, b, h, bh, q0, qn, sqb, sqt, sqh, sdb, sdt, sdh, T, D, DV,
-                                        C, BD, BDV, DESC)
+    b_q, b_do, lse = _query_rows(Q, DO, LSE, b, h, bh, q0, qn, sqb, sqt, sqh, sdb, sdt, sdh, T, D, DV, C, BD, BDV,
+                                 DESC)
+    # Δ = rowsum(dO ∘ O) of the block's rows, here and stored for the dk/dv kernel (launched after this one)
+    b_o = _load_tile(OUT, b, h, q0, qn, sdb, sdt, sdh, T, DV, C, BDV, DESC)
+    rows = tl.arange(0, C)
+    delta = tl.where(rows < qn, tl.sum(b_do.to(tl.float32) * b_o.to(tl.float32), 1), 0.)
+    tl.store(DELTA + bh.to(tl.int64) * T + q0 + rows, delta, mask=rows < qn)
     acc = tl.zeros([C, BD], tl.float32)
     meta = (b * N + i) * HR + r
     lo, hi = tl.load(LO + meta), tl.load(HI + meta)
@@ -224,8 +236,9 @@ def block_attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV_, DM, SOFT, SEQ_E
     dk = tl.zeros([C, BD], tl.float32)
     dv = tl.zeros([C, BDV], tl.float32)
     if OWN:  # the queries of the own block, causal
-        b_q, b_do, lse, delta = _query_rows(Q, DO, LSE, DELTA, b, h, bh, k0, kn, sqb, sqt, sqh, sdb, sdt, sdh, T, D,
-                                            DV, C, BD, BDV, DESC)
+        b_q, b_do, lse = _query_rows(Q, DO, LSE, b, h, bh, k0, kn, sqb, sqt, sqh, sdb, sdt, sdh, T, D, DV, C, BD, BDV,
+                                     DESC)
+        delta = _row_values(DELTA, bh, k0, kn, T, C, 0.)
         d_v, d_k, _ = _dkdv_step(b_k, b_v, b_q, b_do, lse, delta, qk_scale, kn, C, True, PREC)
         dv += d_v
         dk += d_k
@@ -234,8 +247,9 @@ def block_attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV_, DM, SOFT, SEQ_E
     colsum = tl.zeros([C], tl.float32)
     for i in range(j + 1, i_end):  # later query blocks of the sequence: they all see softmax block j
         q0, qn = tl.load(BSTART + i), tl.load(BLEN + i)
-        b_q, b_do, lse, delta = _query_rows(Q, DO, LSE, DELTA, b, h, bh, q0, qn, sqb, sqt, sqh, sdb, sdt, sdh, T, D,
-                                            DV, C, BD, BDV, DESC)
+        b_q, b_do, lse = _query_rows(Q, DO, LSE, b, h, bh, q0, qn, sqb, sqt, sqh, sdb, sdt, sdh, T, D, DV, C, BD, BDV,
+                                     DESC)
+        delta = _row_values(DELTA, bh, q0, qn, T, C, 0.)
         d_v, d_k, b_dst = _dkdv_step(b_k, b_v, b_q, b_do, lse, delta, qk_scale, qn, C, False, PREC)
         dv += d_v
         dk += d_k
@@ -333,20 +347,23 @@ def block_attention_bwd(do, q, k, v, o, lse, plan: dict, scale: float, num_route
     B, T, H, D, DV, const, strides = _launch_args(q, k, v, plan["C"])
     N = plan["hi"].shape[1]
     Hr = num_router_heads
-    do = do.contiguous()
-    delta = (do.float() * o.float()).sum(-1).transpose(1, 2).contiguous()  # [B, H, T]
+    do, o = do.contiguous(), o.contiguous()  # (one set of strides for both)
+    delta = torch.empty(B, H, T, dtype=torch.float32, device=q.device)  # Δ = rowsum(dO ∘ O), by the dq kernel
     dk, dv = torch.empty_like(k), torch.empty_like(v)
     dq = torch.empty_like(q)
     dm = torch.zeros(B, H, N, dtype=torch.float32, device=q.device)
     if N and B * H:
-        common = (*strides, *do.stride()[:3], scale * LOG2E, scale, T, N, H, Hr, H // Hr, D, DV)
-        for kind, kernel, rest in (
-                ("dq", block_attn_bwd_dq_kernel, (dq, plan["kstart"], plan["lo"], plan["hi"])),
-                ("dkdv", block_attn_bwd_dkdv_kernel, (dk, dv, dm, plan["soft"], plan["seq_end"]))):
-            descs = _tile_descriptors(kind, plan["C"], const, q, k, v, do)
-            kernel[(N * B * H,)](*((q, k, v, do) if descs is None else descs), lse, delta, *rest, plan["block_start"],
-                                 plan["block_len"], *common, OWN=own, DESC=descs is not None, **const,
-                                 **CONFIGS[kind, descs is not None])
+        C = plan["C"]
+        common = (plan["block_start"], plan["block_len"], *strides, *do.stride()[:3], scale * LOG2E, scale, T, N, H,
+                  Hr, H // Hr, D, DV)
+        descs = _tile_descriptors("dq", C, const, q, k, v, do, o)
+        block_attn_bwd_dq_kernel[(N * B * H,)](
+            *((q, k, v, do, o) if descs is None else descs), lse, delta, dq, plan["kstart"], plan["lo"], plan["hi"],
+            *common, OWN=own, DESC=descs is not None, **const, **CONFIGS["dq", descs is not None])
+        descs = _tile_descriptors("dkdv", C, const, q, k, v, do)
+        block_attn_bwd_dkdv_kernel[(N * B * H,)](
+            *((q, k, v, do) if descs is None else descs), lse, delta, dk, dv, dm, plan["soft"], plan["seq_end"],
+            *common, OWN=own, DESC=descs is not None, **const, **CONFIGS["dkdv", descs is not None])
     dm = dm.view(B, Hr, H // Hr, N).sum(2).permute(0, 2, 1)
     return dq, dk, dv, dm
 
