@@ -4,7 +4,8 @@
 # other (never side by side: GPU tests beside a timed benchmark spoil it); a part's timeout is sized for it alone and
 # cold, so give several parts to one call only where their timeouts add up to less than the call's limit.
 # Usage (repository root, fla wheels in .whl/): bash benchmarks/pending_gpu.sh PART [PART ...] (parts run in turn, in
-# one call: later parts reuse the earlier parts' compiles). Next session: `prefill gentests` (~450 s), then `layer64k`.
+# one call: later parts reuse the earlier parts' compiles). Next session: `gputests` first (the dq kernel's
+# in-kernel Delta and the program orders are new and CPU-tested only), then `orders`, `prefill gentests`, `layer64k`.
 #   prefill  the 128k and 32k prefill of the 340M models with the routers forced to 12.5% (issue 22's 5.4x: 5.40x in
 #            session 24's one run); fla's autotuner tunes at 128k in each process (FLA_CACHE_RESULTS=0)
 #   gentests the generation GPU tests session 24's call did not reach: greedy generate(), decode with no host sync,
@@ -12,6 +13,8 @@
 #   layer64k the NAtS-L layer (triton softmax backend) against the softmax layer at 1 x 65536, fwd+bwd (issue 21's
 #            2.5x; the backward kernels read through tensor descriptors from 32k since session 24; session 24's
 #            220 s limit ended in fla's cold compile)
+#   orders   the three softmax kernels with block-major vs (batch, head)-major program order (`HEAD_MAJOR`; the
+#            tiles a head's programs share stay in L2) and the dq kernel's in-kernel Delta (session 24, not yet run)
 #   gaps     profile_layer.py --models: the 340M Hybrid's and fla GDN's 128k prefill kernels, idle gaps, host time
 #   tests    every GPU test of the softmax kernels, the generation path and the fused modules (~10 min or more)
 #   gputests the triton softmax-backend GPU tests (descriptor paths included) and the generation GPU tests
@@ -24,7 +27,7 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --tar
 export PYTHONPATH=/tmp/site:$PWD
 # compile caches inside the checkout (git-ignored): kept between back-to-back calls while the machine stays warm
 export TRITON_CACHE_DIR=$PWD/.cache/triton TORCHINDUCTOR_CACHE_DIR=$PWD/.cache/inductor
-[ $# -ge 1 ] || { echo "part: prefill | gentests | layer64k | gaps | tests | gputests | decode | profile"; exit 2; }
+[ $# -ge 1 ] || { echo "part: prefill | gentests | layer64k | orders | gaps | tests | gputests | decode | profile"; exit 2; }
 for part in "$@"; do
 case "$part" in
 gaps)
@@ -43,6 +46,10 @@ gentests)
 layer64k)
   timeout 480 python3 benchmarks/bench_layer.py --T 65536 --providers natsl-gdn@triton,softmax \
     --fla-hopper-bypass 2>&1 | grep -v Warning | tee "$OUT/layer64k.txt"
+  ;;
+orders)
+  timeout 420 python3 benchmarks/probe_triton_configs.py --shapes 1x131072,1x65536,8x4096 --kinds fwd,dq,dkdv \
+    --stages 1,2 --warps 4 --orders 2>&1 | tee "$OUT/probe_orders.txt"
   ;;
 gputests)
   NATSL_TEST_DEVICE=cuda timeout 360 python3 -m pytest -q -m gpu -p no:cacheprovider -W ignore -rfE --durations=0 \

@@ -41,6 +41,10 @@ BLOCK_SIZES = (16, 32, 64, 128)
 # (`probe_triton_configs.py --descriptors`, benchmarks/RESULTS.md, session 24): the forward is faster with them at
 # every length (13% at 128k); dq and dk/dv are 11% and 9% faster at 64k but slower at 16k and 8 × 4k
 DESCRIPTORS = {"fwd": 0, "dq": 32768, "dkdv": 32768}
+# the order of each kernel's programs: block-major (False: the (batch, head) pairs of one block side by side, as
+# measured so far) or (batch, head)-major (True: one head's blocks side by side, sharing its tiles in L2);
+# `probe_triton_configs.py --orders` times both (not yet run on the H200)
+HEAD_MAJOR = {"fwd": False, "dq": False, "dkdv": False}
 # launch configurations (warps, pipeline stages) per kernel with pointer loads (False) and descriptors (True), from
 # the same probe
 CONFIGS = {("fwd", False): dict(num_warps=4, num_stages=2), ("fwd", True): dict(num_warps=4, num_stages=2),
@@ -108,12 +112,28 @@ def online_softmax_update(b_s, b_v, m_i, l_i, acc, PREC: tl.constexpr):
 
 
 @triton.jit
+def _program_block(N, HEAD_MAJOR: tl.constexpr, LONGEST_FIRST: tl.constexpr):
+    """`(block, bh)` of this program among `N` blocks × `num_programs / N` (batch, head) pairs. Block-major (the
+    (batch, head) pairs of one block side by side), or `HEAD_MAJOR`: the blocks of one (batch, head) side by side,
+    so that the programs in flight share that head's K/V (forward, dq) or q/dO (dk/dv) tiles in L2. Blocks in
+    descending order with `LONGEST_FIRST` (the forward's and dq's last query blocks have the most past blocks)."""
+    pid = tl.program_id(0)
+    BH = tl.num_programs(0) // N
+    if HEAD_MAJOR:
+        blk, bh = pid % N, pid // N
+    else:
+        blk, bh = pid // BH, pid % BH
+    if LONGEST_FIRST:
+        blk = N - 1 - blk
+    return blk, bh
+
+
+@triton.jit
 def block_attn_fwd_kernel(Q, K, V, OUT, LSE, KSTART, LO, HI, BSTART, BLEN, sqb, sqt, sqh, skb, skt, skh, svb, svt,
                           svh, sob, sot, soh, qk_scale, T, N, H, HR, G, D, DV, C: tl.constexpr, BD: tl.constexpr,
-                          BDV: tl.constexpr, OWN: tl.constexpr, PREC: tl.constexpr, DESC: tl.constexpr):
-    pid = tl.program_id(0)
-    i = N - 1 - pid // (tl.num_programs(0) // N)  # longest query blocks (most past blocks) first
-    bh = pid % (tl.num_programs(0) // N)
+                          BDV: tl.constexpr, OWN: tl.constexpr, PREC: tl.constexpr, DESC: tl.constexpr,
+                          HEAD_MAJOR: tl.constexpr):
+    i, bh = _program_block(N, HEAD_MAJOR, True)  # longest query blocks (most past blocks) first
     b, h = (bh // H).to(tl.int64), bh % H
     r = h // G
     q0, qn = tl.load(BSTART + i), tl.load(BLEN + i)
@@ -190,11 +210,10 @@ def _dkdv_step(b_k, b_v, b_q, b_do, lse, delta, qk_scale, qn, C: tl.constexpr, C
 def block_attn_bwd_dq_kernel(Q, K, V, DO, OUT, LSE, DELTA, DQ, KSTART, LO, HI, BSTART, BLEN, sqb, sqt, sqh, skb, skt,
                              skh, svb, svt, svh, sdb, sdt, sdh, qk_scale, scale, T, N, H, HR, G, D, DV,
                              C: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, OWN: tl.constexpr,
-                             PREC: tl.constexpr, DESC: tl.constexpr):
+                             PREC: tl.constexpr, DESC: tl.constexpr,
+                             HEAD_MAJOR: tl.constexpr):
     # (`OUT`, the forward's output, has the strides of `DO`)
-    pid = tl.program_id(0)
-    i = N - 1 - pid // (tl.num_programs(0) // N)
-    bh = pid % (tl.num_programs(0) // N)
+    i, bh = _program_block(N, HEAD_MAJOR, True)
     b, h = (bh // H).to(tl.int64), bh % H
     r = h // G
     q0, qn = tl.load(BSTART + i), tl.load(BLEN + i)
@@ -223,10 +242,9 @@ def block_attn_bwd_dq_kernel(Q, K, V, DO, OUT, LSE, DELTA, DQ, KSTART, LO, HI, B
 def block_attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV_, DM, SOFT, SEQ_END, BSTART, BLEN, sqb, sqt, sqh,
                                skb, skt, skh, svb, svt, svh, sdb, sdt, sdh, qk_scale, scale, T, N, H, HR, G, D, DV,
                                C: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, OWN: tl.constexpr,
-                               PREC: tl.constexpr, DESC: tl.constexpr):
-    pid = tl.program_id(0)
-    j = pid // (tl.num_programs(0) // N)  # earliest key blocks (most later queries) first
-    bh = pid % (tl.num_programs(0) // N)
+                               PREC: tl.constexpr, DESC: tl.constexpr,
+                               HEAD_MAJOR: tl.constexpr):
+    j, bh = _program_block(N, HEAD_MAJOR, False)  # earliest key blocks (most later queries) first
     b, h = (bh // H).to(tl.int64), bh % H
     r = h // G
     k0, kn = tl.load(BSTART + j), tl.load(BLEN + j)
@@ -337,7 +355,7 @@ def block_attention_fwd(q, k, v, plan: dict, scale: float, num_router_heads: int
         block_attn_fwd_kernel[(N * B * H,)](
             *qkv, o, lse, plan["kstart"], plan["lo"], plan["hi"], plan["block_start"], plan["block_len"], *strides,
             *o.stride()[:3], scale * LOG2E, T, N, H, num_router_heads, H // num_router_heads, D, DV, OWN=own,
-            DESC=descs is not None, **const, **CONFIGS["fwd", descs is not None])
+            DESC=descs is not None, HEAD_MAJOR=HEAD_MAJOR["fwd"], **const, **CONFIGS["fwd", descs is not None])
     return o, lse
 
 
@@ -359,11 +377,13 @@ def block_attention_bwd(do, q, k, v, o, lse, plan: dict, scale: float, num_route
         descs = _tile_descriptors("dq", C, const, q, k, v, do, o)
         block_attn_bwd_dq_kernel[(N * B * H,)](
             *((q, k, v, do, o) if descs is None else descs), lse, delta, dq, plan["kstart"], plan["lo"], plan["hi"],
-            *common, OWN=own, DESC=descs is not None, **const, **CONFIGS["dq", descs is not None])
+            *common, OWN=own, DESC=descs is not None, HEAD_MAJOR=HEAD_MAJOR["dq"], **const,
+            **CONFIGS["dq", descs is not None])
         descs = _tile_descriptors("dkdv", C, const, q, k, v, do)
         block_attn_bwd_dkdv_kernel[(N * B * H,)](
             *((q, k, v, do) if descs is None else descs), lse, delta, dk, dv, dm, plan["soft"], plan["seq_end"],
-            *common, OWN=own, DESC=descs is not None, **const, **CONFIGS["dkdv", descs is not None])
+            *common, OWN=own, DESC=descs is not None, HEAD_MAJOR=HEAD_MAJOR["dkdv"], **const,
+            **CONFIGS["dkdv", descs is not None])
     dm = dm.view(B, Hr, H // Hr, N).sum(2).permute(0, 2, 1)
     return dq, dk, dv, dm
 

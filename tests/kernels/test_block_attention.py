@@ -160,6 +160,23 @@ def test_tile_descriptors_and_pointer_loads_agree(monkeypatch, packed):
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
 
 
+@pytest.mark.parametrize("packed", [False, True])
+def test_program_orders_agree(monkeypatch, packed):
+    """Block-major and (batch, head)-major program orders (`HEAD_MAJOR`) do the same work per program: output and
+    every gradient (router gradient included) equal bit for bit, batch 2, packed sequences and partial blocks."""
+    (q, k, v), soft, gate, lay, _ = _case(14, 2, 150, 2, 2, 16, 32, 16,
+                                          torch.tensor([0, 37, 150]) if packed else False, "random")
+    do = torch.randn(2, 150, 4, 32, generator=gen(15))
+
+    def run(head_major: bool):
+        monkeypatch.setattr(ba, "HEAD_MAJOR", dict.fromkeys(("fwd", "dq", "dkdv"), head_major))
+        o = block_attention(q, k, v, soft, lay.block_first, lay.block_start, lay.block_len, 16, gate=gate)
+        return (o, *torch.autograd.grad((o * do).sum(), (q, k, v, gate)))
+
+    for name, a, b in zip(("o", "dq", "dk", "dv", "dgate"), run(True), run(False)):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+
+
 def test_forward_over_widely_spread_scores():
     """Key norms that grow along the sequence move the rows' running max by factors of 2**10 to 2**33 from one past
     block to the next (the online softmax's rescale of the accumulated output): the output and gradients still equal
