@@ -4,8 +4,9 @@
 # other (never side by side: GPU tests beside a timed benchmark spoil it); a part's timeout is sized for it alone and
 # cold, so give several parts to one call only where their timeouts add up to less than the call's limit.
 # Usage (repository root, fla wheels in .whl/): bash benchmarks/pending_gpu.sh PART [PART ...] (parts run in turn, in
-# one call: later parts reuse the earlier parts' compiles). Next session: `gputests` first (the dq kernel's
-# in-kernel Delta and the program orders are new and CPU-tested only), then `orders`, `prefill gentests`, `layer64k`.
+# one call: later parts reuse the earlier parts' compiles). Next session, one call each: `gputests` (the dq
+# kernel's in-kernel Delta is new and CPU-tested only; session 24 ran 16 of its 24 tests in 360 s), `orders`,
+# `prefill`, `layer64k` (≈ 1,450 s of commands + ≈ 60 s of start-up per call).
 #   prefill  the 128k and 32k prefill of the 340M models with the routers forced to 12.5% (issue 22's 5.4x: 5.40x in
 #            session 24's one run); fla's autotuner tunes at 128k in each process (FLA_CACHE_RESULTS=0)
 #   gentests the generation GPU tests session 24's call did not reach: greedy generate(), decode with no host sync,
@@ -17,7 +18,8 @@
 #            tiles a head's programs share stay in L2) and the dq kernel's in-kernel Delta (session 24, not yet run)
 #   gaps     profile_layer.py --models: the 340M Hybrid's and fla GDN's 128k prefill kernels, idle gaps, host time
 #   tests    every GPU test of the softmax kernels, the generation path and the fused modules (~10 min or more)
-#   gputests the triton softmax-backend GPU tests (descriptor paths included) and the generation GPU tests
+#   gputests the triton softmax-backend GPU tests (descriptor paths included) and all generation GPU tests
+#            (gentests included)
 #   decode   the decode read alone, then decode of the 340M models at 128k and 32k with both reads
 #   profile  the kernels of the NAtS-L and GDN layers' prefill at 128k
 # Every command prints its rows as they come (no `| tail`: a timeout keeps what was printed).
@@ -52,7 +54,7 @@ orders)
     --stages 1,2 --warps 4 --orders 2>&1 | tee "$OUT/probe_orders.txt"
   ;;
 gputests)
-  NATSL_TEST_DEVICE=cuda timeout 360 python3 -m pytest -q -m gpu -p no:cacheprovider -W ignore -rfE --durations=0 \
+  NATSL_TEST_DEVICE=cuda timeout 540 python3 -m pytest -q -m gpu -p no:cacheprovider -W ignore -rfE --durations=0 \
     tests/gpu/test_softmax_gpu.py tests/gpu/test_generation_gpu.py -k "triton or test_generation_gpu" 2>&1 | tee "$OUT/gputests.txt"
   ;;
 decode)
