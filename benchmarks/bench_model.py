@@ -105,6 +105,8 @@ def main():
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--gradient-checkpointing", action="store_true",
                     help="recompute every block in the backward (model.gradient_checkpointing_enable())")
+    ap.add_argument("--export-fla-configs", default=None,
+                    help="after the runs, write the configurations fla's autotuners chose here (natsl.tuning)")
     ap.add_argument("--prefill", action="store_true",
                     help="time the prefill of generation (bf16, no grad, with a cache) instead of a training step")
     add_common_args(ap)
@@ -158,6 +160,11 @@ def main():
     if args.out:
         with open(args.out, "w") as f:
             f.write(header + "\n\n" + table + "\n")
+    if args.export_fla_configs:
+        from natsl.tuning import export_fla_configs
+
+        files = export_fla_configs(args.export_fla_configs)
+        print(f"wrote {len(files)} fla kernel configuration files to {args.export_fla_configs}", flush=True)
 
 
 if __name__ == "__main__":

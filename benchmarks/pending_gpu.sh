@@ -6,7 +6,8 @@
 # Usage (repository root, fla wheels in .whl/): bash benchmarks/pending_gpu.sh PART [PART ...] (parts run in turn, in
 # one call: later parts reuse the earlier parts' compiles). Next session, one call each: `gputests` (the dq
 # kernel's in-kernel Delta is new and CPU-tested only; session 24 ran 16 of its 24 tests in 360 s), `orders`,
-# `prefill`, `layer64k` (≈ 1,450 s of commands + ≈ 60 s of start-up per call).
+# `prefill`, `layer64k` (≈ 1,450 s of commands + ≈ 60 s of start-up per call); then `flaconfigs` (commit its files)
+# and `coldstep` when device time allows.
 #   prefill  the 128k and 32k prefill of the 340M models with the routers forced to 12.5% (issue 22's 5.4x: 5.40x in
 #            session 24's one run); fla's autotuner tunes at 128k in each process (FLA_CACHE_RESULTS=0)
 #   gentests the generation GPU tests session 24's call did not reach: greedy generate(), decode with no host sync,
@@ -16,6 +17,11 @@
 #            220 s limit ended in fla's cold compile)
 #   orders   the three softmax kernels with block-major vs (batch, head)-major program order (`HEAD_MAJOR`; the
 #            tiles a head's programs share stay in L2) and the dq kernel's in-kernel Delta (session 24, not yet run)
+#   flaconfigs tune fla's kernels at the paper's training (8 x 4096) and prefill (1 x 131072) shapes for the Hybrid
+#            and fla's GDN model, export the choices (natsl.tuning) to $OUT/fla_configs: commit them as
+#            natsl/configs/fla/NVIDIA_H200/ (issue 21's cold first step; session 24, not yet run)
+#   coldstep the Hybrid's cold first training step (fresh Triton cache) reading natsl's committed fla configurations
+#            instead of autotuning, then the same without them (issue 21: <= 90 s)
 #   gaps     profile_layer.py --models: the 340M Hybrid's and fla GDN's 128k prefill kernels, idle gaps, host time
 #   tests    every GPU test of the softmax kernels, the generation path and the fused modules (~10 min or more)
 #   gputests the triton softmax-backend GPU tests (descriptor paths included) and all generation GPU tests
@@ -29,7 +35,7 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --tar
 export PYTHONPATH=/tmp/site:$PWD
 # compile caches inside the checkout (git-ignored): kept between back-to-back calls while the machine stays warm
 export TRITON_CACHE_DIR=$PWD/.cache/triton TORCHINDUCTOR_CACHE_DIR=$PWD/.cache/inductor
-[ $# -ge 1 ] || { echo "part: prefill | gentests | layer64k | orders | gaps | tests | gputests | decode | profile"; exit 2; }
+[ $# -ge 1 ] || { echo "part: prefill | gentests | layer64k | orders | flaconfigs | coldstep | gaps | tests | gputests | decode | profile"; exit 2; }
 for part in "$@"; do
 case "$part" in
 gaps)
@@ -52,6 +58,18 @@ layer64k)
 orders)
   timeout 420 python3 benchmarks/probe_triton_configs.py --shapes 1x131072,1x65536,8x4096 --kinds fwd,dq,dkdv \
     --stages 1,2 --warps 4 --orders 2>&1 | tee "$OUT/probe_orders.txt"
+  ;;
+flaconfigs)
+  FLA_CACHE_RESULTS=0 timeout 330 python3 benchmarks/bench_model.py --shapes 8x4096 --models hybrid,fla_gdn --steps 2 \
+    --fla-hopper-bypass --export-fla-configs "$OUT/fla_configs" 2>&1 | grep -v Warning
+  FLA_CACHE_RESULTS=0 timeout 240 python3 benchmarks/bench_model.py --prefill --shapes 1x131072 --models hybrid,fla_gdn \
+    --steps 2 --export-fla-configs "$OUT/fla_configs" 2>&1 | grep -v Warning
+  ;;
+coldstep)
+  TRITON_CACHE_DIR=$(mktemp -d) FLA_CACHE_RESULTS=0 timeout 270 python3 benchmarks/bench_model.py --shapes 8x4096 \
+    --models hybrid --steps 2 --fla-hopper-bypass --fla-configs auto 2>&1 | grep -v Warning
+  TRITON_CACHE_DIR=$(mktemp -d) FLA_CACHE_RESULTS=0 timeout 270 python3 benchmarks/bench_model.py --shapes 8x4096 \
+    --models hybrid --steps 2 --fla-hopper-bypass 2>&1 | grep -v Warning
   ;;
 gputests)
   NATSL_TEST_DEVICE=cuda timeout 540 python3 -m pytest -q -m gpu -p no:cacheprovider -W ignore -rfE --durations=0 \

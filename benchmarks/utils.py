@@ -125,16 +125,24 @@ def allow_fla_gated_backward_on_hopper() -> None:
 
 
 def add_common_args(ap) -> None:
-    """`--device`, `--out`, `--fla-hopper-bypass`: shared by the layer and model benchmarks."""
+    """`--device`, `--out`, `--fla-hopper-bypass`, `--fla-configs`: shared by the layer and model benchmarks."""
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--out", default=None, help="also write the markdown table here")
     ap.add_argument("--fla-hopper-bypass", action="store_true",
                     help="set fla's #640 guard flag (Triton < 3.7.1 on Hopper; see allow_fla_gated_backward_on_hopper)")
+    ap.add_argument("--fla-configs", default=None,
+                    help="folder of fla kernel configurations to read instead of autotuning (natsl.tuning."
+                         "use_fla_configs; 'auto': natsl's set for this GPU)")
 
 
 def parse_common(ap):
-    """`ap.parse_args()`, applying `--fla-hopper-bypass`."""
+    """`ap.parse_args()`, applying `--fla-configs` (before fla is imported) and `--fla-hopper-bypass`."""
     args = ap.parse_args()
+    if args.fla_configs is not None:
+        from natsl.tuning import use_fla_configs
+
+        folder = use_fla_configs(None if args.fla_configs == "auto" else args.fla_configs)
+        print(f"# fla kernel configurations from {folder} ({os.environ.get('FLA_CACHE_MODE')})", flush=True)
     if args.fla_hopper_bypass:
         allow_fla_gated_backward_on_hopper()
     return args
