@@ -49,36 +49,45 @@ def test_export_writes_fla_entries_and_merges(tmp_path):
     assert "other" in json.loads(f.read_text())["autotune_entries"]
 
 
-def test_fla_reads_the_exported_configs_instead_of_autotuning(tmp_path):
-    """A fresh process that calls `use_fla_configs(folder)` before importing fla takes, for a kernel key with an
-    entry, the entry's configuration: here one that autotuning would not pick (the shims keep the first
-    candidate), so only a read of the file can put it in the autotuner's cache."""
-    _run_gdn()
-    tuning.export_fla_configs(tmp_path)
-    f = tmp_path / "chunk_fwd_kernel_o.json"
-    data = json.loads(f.read_text())
-    (entry,) = data["autotune_entries"].values()
-    entry["config"]["num_warps"] = 1 if entry["config"]["num_warps"] != 1 else 2
-    f.write_text(json.dumps(data))
+def _fresh_process(body: str) -> str:
+    """Run `body` in a new Python process under the Triton interpreter (shims applied, no fla cache mode set);
+    returns its last line of output."""
     script = textwrap.dedent(f"""
         import os, sys
-        os.environ.pop("FLA_CACHE_MODE", None)
         os.environ["TRITON_INTERPRET"] = "1"
         sys.path.insert(0, {str(TESTS)!r})
         from interpreter_shims import apply_interpreter_shims
         apply_interpreter_shims()
         import natsl.tuning as tuning
-        assert tuning.use_fla_configs({str(tmp_path)!r}) == __import__("pathlib").Path({str(tmp_path)!r})
         from test_tuning import _run_gdn
-        _run_gdn()
-        cfg = tuning.tuned_fla_configs()["chunk_fwd_kernel_o"]
-        print([c["num_warps"] for c in cfg.values()])
-    """)
-    env = {k: v for k, v in os.environ.items() if k != "FLA_CACHE_MODE"}
+    """) + textwrap.dedent(body)
+    env = {k: v for k, v in os.environ.items() if k not in ("FLA_CACHE_MODE", "FLA_CONFIG_DIR")}
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=TESTS,
                          timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
-    assert out.stdout.strip().splitlines()[-1] == str([entry["config"]["num_warps"]])
+    return out.stdout.strip().splitlines()[-1]
+
+
+def test_fla_reads_the_exported_configs_instead_of_autotuning(tmp_path):
+    """A fresh process that calls `use_fla_configs(folder)` before importing fla takes, for a kernel key with an
+    entry, the entry's configuration: here one that autotuning would not pick (the shims keep the first
+    candidate), so only a read of the file can put it in the autotuner's cache."""
+    _fresh_process(f"""
+        _run_gdn()
+        tuning.export_fla_configs({str(tmp_path)!r})
+        print("ok")
+    """)
+    f = tmp_path / "chunk_fwd_kernel_o.json"
+    data = json.loads(f.read_text())
+    (entry,) = data["autotune_entries"].values()  # one call, one key
+    entry["config"]["num_warps"] = 1 if entry["config"]["num_warps"] != 1 else 2
+    f.write_text(json.dumps(data))
+    last = _fresh_process(f"""
+        assert tuning.use_fla_configs({str(tmp_path)!r}) == __import__("pathlib").Path({str(tmp_path)!r})
+        _run_gdn()
+        print([c["num_warps"] for c in tuning.tuned_fla_configs()["chunk_fwd_kernel_o"].values()])
+    """)
+    assert last == str([entry["config"]["num_warps"]])
 
 
 def test_use_fla_configs_errors(monkeypatch, tmp_path):
