@@ -127,6 +127,10 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--eval-every", type=_nonneg_int, default=None,
                    help="steps between held-out evaluations (0 = only at the end). Default: --steps / 10")
     g.add_argument("--eval-examples", type=_positive_int, default=256, help="held-out examples. Default: 256")
+    g.add_argument("--fla-configs", default=None,
+                   help="read fla's kernel launch configurations from this folder instead of autotuning them "
+                        "(natsl.tuning.use_fla_configs; 'auto': natsl's set for this GPU, if it has one). "
+                        "Default: fla autotunes")
     g.add_argument("--fsdp", action="store_true",
                    help="under torchrun only: shard the model with FSDP2 (fully_shard on every transformer block, "
                         "then on the whole model) instead of replicating it with DDP, so each process holds 1/N of "
@@ -202,6 +206,13 @@ def _out(msg: str) -> None:
 def run_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     """Run `natsl train` with parsed `args`; argument problems go to `parser.error` (exit 2)."""
     try:
+        if args.fla_configs is not None:  # before anything imports fla
+            from natsl.tuning import use_fla_configs
+
+            try:
+                use_fla_configs(None if args.fla_configs == "auto" else args.fla_configs)
+            except (ValueError, RuntimeError) as e:
+                raise ValueError(f"--fla-configs: {e}") from None
         device = _resolve_device(args.device)
         models = _parse_models(args.models)
         task = make_task(args.task, seq_len=args.seq_len, num_kv_pairs=args.num_kv_pairs, vocab_size=args.vocab,

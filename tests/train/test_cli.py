@@ -158,8 +158,9 @@ def test_resume_refuses_a_different_model(tmp_path, capsys):
     (["--heads", "3"], "must both be multiples of num_router_heads"),
     (["--router-temperature", "0"], "expected a positive number"),
     (["--router-grad", "all"], "invalid choice: 'all'"),
+    (["--fla-configs", "/nonexistent/folder"], "--fla-configs: path must be a folder"),
 ], ids=["kind", "twice", "steps", "lr", "budget", "task", "seq-len", "vocab", "text-data", "text-missing", "device",
-        "stop-at", "heads", "temperature", "router-grad"])
+        "stop-at", "heads", "temperature", "router-grad", "fla-configs"])
 def test_bad_arguments_give_clear_errors(tmp_path, capsys, args, message):
     with pytest.raises(SystemExit) as e:
         main(["train", "--out", str(tmp_path / "x"), *args])
@@ -176,6 +177,21 @@ def test_router_flags_reach_the_model(tmp_path):
     assert (model.config.router_grad, model.config.router_temperature) == ("both", 0.5)
     layer = model.model.layers[0].attn
     assert (layer.router_grad, layer.router.temperature) == ("both", 0.5)
+
+
+def test_fla_configs_flag_points_fla_at_the_folder(tmp_path, monkeypatch):
+    """`--fla-configs DIR` sets fla's config folder (and, where fla is not imported yet, its lookup mode) before the
+    run; with fla already imported and no mode in the environment it is a clear error."""
+    env = {k: v for k, v in os.environ.items() if k not in ("FLA_CACHE_MODE", "FLA_CONFIG_DIR")}
+    monkeypatch.setattr(os, "environ", env)
+    import fla.ops.utils.cache  # noqa: F401
+
+    with pytest.raises(SystemExit):
+        main(["train", "--out", str(tmp_path / "x"), "--fla-configs", str(tmp_path)])
+    env["FLA_CACHE_MODE"] = "strict"
+    assert run(tmp_path, "--task", "mqar", "--seq-len", "32", "--num-kv-pairs", "4", "--vocab", "24", "--steps", "1",
+               "--models", "linear", "--fla-configs", str(tmp_path)) == 0
+    assert env["FLA_CONFIG_DIR"] == str(tmp_path)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error without a GPU")
