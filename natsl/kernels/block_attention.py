@@ -207,6 +207,16 @@ def _dkdv_step(b_k, b_v, b_q, b_do, lse, delta, qk_scale, qn, C: tl.constexpr, C
 
 
 @triton.jit
+def _dkdv_query_block(b_k, b_v, Q, DO, LSE, DELTA, b, h, bh, q0, qn, sqb, sqt, sqh, sdb, sdt, sdh, qk_scale, T, D, DV,
+                      C: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, CAUSAL: tl.constexpr, PREC: tl.constexpr,
+                      DESC: tl.constexpr):
+    """`_dkdv_step` of the key tile with the query rows `q0 + [0, C)` (valid `< qn`), their LSE and `Δ` read here."""
+    b_q, b_do, lse = _query_rows(Q, DO, LSE, b, h, bh, q0, qn, sqb, sqt, sqh, sdb, sdt, sdh, T, D, DV, C, BD, BDV, DESC)
+    delta = _row_values(DELTA, bh, q0, qn, T, C, 0.)
+    return _dkdv_step(b_k, b_v, b_q, b_do, lse, delta, qk_scale, qn, C, CAUSAL, PREC)
+
+
+@triton.jit
 def block_attn_bwd_dq_kernel(Q, K, V, DO, OUT, LSE, DELTA, DQ, KSTART, LO, HI, BSTART, BLEN, sqb, sqt, sqh, skb, skt,
                              skh, svb, svt, svh, sdb, sdt, sdh, qk_scale, scale, T, N, H, HR, G, D, DV,
                              C: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, OWN: tl.constexpr,
@@ -254,10 +264,8 @@ def block_attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV_, DM, SOFT, SEQ_E
     dk = tl.zeros([C, BD], tl.float32)
     dv = tl.zeros([C, BDV], tl.float32)
     if OWN:  # the queries of the own block, causal
-        b_q, b_do, lse = _query_rows(Q, DO, LSE, b, h, bh, k0, kn, sqb, sqt, sqh, sdb, sdt, sdh, T, D, DV, C, BD, BDV,
-                                     DESC)
-        delta = _row_values(DELTA, bh, k0, kn, T, C, 0.)
-        d_v, d_k, _ = _dkdv_step(b_k, b_v, b_q, b_do, lse, delta, qk_scale, kn, C, True, PREC)
+        d_v, d_k, _ = _dkdv_query_block(b_k, b_v, Q, DO, LSE, DELTA, b, h, bh, k0, kn, sqb, sqt, sqh, sdb, sdt, sdh,
+                                        qk_scale, T, D, DV, C, BD, BDV, True, PREC, DESC)
         dv += d_v
         dk += d_k
     is_soft = tl.load(SOFT + (b * N + j) * HR + r) != 0
@@ -265,10 +273,8 @@ def block_attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV_, DM, SOFT, SEQ_E
     colsum = tl.zeros([C], tl.float32)
     for i in range(j + 1, i_end):  # later query blocks of the sequence: they all see softmax block j
         q0, qn = tl.load(BSTART + i), tl.load(BLEN + i)
-        b_q, b_do, lse = _query_rows(Q, DO, LSE, b, h, bh, q0, qn, sqb, sqt, sqh, sdb, sdt, sdh, T, D, DV, C, BD, BDV,
-                                     DESC)
-        delta = _row_values(DELTA, bh, q0, qn, T, C, 0.)
-        d_v, d_k, b_dst = _dkdv_step(b_k, b_v, b_q, b_do, lse, delta, qk_scale, qn, C, False, PREC)
+        d_v, d_k, b_dst = _dkdv_query_block(b_k, b_v, Q, DO, LSE, DELTA, b, h, bh, q0, qn, sqb, sqt, sqh, sdb, sdt,
+                                            sdh, qk_scale, T, D, DV, C, BD, BDV, False, PREC, DESC)
         dv += d_v
         dk += d_k
         colsum += tl.sum(b_dst, 1)
