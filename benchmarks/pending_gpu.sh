@@ -22,6 +22,8 @@
 #            natsl/configs/fla/NVIDIA_H200/ (issue 21's cold first step; session 24, not yet run)
 #   coldstep the Hybrid's cold first training step (fresh Triton cache) reading natsl's committed fla configurations
 #            instead of autotuning, then the same without them (issue 21: <= 90 s)
+#   proftrain the kernels of the NAtS-L and GDN layers' training fwd+bwd at 1 x 65536 (what is left above the GDN
+#            layer + softmax branch: issue 21's 64k layer needs <= 30.1 ms)
 #   gaps     profile_layer.py --models: the 340M Hybrid's and fla GDN's 128k prefill kernels, idle gaps, host time
 #   tests    every GPU test of the softmax kernels, the generation path and the fused modules (~10 min or more)
 #   gputests the triton softmax-backend GPU tests (descriptor paths included) and all generation GPU tests
@@ -35,7 +37,7 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --tar
 export PYTHONPATH=/tmp/site:$PWD
 # compile caches inside the checkout (git-ignored): kept between back-to-back calls while the machine stays warm
 export TRITON_CACHE_DIR=$PWD/.cache/triton TORCHINDUCTOR_CACHE_DIR=$PWD/.cache/inductor
-[ $# -ge 1 ] || { echo "part: prefill | gentests | layer64k | orders | flaconfigs | coldstep | gaps | tests | gputests | decode | profile"; exit 2; }
+[ $# -ge 1 ] || { echo "part: prefill | gentests | layer64k | orders | flaconfigs | coldstep | proftrain | gaps | tests | gputests | decode | profile"; exit 2; }
 for part in "$@"; do
 case "$part" in
 gaps)
@@ -70,6 +72,10 @@ coldstep)
     --models hybrid --steps 2 --fla-hopper-bypass --fla-configs auto 2>&1 | grep -v Warning
   TRITON_CACHE_DIR=$(mktemp -d) FLA_CACHE_RESULTS=0 timeout 270 python3 benchmarks/bench_model.py --shapes 8x4096 \
     --models hybrid --steps 2 --fla-hopper-bypass 2>&1 | grep -v Warning
+  ;;
+proftrain)
+  timeout 400 python3 benchmarks/profile_layer.py --shape 1x65536 --rows 40 --fla-hopper-bypass \
+    --out "$OUT/profile_train_1x65536.md" 2>&1 | grep -v Warning
   ;;
 gputests)
   NATSL_TEST_DEVICE=cuda timeout 540 python3 -m pytest -q -m gpu -p no:cacheprovider -W ignore -rfE --durations=0 \
