@@ -3,7 +3,8 @@
 Rule (flash-attn's): `err(out, ref_fp64) <= 2 * err(plain torch bf16, ref_fp64) + atol`, max abs error, for the
 output and the gradients of q, k, v and the routing. Backends: sdpa, flex, flash over torch's varlen flash
 kernels and over flash-attn-4, natsl's Triton kernels (`triton-tma`: with every kernel reading its tiles through
-tensor descriptors; each backend skipped with its reasons where it cannot run).
+tensor descriptors; `triton-head-major`: with every kernel's programs in (batch, head)-major order; each backend
+skipped with its reasons where it cannot run).
 
 Run on the H200 with `NATSL_TEST_DEVICE=cuda pytest -q -m gpu tests/gpu/test_softmax_gpu.py`.
 """
@@ -39,8 +40,10 @@ BACKENDS = {
     "flash-varlen": FlashSoftmax("varlen"),
     "flash-fa4": FlashSoftmax("fa4"),
     "triton": SOFTMAX_BACKENDS["triton"],
-    # natsl's kernels with every kernel's tiles read through tensor descriptors (TMA; the default: the forward only)
+    # natsl's kernels with every kernel's tiles read through tensor descriptors (TMA; the default: from a length on)
     "triton-tma": SOFTMAX_BACKENDS["triton"],
+    # natsl's kernels with every kernel's programs in (batch, head)-major order (`block_attention.HEAD_MAJOR`)
+    "triton-head-major": SOFTMAX_BACKENDS["triton"],
 }
 
 
@@ -74,6 +77,8 @@ def test_backend_bf16_vs_reference(monkeypatch, backend, case):
     B, T, Hr, G, d, dv, C, _, diagonal, _ = CASES[case]
     if backend == "triton-tma":
         monkeypatch.setattr(ba, "DESCRIPTORS", dict.fromkeys(("fwd", "dq", "dkdv"), 0))
+    if backend == "triton-head-major":
+        monkeypatch.setattr(ba, "HEAD_MAJOR", dict.fromkeys(("fwd", "dq", "dkdv"), True))
     q32, k32, v32, w32, cu = make(CASES[case])
     scale = d ** -0.5
     impl = BACKENDS[backend]
