@@ -141,7 +141,7 @@ def parse_common(ap):
     if args.fla_configs is not None:
         from natsl.tuning import use_fla_configs
 
-        folder = use_fla_configs(None if args.fla_configs == "auto" else args.fla_configs)
+        folder = use_fla_configs(args.fla_configs)
         print(f"# fla kernel configurations from {folder} ({os.environ.get('FLA_CACHE_MODE')})", flush=True)
     if args.fla_hopper_bypass:
         allow_fla_gated_backward_on_hopper()

@@ -52,7 +52,8 @@ def use_fla_configs(path: str | os.PathLike | None = None, mode: str = "strict")
     at import). An explicit `FLA_CACHE_MODE` in the environment is left as it is.
 
     Args:
-        path: the folder of `{kernel_name}.json` files. Default: natsl's set for this GPU (:func:`default_config_dir`).
+        path: the folder of `{kernel_name}.json` files, or `None` / `"auto"`: natsl's set for this GPU
+            (:func:`default_config_dir`). Default: `None`.
         mode (str): fla's lookup mode, `"strict"` (exact key), `"fuzzy"` (numeric key values may differ) or
             `"full"` (fuzzy, then a file's default). Default: `"strict"`.
 
@@ -65,7 +66,7 @@ def use_fla_configs(path: str | os.PathLike | None = None, mode: str = "strict")
     """
     if mode not in FLA_MODES:
         raise ValueError(f"mode must be one of {FLA_MODES}, got {mode!r}")
-    if path is None:
+    if path is None or path == "auto":
         folder = default_config_dir()
         if folder is None:
             return None

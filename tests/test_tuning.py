@@ -104,4 +104,5 @@ def test_use_fla_configs_errors(monkeypatch, tmp_path):
     env["FLA_CACHE_MODE"] = "strict"  # set before fla's import: the folder can still be chosen
     assert tuning.use_fla_configs(tmp_path) == tmp_path and env["FLA_CONFIG_DIR"] == str(tmp_path)
     assert tuning.use_fla_configs() is None or torch.cuda.is_available()  # no GPU: no shipped set applies
+    assert tuning.use_fla_configs("auto") is None or torch.cuda.is_available()
     assert tuning.gpu_folder_name("NVIDIA H200") == "NVIDIA_H200"

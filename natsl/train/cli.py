@@ -210,7 +210,7 @@ def run_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             from natsl.tuning import use_fla_configs
 
             try:
-                use_fla_configs(None if args.fla_configs == "auto" else args.fla_configs)
+                use_fla_configs(args.fla_configs)
             except (ValueError, RuntimeError) as e:
                 raise ValueError(f"--fla-configs: {e}") from None
         device = _resolve_device(args.device)
