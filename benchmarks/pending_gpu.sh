@@ -78,8 +78,19 @@ proftrain)
     --out "$OUT/profile_train_1x65536.md" 2>&1 | grep -v Warning
   ;;
 gputests)
-  NATSL_TEST_DEVICE=cuda timeout 540 python3 -m pytest -q -m gpu -p no:cacheprovider -W ignore -rfE --durations=0 \
-    tests/gpu/test_softmax_gpu.py tests/gpu/test_generation_gpu.py -k "triton or test_generation_gpu" 2>&1 | tee "$OUT/gputests.txt"
+  # four pytest processes side by side (correctness only, nothing timed): their cold compiles overlap
+  i=0
+  for sel in "tests/gpu/test_softmax_gpu.py -k triton" \
+             "tests/gpu/test_generation_gpu.py -k layer_cache" \
+             "tests/gpu/test_generation_gpu.py -k graph_decoder" \
+             "tests/gpu/test_generation_gpu.py -k generate_greedy or no_host_sync or split_kv"; do
+    i=$((i + 1))
+    # shellcheck disable=SC2086
+    NATSL_TEST_DEVICE=cuda timeout 520 python3 -m pytest -q -m gpu -p no:cacheprovider -W ignore -rfE --durations=0 \
+      ${sel%% -k *} -k "${sel#* -k }" > "$OUT/gputests_$i.txt" 2>&1 &
+  done
+  wait
+  for f in "$OUT"/gputests_*.txt; do echo "== $f"; cat "$f"; done
   ;;
 decode)
   timeout 100 python3 benchmarks/bench_decode_read.py --out "$OUT/decode_read.md"
