@@ -44,7 +44,7 @@ DESCRIPTORS = {"fwd": 0, "dq": 32768, "dkdv": 32768}
 # the order of each kernel's programs: block-major (False: the (batch, head) pairs of one block side by side, as
 # measured so far) or (batch, head)-major (True: one head's blocks side by side, sharing its tiles in L2);
 # `probe_triton_configs.py --orders` times both (not yet run on the H200)
-HEAD_MAJOR = {"fwd": False, "dq": False, "dkdv": False}
+HEAD_MAJOR = {"fwd": True, "dq": False, "dkdv": False}
 # launch configurations (warps, pipeline stages) per kernel with pointer loads (False) and descriptors (True), from
 # the same probe
 CONFIGS = {("fwd", False): dict(num_warps=4, num_stages=2), ("fwd", True): dict(num_warps=4, num_stages=2),
