@@ -58,14 +58,19 @@ def gbps(num_bytes: float, ms: float) -> float:
 
 
 def git_sha() -> str:
+    """The commit benchmarked: ``$NATSL_GIT_SHA`` if set, else ``git rev-parse`` with ``+changes`` when tracked files
+    differ from it (a device copy of the working tree can carry an older ``.git`` than its files)."""
     sha = os.environ.get("NATSL_GIT_SHA")
     if sha:
         return sha
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              check=True).stdout.strip()
+        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                             check=True).stdout.strip()
+        changed = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                                 text=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
+    return sha + "+changes" if changed else sha
 
 
 def env_line() -> str:

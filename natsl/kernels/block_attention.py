@@ -41,9 +41,10 @@ BLOCK_SIZES = (16, 32, 64, 128)
 # (`probe_triton_configs.py --descriptors`, benchmarks/RESULTS.md, session 24): the forward is faster with them at
 # every length (13% at 128k); dq and dk/dv are 11% and 9% faster at 64k but slower at 16k and 8 × 4k
 DESCRIPTORS = {"fwd": 0, "dq": 32768, "dkdv": 32768}
-# the order of each kernel's programs: block-major (False: the (batch, head) pairs of one block side by side, as
-# measured so far) or (batch, head)-major (True: one head's blocks side by side, sharing its tiles in L2);
-# `probe_triton_configs.py --orders` times both (not yet run on the H200)
+# the order of each kernel's programs: block-major (False: the (batch, head) pairs of one block side by side) or
+# (batch, head)-major (True: one head's blocks side by side, sharing its tiles in L2). Measured on the H200
+# (`probe_triton_configs.py --orders`, benchmarks/RESULTS.md, session 25): the forward is faster head-major at
+# 128k, 64k and 8 × 4k (12.55 -> 11.97 ms at 128k); dq and dk/dv are slower head-major at 64k and 8 × 4k
 HEAD_MAJOR = {"fwd": True, "dq": False, "dkdv": False}
 # launch configurations (warps, pipeline stages) per kernel with pointer loads (False) and descriptors (True), from
 # the same probe
