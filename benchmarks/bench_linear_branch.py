@@ -233,6 +233,47 @@ def op_rows(backend, shape, T, frac) -> list[dict]:
     return rows
 
 
+def interleaved_rows(backend, shape, cases, frac, reps) -> list[dict]:
+    """Eager fwd+bwd of plain fla and of the branch with the router gradient, alternated call by call (`reps` each,
+    the order swapped every pair) so that both see the same host and GPU conditions; no L2 flush, no sync between
+    calls. The first calls run at the case itself (fla tunes there). Per provider: the median of the CUDA-event time
+    of each call (when the host cannot keep ahead this is its issue time) and the wall time per call of `reps`
+    back-to-back calls."""
+    rows = []
+    for B, T in cases:
+        sh = {**shape, "B": B}
+        fns = {p: setup(backend, sh, T, 0.0 if p == "fla-plain" else frac, p, "fwd+bwd")
+               for p in ("fla-plain", "natsl-branch")}
+
+        def call(p):
+            fn, leaves = fns[p]
+            for t in leaves:
+                t.grad = None
+            fn()
+        for p in fns:
+            for _ in range(3):
+                call(p)
+        torch.cuda.synchronize()
+        events = {p: [] for p in fns}
+        for i in range(reps):
+            for p in (("fla-plain", "natsl-branch") if i % 2 == 0 else ("natsl-branch", "fla-plain")):
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                call(p)
+                end.record()
+                events[p].append((start, end))
+        torch.cuda.synchronize()
+        med = {p: sorted(s.elapsed_time(e) for s, e in ev)[reps // 2] for p, ev in events.items()}
+        wall = {p: host_us_per_call(lambda p=p: call(p), n=reps) / 1e3 for p in fns}
+        rows.append({"B": B, "T": T, "softmax": f"{frac:.1%}", "plain (events)": med["fla-plain"],
+                     "train (events)": med["natsl-branch"],
+                     "train / plain (events)": med["natsl-branch"] / med["fla-plain"],
+                     "plain (wall/call)": wall["fla-plain"], "train (wall/call)": wall["natsl-branch"],
+                     "train / plain (wall)": wall["natsl-branch"] / wall["fla-plain"]})
+        print(rows[-1], flush=True)  # noqa: T201
+    return rows
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--backends", default="gdn,mamba2")
@@ -242,6 +283,9 @@ def main():
     ap.add_argument("--host", action="store_true", help="host time per call and a CPU profile at the smallest case")
     ap.add_argument("--op", action="store_true",
                     help="also time the whole op (flex softmax branch + this branch) at B=1: the branch's cost inside it")
+    ap.add_argument("--interleaved", type=int, default=0, metavar="N",
+                    help="only the eager fwd+bwd of plain fla and the branch (router gradient on), N calls each, "
+                         "alternated (no correctness gate, no first-call rows: the GPU tests hold the gradients)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     allow_fla_gated_backward_on_hopper()
@@ -256,6 +300,13 @@ def main():
 
     cases = [tuple(map(int, c.split("x"))) for c in args.cases.split(",")]
     for backend in args.backends.split(","):
+        if args.interleaved:
+            emit(f"## {backend}: eager fwd+bwd, plain fla and the branch alternated, {args.interleaved} calls each")
+            for frac in map(float, args.fractions.split(",")):
+                emit(markdown_table(interleaved_rows(backend, shape, cases, frac, args.interleaved),
+                                    ["B", "T", "softmax", "plain (events)", "train (events)", "train / plain (events)",
+                                     "plain (wall/call)", "train (wall/call)", "train / plain (wall)"]))
+            continue
         compile_rows = [{"provider": p, "first fwd+bwd call at T=1024 (s)": first_call_s(backend, shape, p)}
                         for p in PROVIDERS[:2]]
         ok, msg = correctness_gate(backend, shape)

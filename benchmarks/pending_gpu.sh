@@ -29,6 +29,7 @@
 #   gputests the triton softmax-backend GPU tests (descriptor paths included) and all generation GPU tests
 #            (gentests included)
 #   decode   the decode read alone, then decode of the 340M models at 128k and 32k with both reads
+#   eager    the linear branch's eager fwd+bwd against plain fla, call by call alternated (issue 19 at 16k, 8 x 4k)
 #   profile  the kernels of the NAtS-L and GDN layers' prefill at 128k
 # Every command prints its rows as they come (no `| tail`: a timeout keeps what was printed).
 set -u
@@ -37,7 +38,7 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --tar
 export PYTHONPATH=/tmp/site:$PWD
 # compile caches inside the checkout (git-ignored): kept between back-to-back calls while the machine stays warm
 export TRITON_CACHE_DIR=$PWD/.cache/triton TORCHINDUCTOR_CACHE_DIR=$PWD/.cache/inductor
-[ $# -ge 1 ] || { echo "part: prefill | gentests | layer64k | orders | flaconfigs | coldstep | proftrain | gaps | tests | gputests | decode | profile"; exit 2; }
+[ $# -ge 1 ] || { echo "part: prefill | gentests | layer64k | orders | flaconfigs | coldstep | proftrain | gaps | tests | gputests | decode | eager | profile"; exit 2; }
 for part in "$@"; do
 case "$part" in
 gaps)
@@ -100,6 +101,10 @@ decode)
 tests)
   NATSL_TEST_DEVICE=cuda timeout 560 python3 -m pytest -q -m gpu -p no:cacheprovider -W ignore -rfE \
     tests/gpu/test_softmax_gpu.py tests/gpu/test_generation_gpu.py tests/gpu/test_fused_gpu.py 2>&1 | tee "$OUT/tests.txt"
+  ;;
+eager)
+  timeout 200 python3 benchmarks/bench_linear_branch.py --backends gdn --cases 1x16384,8x4096 --interleaved 200 \
+    --out "$OUT/linear_branch_eager.md" 2>&1 | grep -v Warning
   ;;
 profile)
   timeout 300 python3 benchmarks/profile_layer.py --prefill --shape 1x131072 --rows 25 --fla-hopper-bypass \
