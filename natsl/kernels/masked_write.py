@@ -43,10 +43,10 @@ from natsl.kernels.naive import naive_masked_write_bwd
 })
 @triton.jit(do_not_specialize=["T"])
 def masked_write_bwd_kernel(
-    x, k, m, z, g, gk, h, dh, dk, dv, dg, dm, cu_seqlens, chunk_indices, T,
+    x, k, m, z, g, gk, h, dh, dk, dv, dg, dm, cu_seqlens, chunk_indices, T, s_mt, s_mh,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     IS_VARLEN: tl.constexpr, USE_G: tl.constexpr, USE_GK: tl.constexpr, USE_DV: tl.constexpr, USE_DG: tl.constexpr,
-    DV_ADD: tl.constexpr, USE_Z: tl.constexpr,
+    DV_ADD: tl.constexpr, USE_Z: tl.constexpr, SELECT: tl.constexpr,
 ):
     i_t, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
@@ -70,7 +70,7 @@ def masked_write_bwd_kernel(
     m_tk = m_t[:, None] & m_k[None, :]
 
     b_k = tl.load(k + row[:, None] * K + o_k[None, :], mask=m_tk, other=0.).to(tl.float32)  # [BT, BK]
-    b_m = tl.load(m + i_tg * H + i_h).to(tl.float32)  # this chunk's write mask
+    b_m = tl.load(m + i_tg * s_mt + i_h * s_mh).to(tl.float32)  # this chunk's write mask
     # γ: the decay from each token to the chunk's end, zero past the chunk
     if USE_GK:
         b_gk = tl.load(gk + row[:, None] * K + o_k[None, :], mask=m_tk, other=0.).to(tl.float32)
@@ -111,7 +111,10 @@ def masked_write_bwd_kernel(
             tl.store(p_dv, b_dv.to(p_dv.dtype.element_ty), mask=m_tv)
     b_dkw = b_dkw * b_gam
     b_kdk = b_k * b_dkw  # [BT, BK]
-    tl.store(dm + i_tg * H + i_h, tl.sum(b_kdk))
+    if SELECT:  # the router gradient of the blocks routed linear only (m = 1 there, 0 elsewhere)
+        tl.store(dm + i_tg * H + i_h, tl.sum(b_kdk) * b_m)
+    else:
+        tl.store(dm + i_tg * H + i_h, tl.sum(b_kdk))
     p_dk = dk + row[:, None] * K + o_k[None, :]
     b_dk = tl.load(p_dk, mask=m_tk, other=0.).to(tl.float32) - b_off * b_dkw
     tl.store(p_dk, b_dk.to(p_dk.dtype.element_ty), mask=m_tk)
@@ -138,7 +141,8 @@ def masked_write_bwd(x: torch.Tensor, k: torch.Tensor, m: torch.Tensor, dh: torc
                      dv: torch.Tensor | None = None, dv_add: bool = False, dg: torch.Tensor | None = None,
                      g: torch.Tensor | None = None, gk: torch.Tensor | None = None, z: torch.Tensor | None = None,
                      h: torch.Tensor | None = None, cu_seqlens: torch.Tensor | None = None,
-                     chunk_indices: torch.Tensor | None = None, chunk_size: int = 64) -> torch.Tensor:
+                     chunk_indices: torch.Tensor | None = None, chunk_size: int = 64,
+                     select: bool = False) -> torch.Tensor:
     r"""Remove the write term of chunks with `m < 1` from fla's real-k gradients, in place; return the router
     gradient per (chunk, head).
 
@@ -146,7 +150,8 @@ def masked_write_bwd(x: torch.Tensor, k: torch.Tensor, m: torch.Tensor, dh: torc
         x (torch.Tensor): `[B, T, H, V]` the written values (fla's `v_new` for the delta rule, `v` otherwise).
         k (torch.Tensor): `[B, T, H, K]` the real keys.
         m (torch.Tensor): `[B * NT, H]` float32, the write mask of every chunk (value 0 or 1), in fla's global chunk
-            order (dense: `b * NT + c`; packed: the chunks of every sequence in turn).
+            order (dense: `b * NT + c`; packed: the chunks of every sequence in turn); any strides (e.g. a view
+            of the routing weights).
         dh (torch.Tensor): `[B, NT, H, K, V]` gradient of the state after each chunk (fla's `dh`).
         dk (torch.Tensor): `[B, T, H, K]` fla's key gradient, corrected in place.
         dv (torch.Tensor, Optional): `[B, T, H, V]` fla's value gradient (additive backends), corrected in place.
@@ -161,13 +166,16 @@ def masked_write_bwd(x: torch.Tensor, k: torch.Tensor, m: torch.Tensor, dh: torc
         h (torch.Tensor, Optional): `[B, NT, H, K, V]` the chunk-start states fla's backward used (with `z`).
         cu_seqlens, chunk_indices (torch.LongTensor, Optional): fla's packed-sequence offsets and chunk indices.
         chunk_size (int): fla's chunk size. Default: `64`.
+        select (bool): return `dm · m`, the router gradient of the chunks with `m = 1` only (spec §1.7,
+            `router_grad="selected"`; `m` is 0/1). Default: `False`.
 
     Returns:
-        `dm [B * NT, H]` float32: `Σ_t k_t · dk_w[t]`, the gradient of the loss with respect to `m`.
+        `dm [B * NT, H]` float32: `Σ_t k_t · dk_w[t]`, the gradient of the loss with respect to `m` (times `m`
+        with `select`).
     """
     if not x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":  # no Triton backend: the PyTorch twin
         return naive_masked_write_bwd(x, k, m, dh, dk, dv=dv, dv_add=dv_add, dg=dg, g=g, gk=gk, z=z, h=h,
-                                      cu_seqlens=cu_seqlens, chunk_size=chunk_size)
+                                      cu_seqlens=cu_seqlens, chunk_size=chunk_size, select=select)
     B, T, H, K = k.shape
     V = x.shape[-1]
     if K > 256:
@@ -181,8 +189,8 @@ def masked_write_bwd(x: torch.Tensor, k: torch.Tensor, m: torch.Tensor, dh: torc
         raise ValueError(f"m must have shape [B * NT, H] = [{B * NT}, {H}], got {tuple(m.shape)}")
     dm = torch.empty(B * NT, H, dtype=torch.float32, device=k.device)
     masked_write_bwd_kernel[(NT, B * H)](
-        x, k, m, z, g, gk, h, dh, dk, dv, dg, dm, cu_seqlens, chunk_indices, T,
-        H=H, K=K, V=V, BT=chunk_size, BK=BK, BV=BV, DV_ADD=dv_add, num_warps=4 if BK <= 64 else 8,
+        x, k, m, z, g, gk, h, dh, dk, dv, dg, dm, cu_seqlens, chunk_indices, T, m.stride(0), m.stride(1),
+        H=H, K=K, V=V, BT=chunk_size, BK=BK, BV=BV, DV_ADD=dv_add, SELECT=select, num_warps=4 if BK <= 64 else 8,
     )
     return dm
 

@@ -71,7 +71,7 @@ def naive_copy_blocks(src: torch.Tensor, dst: torch.Tensor, order: torch.Tensor,
 
 
 def naive_masked_write_bwd(x, k, m, dh, dk, *, dv=None, dv_add=False, dg=None, g=None, gk=None, z=None, h=None,
-                           cu_seqlens=None, chunk_size=64):
+                           cu_seqlens=None, chunk_size=64, select=False):
     """PyTorch twin of `natsl.kernels.masked_write.masked_write_bwd` (same arguments, same in-place updates of `dk`,
     `dv`, `dg`; returns `dm [B * NT, H]` float32), one chunk at a time."""
     B, T, H, K = k.shape
@@ -96,7 +96,7 @@ def naive_masked_write_bwd(x, k, m, dh, dk, *, dv=None, dv_add=False, dg=None, g
                 gam = torch.ones_like(kc[..., :1])
             dkw = torch.einsum("chv,hkv->chk", xc, D) * gam
             kdk = kc * dkw
-            dm[i_tg] = kdk.sum((0, 2)).float()
+            dm[i_tg] = (kdk.sum((0, 2)) * (mh if select else 1)).float()
             dk[b, s:e] -= ((1 - mc) * dkw).to(dk.dtype)
             if dv is not None:
                 coef = mc if dv_add else mc - 1

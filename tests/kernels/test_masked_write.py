@@ -123,6 +123,23 @@ def test_matches_naive(seed, layout, gate, dv, dg, z):
     assert not torch.equal(out["dk"], args["dk"])  # the masked chunks' write term was removed
 
 
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_select_on_a_strided_mask(layout):
+    """`select=True` returns `dm · m` (the router gradient of the chunks with `m = 1`), with `m` read through its
+    strides: a view of `[B * NT, H, 2]` routing-like weights, as the layer passes it."""
+    args, kw = make_case(11, layout, "g", dv="add", dg=True)
+    weights = torch.stack([1 - args["m"], args["m"]], -1)  # [B * NT, H, 2], index 1 = linear
+    strided = dict(args, m=weights[..., 1])
+    assert not strided["m"].is_contiguous()
+    out, ref = run_both(strided, dict(kw, select=True))
+    check(out, ref)
+    _, plain = run_both(args, kw)
+    assert torch.equal(ref["dm"], plain["dm"] * args["m"])
+    assert (plain["dm"][args["m"] == 0] != 0).all()  # the selection removed something
+    for n in ("dk", "dv", "dg"):  # select changes dm only
+        assert torch.equal(ref[n], plain[n])
+
+
 @pytest.mark.parametrize("layout,gate", [("dense", "gk"), ("packed", "g")])
 def test_odd_dims(layout, gate):
     """A key dim below its power-of-two block (12 → 16) and a value dim over two 64-wide value tiles (72)."""

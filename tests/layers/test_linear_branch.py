@@ -287,8 +287,11 @@ FLA_CASES = [
     ("mamba2", "packed", False, "selected", 2, 1, True),
     ("linear_attn", "dense", True, "selected", 2, 1, True),
     ("linear_attn", "packed", True, "both", 1, 2, False),
+    ("gdn", "whole", True, "selected", 1, 2, True),
+    ("mamba2", "whole", False, "both", 2, 1, True),
 ]
-FLA_LAYOUTS = {"dense": dict(B=2, T=130), "packed": dict(B=1, T=200, lens=[70, 1, 129])}
+# whole: dense, T = 128 (whole blocks: `k·m` as one broadcast product over [B, N, C, H, K])
+FLA_LAYOUTS = {"dense": dict(B=2, T=130), "packed": dict(B=1, T=200, lens=[70, 1, 129]), "whole": dict(B=2, T=128)}
 # floor of the float32 tolerance (relative RMSE): 10x above the worst the fla path reaches here (1e-6, dg) and far
 # below what a dropped or wrong term of the masked backward gives (mutating masked_write_bwd's dk / dg / dv / dm / z
 # terms or the state passes' read q·exp(G − G·z) gave 7e-3 or more)

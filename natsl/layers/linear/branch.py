@@ -86,21 +86,27 @@ def linear_branch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, routing: Ro
     impl = resolve_linear_impl(impl, q.device, routing.block_size, backend)
     scale = K ** -0.5 if scale is None else float(scale)
     cdt = torch.promote_types(q.dtype, torch.float32)
-    m = _block_gates(routing, router_grad, cdt).repeat_interleave(H // Hr, dim=-1)  # [B, N, H] linear gate m_L
     z = None  # decay_through_softmax=False: the carried state decays in linear blocks only (hard types, no gradient)
     if not decay_through_softmax:
         z = _is_linear(routing).to(cdt).repeat_interleave(H // Hr, dim=-1)
     if impl == "fla":
         from natsl.layers.linear.masked import masked_chunk
 
+        # m_L of spec §1.7 as a view of the routing's linear weight: with "selected" the backward kernel keeps the
+        # gradient of the blocks routed linear (m = 1) itself, so no mask op and no copy enter the graph
+        m = routing.weights[..., LINEAR].to(cdt)
+        if H != Hr:
+            m = m.repeat_interleave(H // Hr, dim=-1)
         cu = routing.cu_seqlens
         o, final = masked_chunk(backend, q, k, v, g, beta, block_mask=m, block_decay=z, scale=scale,
                                 initial_state=initial_state,
                                 output_final_state=output_final_state, cu_seqlens=cu,
                                 token_block=None if cu is None else routing.layout(T).token_block,
-                                chunk_size=routing.block_size)
+                                chunk_size=routing.block_size, select_grad=router_grad == "selected")
     else:
         from natsl.layers.linear.torch_ops import torch_masked_chunk
+
+        m = _block_gates(routing, router_grad, cdt).repeat_interleave(H // Hr, dim=-1)  # [B, N, H] linear gate m_L
 
         o, final = torch_masked_chunk(backend, q, k, v, g, beta, write_mask=_per_token(routing, m, T),
                                       decay_mask=None if z is None else _per_token(routing, z, T),

@@ -59,6 +59,17 @@ def blocks_to_tokens(x: torch.Tensor, T: int, block_size: int, token_block: torc
     return x[:, :, None].expand(B, N, block_size, H).reshape(B, N * block_size, H)[:, :T]
 
 
+def mask_keys(k: torch.Tensor, m: torch.Tensor, block_size: int, token_block: torch.Tensor | None = None):
+    """`k·m`: the keys `[B, T, H, K]` times their block's `m [B, N, H]` (any strides), in `k`'s dtype. Dense input
+    whose length is a multiple of the block: one broadcast product over `[B, N, C, H, K]` (no per-token copy of
+    `m`); otherwise through `blocks_to_tokens`."""
+    B, T, H, K = k.shape
+    if token_block is None and T % block_size == 0:
+        N = T // block_size
+        return (k.view(B, N, block_size, H, K) * m.to(k.dtype)[:, :, None, :, None]).view(B, T, H, K)
+    return k * blocks_to_tokens(m, T, block_size, token_block)[..., None].to(k.dtype)
+
+
 def _states(f, family, k_m, v, gc, h0, output_final_state, cu, ci, C, w=None, u=None, fp32=False):
     """fla's state pass over the masked keys: `(h [B, NT, H, K, V], v_new or None, final state or None)`."""
     if family == DELTA:
@@ -74,16 +85,16 @@ class MaskedChunkFunction(torch.autograd.Function):
     """`(o, final_state)` of the masked chunk pass; gradients for q, k, v, g, beta, m and the initial state."""
 
     @staticmethod
-    def forward(ctx, family, q, k, v, g, beta, m, z, scale, h0, output_final_state, cu_seqlens, token_block, C):
+    def forward(ctx, family, q, k, v, g, beta, m, z, scale, h0, output_final_state, cu_seqlens, token_block, C,
+                select):
         f = _fla()
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         T = k.shape[1]
         tb = None if cu_seqlens is None else token_block
-        m_tok = blocks_to_tokens(m, T, C, tb)
         ci = None if cu_seqlens is None else f["chunk_indices"](cu_seqlens, C)
         gc = None if g is None else f["cumsum"](g.contiguous().float(), chunk_size=C, scale=f["RCP_LN2"],
                                                  cu_seqlens=cu_seqlens, chunk_indices=ci)
-        k_m = k * m_tok[..., None].to(k.dtype)
+        k_m = mask_keys(k, m, C, tb)
         gs = gc  # the gate of the carried state: decays only in blocks with z = 1 (decay_through_softmax=False)
         if z is not None and gc is not None:
             z_tok = blocks_to_tokens(z, T, C, tb)
@@ -103,7 +114,7 @@ class MaskedChunkFunction(torch.autograd.Function):
                                          g=gc if family != KEY else None, scale=scale, cu_seqlens=cu_seqlens,
                                          chunk_size=C, chunk_indices=ci)
         ctx.save_for_backward(q, k, k_m, v, gc, gs, beta, m, z, h0, A, cu_seqlens, ci)
-        ctx.family, ctx.scale, ctx.C = family, scale, C
+        ctx.family, ctx.scale, ctx.C, ctx.select = family, scale, C, select
         return o, ht
 
     @staticmethod
@@ -130,7 +141,7 @@ class MaskedChunkFunction(torch.autograd.Function):
             dk2, dv, db, dg2 = f["wy_bwd"](k=k, v=v, beta=beta, A=A, dw=dw, du=dv, g=gc, cu_seqlens=cu,
                                           chunk_indices=ci)
             dk.add_(dk2)
-            dg = f["cumsum"](dg + dg2, chunk_size=C, reverse=True, cu_seqlens=cu, chunk_indices=ci)
+            dg = f["cumsum"](dg.add_(dg2), chunk_size=C, reverse=True, cu_seqlens=cu, chunk_indices=ci)
             x = v_new
         else:
             h, _, _ = _states(f, family, k_m, v, gs, h0, False, cu, ci, C, fp32=True)
@@ -154,18 +165,19 @@ class MaskedChunkFunction(torch.autograd.Function):
                                                     scale=scale, **common)
             x, dv_fix = v, dv
         dk = dk.contiguous()
-        dm = masked_write_bwd(x, k, m.reshape(-1, m.shape[-1]), dh, dk, dv=dv_fix, dv_add=dv_masked,
+        dm = masked_write_bwd(x, k, m.reshape(-1, m.shape[-1]), dh, dk, dv=dv_fix, dv_add=dv_masked, select=ctx.select,
                               dg=dg if need_dg else None, g=gc if family != KEY else None,
                               gk=gc if family == KEY else None,
                               z=z.reshape(-1, z.shape[-1]) if use_z and need_dg else None,
                               h=h if use_z and need_dg else None, **common)
         return (None, dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dg if need_dg else None,
-                None if db is None else db.to(beta.dtype), dm.view_as(m), None, None, dh0, None, None, None, None)
+                None if db is None else db.to(beta.dtype), dm.view(m.shape), None, None, dh0, None, None, None, None,
+                None)
 
 
 def masked_chunk(backend: str, q, k, v, g=None, beta=None, *, block_mask, block_decay=None, scale,
                  initial_state=None, output_final_state=False, cu_seqlens=None, token_block=None,
-                 chunk_size: int = FLA_CHUNK):
+                 chunk_size: int = FLA_CHUNK, select_grad: bool = False):
     r"""The masked chunk pass (spec §3.2) over fla 0.6.0's chunk functions, one routing block = one fla chunk.
 
     Args:
@@ -175,7 +187,8 @@ def masked_chunk(backend: str, q, k, v, g=None, beta=None, *, block_mask, block_
         g (torch.Tensor, Optional): log decay `[B, T, H]` (gdn, mamba2) or `[B, T, H, K]` (gla).
         beta (torch.Tensor, Optional): activated write strength `[B, T, H]` (gdn, deltanet).
         block_mask (torch.Tensor): `[B, N, H]` `m` per (block, head) (1 linear block, 0 softmax block), blocks of
-            `chunk_size` tokens restarting at every packed sequence; carries the router gradient (spec §1.7).
+            `chunk_size` tokens restarting at every packed sequence, any strides (a view of the routing weights
+            needs no copy); carries the router gradient (spec §1.7).
         block_decay (torch.Tensor, Optional): `[B, N, H]` 0/1 whether each block decays the carried state
             (`decay_through_softmax=False`: 1 in linear blocks only); no gradient. Default: `None` (every block).
         scale (float): read-out scale.
@@ -184,6 +197,8 @@ def masked_chunk(backend: str, q, k, v, g=None, beta=None, *, block_mask, block_
         cu_seqlens (torch.LongTensor, Optional): `[N_seq + 1]` packed offsets (`B = 1`).
         token_block (torch.LongTensor, Optional): `[T]` block of every token; needed with `cu_seqlens`.
         chunk_size (int): the routing block size = fla's chunk size (`fla_block_sizes(backend)`). Default: `64`.
+        select_grad (bool): the router gradient only in blocks with `m = 1` (`router_grad="selected"`; `m` is then
+            0/1 in value): `dm · m`, formed inside the backward kernel. Default: `False`.
 
     Returns:
         `o [B, T, H, V]` (dtype of `q`) and `final_state [B or N_seq, H, K, V]` (float32) or `None`.
@@ -197,6 +212,6 @@ def masked_chunk(backend: str, q, k, v, g=None, beta=None, *, block_mask, block_
         beta = beta.to(q.dtype).contiguous()
     h0 = None if initial_state is None else initial_state.float().contiguous()
     z = None if block_decay is None else block_decay.detach().float().contiguous()
-    o, ht = MaskedChunkFunction.apply(family, q, k, v, g, beta, block_mask.float().contiguous(), z, scale, h0,
-                                      output_final_state, cu_seqlens, token_block, chunk_size)
+    o, ht = MaskedChunkFunction.apply(family, q, k, v, g, beta, block_mask.float(), z, scale, h0,
+                                      output_final_state, cu_seqlens, token_block, chunk_size, select_grad)
     return o, ht
