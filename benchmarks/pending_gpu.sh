@@ -1,13 +1,12 @@
 #!/usr/bin/env bash
-# The H200 checks and measurements left pending at the end of session 24 (closing note of stop 31), as device calls
+# The H200 checks and measurements left pending at the end of session 25 (closing note of stop 32), as device calls
 # of at most ~9.5 minutes each. Logs and tables go to $OUT (default ./out). Parts given together run one after the
 # other (never side by side: GPU tests beside a timed benchmark spoil it); a part's timeout is sized for it alone and
 # cold, so give several parts to one call only where their timeouts add up to less than the call's limit.
-# Usage (repository root, fla wheels in .whl/): bash benchmarks/pending_gpu.sh PART [PART ...] (parts run in turn, in
-# one call: later parts reuse the earlier parts' compiles). Next session, one call each: `gputests` (the dq
-# kernel's in-kernel Delta is new and CPU-tested only; session 24 ran 16 of its 24 tests in 360 s), `orders`,
-# `prefill`, `layer64k` (≈ 1,450 s of commands + ≈ 60 s of start-up per call); then `flaconfigs` (commit its files)
-# and `coldstep` when device time allows.
+# Usage (repository root, fla wheels in .whl/): NATSL_GIT_SHA=<commit> bash benchmarks/pending_gpu.sh PART [PART ...]
+# (the device's .git copy is the session's first commit; parts run in turn, in one call, reusing earlier compiles).
+# Next session: `eager` (the branch's host-op change, issue 19), `flaconfigs` (commit its files), `coldstep`
+# (issue 21's cold first step), `prefill` (the 32k time varied 87-220 ms between processes), `gputests`.
 #   prefill  the 128k and 32k prefill of the 340M models with the routers forced to 12.5% (issue 22's 5.4x: 5.40x in
 #            session 24's one run); fla's autotuner tunes at 128k in each process (FLA_CACHE_RESULTS=0)
 #   gentests the generation GPU tests session 24's call did not reach: greedy generate(), decode with no host sync,

@@ -95,7 +95,7 @@ def linear_branch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, routing: Ro
         # m_L of spec §1.7 as a view of the routing's linear weight: with "selected" the backward kernel keeps the
         # gradient of the blocks routed linear (m = 1) itself, so no mask op and no copy enter the graph
         m = routing.weights[..., LINEAR].to(cdt)
-        if H != Hr:
+        if Hr != H:
             m = m.repeat_interleave(H // Hr, dim=-1)
         cu = routing.cu_seqlens
         o, final = masked_chunk(backend, q, k, v, g, beta, block_mask=m, block_decay=z, scale=scale,
