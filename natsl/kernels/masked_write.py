@@ -111,10 +111,10 @@ def masked_write_bwd_kernel(
             tl.store(p_dv, b_dv.to(p_dv.dtype.element_ty), mask=m_tv)
     b_dkw = b_dkw * b_gam
     b_kdk = b_k * b_dkw  # [BT, BK]
+    b_dm = tl.sum(b_kdk)
     if SELECT:  # the router gradient of the blocks routed linear only (m = 1 there, 0 elsewhere)
-        tl.store(dm + i_tg * H + i_h, tl.sum(b_kdk) * b_m)
-    else:
-        tl.store(dm + i_tg * H + i_h, tl.sum(b_kdk))
+        b_dm = b_dm * b_m
+    tl.store(dm + i_tg * H + i_h, b_dm)
     p_dk = dk + row[:, None] * K + o_k[None, :]
     b_dk = tl.load(p_dk, mask=m_tk, other=0.).to(tl.float32) - b_off * b_dkw
     tl.store(p_dk, b_dk.to(p_dk.dtype.element_ty), mask=m_tk)

@@ -107,7 +107,6 @@ def linear_branch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, routing: Ro
         from natsl.layers.linear.torch_ops import torch_masked_chunk
 
         m = _block_gates(routing, router_grad, cdt).repeat_interleave(H // Hr, dim=-1)  # [B, N, H] linear gate m_L
-
         o, final = torch_masked_chunk(backend, q, k, v, g, beta, write_mask=_per_token(routing, m, T),
                                       decay_mask=None if z is None else _per_token(routing, z, T),
                                       chunk_size=routing.block_size, scale=scale, initial_state=initial_state,
