@@ -5,8 +5,9 @@ One step = forward with labels (shifted cross-entropy over the full vocabulary),
 and a fused AdamW step; fp32 master weights under bf16 autocast (what `natsl train --device cuda` does).
 Every natsl layer's router decision is forced to random blocks with softmax fraction `--frac` (a trained router's
 sparsity; its straight-through gradient still flows, so the training path with router gradients is what runs).
-Step time = median of `--steps` synchronised steps after 2 warm-up steps; the first step at 1 x 1024 (fla's compile
-and autotune; with `--prefill` at the first shape, below) is reported separately.
+Step time = median of `--steps` synchronised steps after 2 warm-up steps; the first step (fla's compile and autotune)
+runs at the first shape and is reported separately (before session 26 a training run's first step ran at 1 x 1024,
+which also made fla's autotuners choose at that length).
 
 Usage (H200, fla wheels on PYTHONPATH):
     python3 benchmarks/bench_model.py [--shapes 8x4096,1x32768] [--models linear,fla_gdn,hybrid,softmax] [--out F]
@@ -15,8 +16,8 @@ CPU smoke run: python3 benchmarks/bench_model.py --device cpu --size tiny --shap
 
 With `--prefill` (issue 22) a step is instead the prefill of a generation: the bf16 model in eval mode, one forward
 under `torch.no_grad()` with an inference cache (`use_cache=True`) and the logits of the last position only
-(`logits_to_keep=1`), e.g. `--prefill --shapes 1x131072,1x32768 --models hybrid,softmax,fla_gdn`. Its first step runs
-at the first shape, not at 1 x 1024: fla's autotuned kernels key their configurations on head counts and dims but
+(`logits_to_keep=1`), e.g. `--prefill --shapes 1x131072,1x32768 --models hybrid,softmax,fla_gdn`. The first step runs
+at the first shape (training too) because fla's autotuned kernels key their configurations on head counts and dims but
 not on the length, so the first call's length picks them for every later one, and Triton caches them on disk
 (`FLA_CACHE_RESULTS=0` keeps them to the process). Tuned at 1 x 1024, fla's fused kkt/solve kernel took 0.52 ms
 (fla's model) and 0.66 ms (natsl's layers) per layer at 128k, against 0.29 ms tuned at 128k (benchmarks/RESULTS.md,
@@ -130,7 +131,7 @@ def main():
         else:
             make = functools.partial(make_step, model, opt, device=args.device, vocab=vocab)
         t0 = time.time()
-        make(*shapes[0])() if args.prefill else make(1, min(1024, shapes[0][1]))()
+        make(*shapes[0])()  # fla's autotuners choose at the first shape (their keys omit the length)
         if cuda:
             torch.cuda.synchronize()
         first = time.time() - t0

@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
-# The H200 checks and measurements left pending at the end of session 25 (closing note of stop 32), as device calls
+# The H200 checks and measurements left pending at the end of session 25 (closing note of stop 32) and run in session 26, as device calls
 # of at most ~9.5 minutes each. Logs and tables go to $OUT (default ./out). Parts given together run one after the
 # other (never side by side: GPU tests beside a timed benchmark spoil it); a part's timeout is sized for it alone and
 # cold, so give several parts to one call only where their timeouts add up to less than the call's limit.
 # Usage (repository root, fla wheels in .whl/): NATSL_GIT_SHA=<commit> bash benchmarks/pending_gpu.sh PART [PART ...]
 # (the device's .git copy is the session's first commit; parts run in turn, in one call, reusing earlier compiles).
-# Next session: `eager` (the branch's host-op change, issue 19), `flaconfigs` (commit its files), `coldstep`
-# (issue 21's cold first step), `prefill` (the 32k time varied 87-220 ms between processes), `gputests`.
+# Session 26: `flaconfigs` (commit its files), `coldstep` and `coldbase` (issue 21's cold first step with and without
+# them), `eager` and `linbranchtests` (issue 19: the branch's host-op change, its masked-write kernel on the GPU).
 #   prefill  the 128k and 32k prefill of the 340M models with the routers forced to 12.5% (issue 22's 5.4x: 5.40x in
 #            session 24's one run); fla's autotuner tunes at 128k in each process (FLA_CACHE_RESULTS=0)
 #   gentests the generation GPU tests session 24's call did not reach: greedy generate(), decode with no host sync,
@@ -16,11 +16,11 @@
 #            220 s limit ended in fla's cold compile)
 #   orders   the three softmax kernels with block-major vs (batch, head)-major program order (`HEAD_MAJOR`; the
 #            tiles a head's programs share stay in L2) and the dq kernel's in-kernel Delta (session 24, not yet run)
-#   flaconfigs tune fla's kernels at the paper's training (8 x 4096) and prefill (1 x 131072) shapes for the Hybrid
-#            and fla's GDN model, export the choices (natsl.tuning) to $OUT/fla_configs: commit them as
-#            natsl/configs/fla/NVIDIA_H200/ (issue 21's cold first step; session 24, not yet run)
-#   coldstep the Hybrid's cold first training step (fresh Triton cache) reading natsl's committed fla configurations
-#            instead of autotuning, then the same without them (issue 21: <= 90 s)
+#   flaconfigs tune fla's kernels at the paper's training shape (8 x 4096) for the Hybrid and fla's GDN model and
+#            export the choices (natsl.tuning) to $OUT/fla_configs: commit them as natsl/configs/fla/NVIDIA_H200/
+#   coldstep the Hybrid's cold first training step at 8 x 4096 (fresh Triton and Inductor caches) reading natsl's
+#            committed fla configurations instead of autotuning (issue 21: <= 90 s); `coldbase`: the same without them
+#   linbranchtests the linear branch's GPU tests (five backends in bf16 against float64, the no-host-sync layer step)
 #   proftrain the kernels of the NAtS-L and GDN layers' training fwd+bwd at 1 x 65536 (what is left above the GDN
 #            layer + softmax branch: issue 21's 64k layer needs <= 30.1 ms)
 #   gaps     profile_layer.py --models: the 340M Hybrid's and fla GDN's 128k prefill kernels, idle gaps, host time
@@ -28,7 +28,8 @@
 #   gputests the triton softmax-backend GPU tests (descriptor paths included) and all generation GPU tests
 #            (gentests included)
 #   decode   the decode read alone, then decode of the 340M models at 128k and 32k with both reads
-#   eager    the linear branch's eager fwd+bwd against plain fla, call by call alternated (issue 19 at 16k, 8 x 4k)
+#   eager    the linear branch's eager fwd+bwd against plain fla, call by call alternated (issue 19: gdn and mamba2
+#            at 16k, 8 x 4k, 64k)
 #   profile  the kernels of the NAtS-L and GDN layers' prefill at 128k
 # Every command prints its rows as they come (no `| tail`: a timeout keeps what was printed).
 set -u
@@ -37,7 +38,7 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --tar
 export PYTHONPATH=/tmp/site:$PWD
 # compile caches inside the checkout (git-ignored): kept between back-to-back calls while the machine stays warm
 export TRITON_CACHE_DIR=$PWD/.cache/triton TORCHINDUCTOR_CACHE_DIR=$PWD/.cache/inductor
-[ $# -ge 1 ] || { echo "part: prefill | gentests | layer64k | orders | flaconfigs | coldstep | proftrain | gaps | tests | gputests | decode | eager | profile"; exit 2; }
+[ $# -ge 1 ] || { echo "part: prefill | gentests | layer64k | orders | flaconfigs | coldstep | proftrain | gaps | tests | gputests | decode | eager | profile | coldbase | linbranchtests"; exit 2; }
 for part in "$@"; do
 case "$part" in
 gaps)
@@ -62,16 +63,24 @@ orders)
     --stages 1,2 --warps 4 --orders 2>&1 | tee "$OUT/probe_orders.txt"
   ;;
 flaconfigs)
-  FLA_CACHE_RESULTS=0 timeout 330 python3 benchmarks/bench_model.py --shapes 8x4096 --models hybrid,fla_gdn --steps 2 \
+  # the training shape only: the first step runs at 8 x 4096, so fla's autotuners choose there (their keys omit the
+  # length; a prefill run at 128k would overwrite the forward kernels' entries with its own choice)
+  FLA_CACHE_RESULTS=0 timeout 420 python3 benchmarks/bench_model.py --shapes 8x4096 --models hybrid,fla_gdn --steps 3 \
     --fla-hopper-bypass --export-fla-configs "$OUT/fla_configs" 2>&1 | grep -v Warning
-  FLA_CACHE_RESULTS=0 timeout 240 python3 benchmarks/bench_model.py --prefill --shapes 1x131072 --models hybrid,fla_gdn \
-    --steps 2 --export-fla-configs "$OUT/fla_configs" 2>&1 | grep -v Warning
   ;;
 coldstep)
-  TRITON_CACHE_DIR=$(mktemp -d) FLA_CACHE_RESULTS=0 timeout 270 python3 benchmarks/bench_model.py --shapes 8x4096 \
-    --models hybrid --steps 2 --fla-hopper-bypass --fla-configs auto 2>&1 | grep -v Warning
-  TRITON_CACHE_DIR=$(mktemp -d) FLA_CACHE_RESULTS=0 timeout 270 python3 benchmarks/bench_model.py --shapes 8x4096 \
-    --models hybrid --steps 2 --fla-hopper-bypass 2>&1 | grep -v Warning
+  # fresh Triton and Inductor caches: nothing compiled by an earlier call of this session is reused
+  TRITON_CACHE_DIR=$(mktemp -d) TORCHINDUCTOR_CACHE_DIR=$(mktemp -d) FLA_CACHE_RESULTS=0 timeout 270 python3 \
+    benchmarks/bench_model.py --shapes 8x4096 --models hybrid --steps 3 --fla-hopper-bypass --fla-configs auto 2>&1 \
+    | grep -v Warning
+  ;;
+coldbase)
+  TRITON_CACHE_DIR=$(mktemp -d) TORCHINDUCTOR_CACHE_DIR=$(mktemp -d) FLA_CACHE_RESULTS=0 timeout 400 python3 \
+    benchmarks/bench_model.py --shapes 8x4096 --models hybrid --steps 3 --fla-hopper-bypass 2>&1 | grep -v Warning
+  ;;
+linbranchtests)
+  NATSL_TEST_DEVICE=cuda timeout 400 python3 -m pytest -q -m gpu -p no:cacheprovider -W ignore -rfE --durations=0 \
+    tests/gpu/test_linear_branch_gpu.py 2>&1 | tee "$OUT/linbranchtests.txt"
   ;;
 proftrain)
   timeout 400 python3 benchmarks/profile_layer.py --shape 1x65536 --rows 40 --fla-hopper-bypass \
@@ -102,7 +111,8 @@ tests)
     tests/gpu/test_softmax_gpu.py tests/gpu/test_generation_gpu.py tests/gpu/test_fused_gpu.py 2>&1 | tee "$OUT/tests.txt"
   ;;
 eager)
-  timeout 200 python3 benchmarks/bench_linear_branch.py --backends gdn --cases 1x16384,8x4096 --interleaved 200 \
+  timeout 420 python3 benchmarks/bench_linear_branch.py --backends gdn,mamba2 --cases 1x16384,8x4096,1x65536 \
+    --interleaved 200 \
     --out "$OUT/linear_branch_eager.md" 2>&1 | grep -v Warning
   ;;
 profile)
