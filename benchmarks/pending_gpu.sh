@@ -67,12 +67,15 @@ flaconfigs)
   # length; a prefill run at 128k would overwrite the forward kernels' entries with its own choice)
   FLA_CACHE_RESULTS=0 timeout 420 python3 benchmarks/bench_model.py --shapes 8x4096 --models hybrid,fla_gdn --steps 3 \
     --fla-hopper-bypass --export-fla-configs "$OUT/fla_configs" 2>&1 | grep -v Warning
+  tar -C "$OUT" -czf "$OUT/fla_configs.tgz" fla_configs && rm -r "$OUT/fla_configs"  # one file comes back, not 15
   ;;
 coldstep)
   # fresh Triton and Inductor caches: nothing compiled by an earlier call of this session is reused
   TRITON_CACHE_DIR=$(mktemp -d) TORCHINDUCTOR_CACHE_DIR=$(mktemp -d) FLA_CACHE_RESULTS=0 timeout 270 python3 \
-    benchmarks/bench_model.py --shapes 8x4096 --models hybrid --steps 3 --fla-hopper-bypass --fla-configs auto 2>&1 \
-    | grep -v Warning
+    benchmarks/bench_model.py --shapes 8x4096 --models hybrid --steps 3 --fla-hopper-bypass --fla-configs auto \
+    --export-fla-configs "$OUT/fla_configs" 2>&1 | grep -v Warning
+  # the shipped entries plus whatever this run still autotuned (a kernel the committed set lacks)
+  tar -C "$OUT" -czf "$OUT/fla_configs.tgz" fla_configs && rm -r "$OUT/fla_configs"
   ;;
 coldbase)
   TRITON_CACHE_DIR=$(mktemp -d) TORCHINDUCTOR_CACHE_DIR=$(mktemp -d) FLA_CACHE_RESULTS=0 timeout 400 python3 \
