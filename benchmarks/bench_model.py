@@ -27,6 +27,7 @@ session 24).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import os
 import sys
@@ -108,6 +109,11 @@ def main():
                     help="recompute every block in the backward (model.gradient_checkpointing_enable())")
     ap.add_argument("--export-fla-configs", default=None,
                     help="after the runs, write the configurations fla's autotuners chose here (natsl.tuning)")
+    ap.add_argument("--precompile", default=None, metavar="MANIFEST",
+                    help="compile a Triton kernel manifest's kernels in parallel processes before the first step, "
+                         "inside its timing (natsl.tuning.precompile_triton_kernels; 'auto': natsl's for this GPU)")
+    ap.add_argument("--record-triton", default=None, metavar="FILE",
+                    help="write the Triton kernels the first step compiles to this manifest (record_triton_compiles)")
     ap.add_argument("--prefill", action="store_true",
                     help="time the prefill of generation (bf16, no grad, with a cache) instead of a training step")
     add_common_args(ap)
@@ -131,10 +137,21 @@ def main():
         else:
             make = functools.partial(make_step, model, opt, device=args.device, vocab=vocab)
         t0 = time.time()
-        make(*shapes[0])()  # fla's autotuners choose at the first shape (their keys omit the length)
-        if cuda:
-            torch.cuda.synchronize()
+        if args.precompile:
+            from natsl.tuning import precompile_triton_kernels
+
+            print(f"# precompiled {precompile_triton_kernels(args.precompile)}", flush=True)
+        with contextlib.ExitStack() as stack:
+            if args.record_triton:
+                from natsl.tuning import record_triton_compiles
+
+                recorded = stack.enter_context(record_triton_compiles(args.record_triton))
+            make(*shapes[0])()  # fla's autotuners choose at the first shape (their keys omit the length)
+            if cuda:
+                torch.cuda.synchronize()
         first = time.time() - t0
+        if args.record_triton:
+            print(f"# Triton compiles of the first step: {recorded}", flush=True)
         print(f"{family}: {params:.1f}M parameters, first step {first:.1f} s", flush=True)
         for B, T in shapes:
             if cuda:

@@ -20,6 +20,8 @@
 #            export the choices (natsl.tuning) to $OUT/fla_configs: commit them as natsl/configs/fla/NVIDIA_H200/
 #   coldstep the Hybrid's cold first training step at 8 x 4096 (fresh Triton and Inductor caches) reading natsl's
 #            committed fla configurations instead of autotuning (issue 21: <= 90 s); `coldbase`: the same without them
+#   precompile the cold first step with the Triton kernels compiled by parallel workers from a manifest the same call
+#            records first (natsl.tuning.record_triton_compiles / precompile_triton_kernels)
 #   linbranchtests the linear branch's GPU tests (five backends in bf16 against float64, the no-host-sync layer step)
 #   proftrain the kernels of the NAtS-L and GDN layers' training fwd+bwd at 1 x 65536 (what is left above the GDN
 #            layer + softmax branch: issue 21's 64k layer needs <= 30.1 ms)
@@ -38,7 +40,7 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --tar
 export PYTHONPATH=/tmp/site:$PWD
 # compile caches inside the checkout (git-ignored): kept between back-to-back calls while the machine stays warm
 export TRITON_CACHE_DIR=$PWD/.cache/triton TORCHINDUCTOR_CACHE_DIR=$PWD/.cache/inductor
-[ $# -ge 1 ] || { echo "part: prefill | gentests | layer64k | orders | flaconfigs | coldstep | proftrain | gaps | tests | gputests | decode | eager | profile | coldbase | linbranchtests"; exit 2; }
+[ $# -ge 1 ] || { echo "part: prefill | gentests | layer64k | orders | flaconfigs | coldstep | proftrain | gaps | tests | gputests | decode | eager | profile | coldbase | linbranchtests | precompile"; exit 2; }
 for part in "$@"; do
 case "$part" in
 gaps)
@@ -80,6 +82,16 @@ coldstep)
 coldbase)
   TRITON_CACHE_DIR=$(mktemp -d) TORCHINDUCTOR_CACHE_DIR=$(mktemp -d) FLA_CACHE_RESULTS=0 timeout 400 python3 \
     benchmarks/bench_model.py --shapes 8x4096 --models hybrid --steps 3 --fla-hopper-bypass 2>&1 | grep -v Warning
+  ;;
+precompile)
+  # 1: fresh caches, fla configurations read, the Triton kernels the first step compiles recorded into a manifest;
+  # 2: fresh caches again, the manifest's kernels compiled by parallel workers inside the first step's timing
+  TRITON_CACHE_DIR=$(mktemp -d) TORCHINDUCTOR_CACHE_DIR=$(mktemp -d) FLA_CACHE_RESULTS=0 timeout 270 python3 \
+    benchmarks/bench_model.py --shapes 8x4096 --models hybrid --steps 3 --fla-hopper-bypass --fla-configs auto \
+    --record-triton "$OUT/kernels.json" 2>&1 | grep -v Warning
+  TRITON_CACHE_DIR=$(mktemp -d) TORCHINDUCTOR_CACHE_DIR=$(mktemp -d) FLA_CACHE_RESULTS=0 timeout 270 python3 \
+    benchmarks/bench_model.py --shapes 8x4096 --models hybrid --steps 3 --fla-hopper-bypass --fla-configs auto \
+    --precompile "$OUT/kernels.json" --record-triton "$OUT/kernels_after.json" 2>&1 | grep -v Warning
   ;;
 linbranchtests)
   NATSL_TEST_DEVICE=cuda timeout 400 python3 -m pytest -q -m gpu -p no:cacheprovider -W ignore -rfE --durations=0 \
