@@ -22,6 +22,8 @@
 #            committed fla configurations instead of autotuning (issue 21: <= 90 s); `coldbase`: the same without them
 #   precompile the cold first step with the Triton kernels compiled by parallel workers from a manifest the same call
 #            records first (natsl.tuning.record_triton_compiles / precompile_triton_kernels)
+#   autotune the choices of fla's plain-triton.autotune kernels exported, then the cold first step with them read
+#            and the manifest's other kernels precompiled
 #   linbranchtests the linear branch's GPU tests (five backends in bf16 against float64, the no-host-sync layer step)
 #   proftrain the kernels of the NAtS-L and GDN layers' training fwd+bwd at 1 x 65536 (what is left above the GDN
 #            layer + softmax branch: issue 21's 64k layer needs <= 30.1 ms)
@@ -40,7 +42,7 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --tar
 export PYTHONPATH=/tmp/site:$PWD
 # compile caches inside the checkout (git-ignored): kept between back-to-back calls while the machine stays warm
 export TRITON_CACHE_DIR=$PWD/.cache/triton TORCHINDUCTOR_CACHE_DIR=$PWD/.cache/inductor
-[ $# -ge 1 ] || { echo "part: prefill | gentests | layer64k | orders | flaconfigs | coldstep | proftrain | gaps | tests | gputests | decode | eager | profile | coldbase | linbranchtests | precompile"; exit 2; }
+[ $# -ge 1 ] || { echo "part: prefill | gentests | layer64k | orders | flaconfigs | coldstep | proftrain | gaps | tests | gputests | decode | eager | profile | coldbase | linbranchtests | precompile | autotune"; exit 2; }
 for part in "$@"; do
 case "$part" in
 gaps)
@@ -92,6 +94,22 @@ precompile)
   TRITON_CACHE_DIR=$(mktemp -d) TORCHINDUCTOR_CACHE_DIR=$(mktemp -d) FLA_CACHE_RESULTS=0 timeout 270 python3 \
     benchmarks/bench_model.py --shapes 8x4096 --models hybrid --steps 3 --fla-hopper-bypass --fla-configs auto \
     --precompile "$OUT/kernels.json" --record-triton "$OUT/kernels_after.json" 2>&1 | grep -v Warning
+  ;;
+autotune)
+  # (a) the shipped manifest precompiled, the Hybrid's first step, every autotuner's choice exported: fla's files and
+  #     natsl's triton_autotune.json for fla's kernels under plain triton.autotune (SwiGLU: 30 candidates each)
+  TRITON_CACHE_DIR=$(mktemp -d) TORCHINDUCTOR_CACHE_DIR=$(mktemp -d) FLA_CACHE_RESULTS=0 timeout 200 python3 \
+    benchmarks/bench_model.py --shapes 8x4096 --models hybrid --steps 1 --fla-hopper-bypass --fla-configs auto \
+    --precompile auto --export-fla-configs "$OUT/fla_configs" 2>&1 | grep -v Warning
+  cp "$OUT/fla_configs/triton_autotune.json" natsl/configs/fla/NVIDIA_H200/
+  python3 -c "import json,sys; d=json.load(open(sys.argv[1])); d['kernels']=[k for k in d['kernels'] if not \
+k['name'].startswith('swiglu')]; json.dump(d, open(sys.argv[2], 'w'))" natsl/configs/triton/NVIDIA_H200/kernels.json \
+    "$OUT/kernels_noswiglu.json"
+  # (b) cold: fresh caches, every choice read, the manifest without the SwiGLU candidates precompiled, recorded anew
+  TRITON_CACHE_DIR=$(mktemp -d) TORCHINDUCTOR_CACHE_DIR=$(mktemp -d) FLA_CACHE_RESULTS=0 timeout 200 python3 \
+    benchmarks/bench_model.py --shapes 8x4096 --models hybrid --steps 3 --fla-hopper-bypass --fla-configs auto \
+    --precompile "$OUT/kernels_noswiglu.json" --record-triton "$OUT/kernels.json" 2>&1 | grep -v Warning
+  tar -C "$OUT" -czf "$OUT/fla_configs.tgz" fla_configs && rm -r "$OUT/fla_configs"
   ;;
 linbranchtests)
   NATSL_TEST_DEVICE=cuda timeout 400 python3 -m pytest -q -m gpu -p no:cacheprovider -W ignore -rfE --durations=0 \

@@ -61,7 +61,9 @@ def use_fla_configs(path: str | os.PathLike | None = None, mode: str = "strict")
     """Make fla read its kernels' launch configurations from `path` instead of autotuning (where an entry exists).
 
     Sets fla's `FLA_CONFIG_DIR` and `FLA_CACHE_MODE`; call it before anything imports fla (fla reads the mode once,
-    at import). An explicit `FLA_CACHE_MODE` in the environment is left as it is.
+    at import). An explicit `FLA_CACHE_MODE` in the environment is left as it is. If the folder holds a
+    :data:`TRITON_AUTOTUNE_FILE`, its configurations go into the caches of fla's plain `triton.autotune` kernels
+    (this imports fla).
 
     Args:
         path: the folder of `{kernel_name}.json` files, or `None` / `"auto"`: natsl's set for this GPU
@@ -90,6 +92,8 @@ def use_fla_configs(path: str | os.PathLike | None = None, mode: str = "strict")
         raise RuntimeError("use_fla_configs() must run before fla is imported (fla reads FLA_CACHE_MODE at import)")
     os.environ["FLA_CONFIG_DIR"] = str(folder)
     os.environ.setdefault("FLA_CACHE_MODE", mode)
+    if (folder / TRITON_AUTOTUNE_FILE).is_file():  # imports fla (its cache mode is set by now)
+        _load_triton_autotune_configs(folder / TRITON_AUTOTUNE_FILE)
     return folder
 
 
@@ -99,31 +103,91 @@ def _config_dict(cfg) -> dict:
             "num_ctas": getattr(cfg, "num_ctas", 1), "maxnreg": getattr(cfg, "maxnreg", None)}
 
 
-def tuned_fla_configs() -> dict[str, dict[tuple, dict]]:
-    """`{kernel name: {autotune key: config dict}}` of every fla autotuner in this process that has chosen one."""
-    from fla.ops.utils.cache import CachedAutotuner
+def _fla_autotuners() -> list[tuple[str, str, object]]:
+    """`(module, attribute, autotuner)` of every Triton autotuner at module level in the imported fla modules (a kernel
+    is `heuristics(autotune(jit(fn)))`: unwrapped to the autotuner), each once."""
+    from triton.runtime.autotuner import Autotuner
 
-    tuners = {}
+    tuners: dict[int, tuple[str, str, object]] = {}
     for name, module in list(sys.modules.items()):
         if not name.startswith("fla.") or module is None:
             continue
-        for obj in list(vars(module).values()):
-            for _ in range(3):  # a kernel is `heuristics(autotune(jit(fn)))`: unwrap to the autotuner
-                if isinstance(obj, CachedAutotuner):
-                    tuners[id(obj)] = obj
+        for attr, obj in list(vars(module).items()):
+            for _ in range(3):
+                if isinstance(obj, Autotuner):
+                    tuners.setdefault(id(obj), (name, attr, obj))
                     break
                 obj = getattr(obj, "fn", None)
+    return list(tuners.values())
+
+
+def tuned_fla_configs() -> dict[str, dict[tuple, dict]]:
+    """`{kernel name: {autotune key: config dict}}` of every fla autotuner in this process that has chosen one (fla's
+    `CachedAutotuner`s, whose choices fla itself can read back from files)."""
+    from fla.ops.utils.cache import CachedAutotuner
+
     found: dict[str, dict[tuple, dict]] = {}
-    for tuner in tuners.values():
-        if tuner.cache:
+    for _, _, tuner in _fla_autotuners():
+        if isinstance(tuner, CachedAutotuner) and tuner.cache:
             found.setdefault(tuner.kernel_name, {}).update({k: _config_dict(c) for k, c in tuner.cache.items()})
     return found
+
+
+#: the file (in a folder of fla configurations) for fla kernels under plain `triton.autotune`, which fla's files do
+#: not cover (e.g. its SwiGLU kernels: 30 candidates each); natsl's format, read by :func:`use_fla_configs`
+TRITON_AUTOTUNE_FILE = "triton_autotune.json"
+
+
+def tuned_triton_autotune_configs() -> dict[str, list[dict]]:
+    """`{"module:attribute": [{"key": autotune key, "config": config dict}, ...]}` of the fla kernels under plain
+    `triton.autotune` (not fla's `CachedAutotuner`) that have chosen a configuration in this process."""
+    from fla.ops.utils.cache import CachedAutotuner
+
+    found: dict[str, list[dict]] = {}
+    for module, attr, tuner in _fla_autotuners():
+        if not isinstance(tuner, CachedAutotuner) and tuner.cache:
+            found[f"{module}:{attr}"] = [{"key": list(k), "config": _config_dict(c)} for k, c in tuner.cache.items()]
+    return found
+
+
+def _load_triton_autotune_configs(file: Path) -> int:
+    """Put the configurations of a :data:`TRITON_AUTOTUNE_FILE` into the autotuners' caches (importing their fla
+    modules), so those calls skip autotuning; entries of another Triton version or of kernels that no longer exist
+    are ignored. Returns the number of entries applied."""
+    import importlib
+
+    import triton
+    from triton.runtime.autotuner import Autotuner
+
+    data = json.loads(file.read_text())
+    if data.get("triton_version") != triton.__version__:
+        return 0
+    applied = 0
+    for target, entries in data.get("kernels", {}).items():
+        module, _, attr = target.partition(":")
+        try:
+            obj = getattr(importlib.import_module(module), attr)
+        except (ImportError, AttributeError):
+            continue
+        for _ in range(3):
+            if isinstance(obj, Autotuner):
+                break
+            obj = getattr(obj, "fn", None)
+        if not isinstance(obj, Autotuner):
+            continue
+        for e in entries:
+            c = e["config"]
+            obj.cache[tuple(e["key"])] = triton.Config(c["kwargs"], num_warps=c["num_warps"], num_stages=c["num_stages"],
+                                                       num_ctas=c.get("num_ctas", 1), maxnreg=c.get("maxnreg"))
+            applied += 1
+    return applied
 
 
 def export_fla_configs(path: str | os.PathLike) -> list[Path]:
     """Write the configurations fla's autotuners chose in this process into the folder `path` (created if needed),
     one `{kernel_name}.json` per kernel in fla's format (entries keyed by the hash of their autotune key), merged
-    with the entries the files already hold (this process's choice wins for the same key).
+    with the entries the files already hold (this process's choice wins for the same key); the choices of fla
+    kernels under plain `triton.autotune` go to :data:`TRITON_AUTOTUNE_FILE` in the same folder.
 
     Returns:
         The files written.
@@ -142,6 +206,18 @@ def export_fla_configs(path: str | os.PathLike) -> list[Path]:
             merged[AutotuneKey.key_hash(key)] = {"autotune_key": list(key), "config": config}
         data.update(kernel_name=name, triton_version=triton.__version__, autotune_entries=merged)
         file.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
+        written.append(file)
+    plain = tuned_triton_autotune_configs()
+    if plain:
+        file = folder / TRITON_AUTOTUNE_FILE
+        data = json.loads(file.read_text()) if file.exists() else {}
+        kernels = data.get("kernels", {}) if data.get("triton_version") == triton.__version__ else {}
+        for target, entries in plain.items():
+            merged = {json.dumps(e["key"]): e for e in kernels.get(target, [])}
+            merged.update({json.dumps(e["key"]): e for e in entries})
+            kernels[target] = list(merged.values())
+        file.write_text(json.dumps({"triton_version": triton.__version__, "kernels": kernels}, indent=1,
+                                   sort_keys=True) + "\n")
         written.append(file)
     return written
 
