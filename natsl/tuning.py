@@ -223,10 +223,13 @@ def export_fla_configs(path: str | os.PathLike) -> list[Path]:
 
 
 def _jit_function(module: str, name: str):
-    """The `triton.JITFunction` named `name` in `module` (unwrapping fla's autotune / heuristics wrappers), or
-    `None` if the module cannot be imported or holds no such kernel at module level."""
+    """The Triton kernel function named `name` in `module` (a `JITFunction`, or under `TRITON_INTERPRET=1` an
+    `InterpretedFunction`; fla's autotune / heuristics wrappers unwrapped), or `None` if the module cannot be imported
+    or holds no such kernel at module level."""
     import importlib
 
+    from triton.runtime.autotuner import Autotuner, Heuristics
+    from triton.runtime.interpreter import InterpretedFunction
     from triton.runtime.jit import JITFunction
 
     if "." in name:  # a nested or class-level kernel: not reachable by module and name
@@ -235,11 +238,9 @@ def _jit_function(module: str, name: str):
         obj = getattr(importlib.import_module(module), name)
     except (ImportError, AttributeError):
         return None
-    for _ in range(4):
-        if isinstance(obj, JITFunction):
-            return obj
-        obj = getattr(obj, "fn", None)
-    return None
+    while isinstance(obj, (Autotuner, Heuristics)):
+        obj = obj.fn
+    return obj if isinstance(obj, (JITFunction, InterpretedFunction)) else None
 
 
 def default_manifest() -> Path | None:
@@ -315,8 +316,9 @@ def precompile_triton_kernels(path: str | os.PathLike | None = None, workers: in
         timeout (float): seconds to wait for the workers.
 
     Returns:
-        `{"kernels": n, "compiled": c, "skipped": s, "seconds": wall seconds, "manifest": path}`; `kernels` is 0 if
-        there is no manifest, or it was made with another Triton version.
+        `{"kernels": n, "compiled": c, "skipped": s, "worker_errors": e, "seconds": wall seconds, "manifest": path}`
+        (`skipped` includes the kernels of the `e` workers that died or timed out); `kernels` is 0 if there is no
+        manifest, or it was made with another Triton version.
 
     Raises:
         ValueError: `path` not a file, or `workers` < 1.
@@ -327,7 +329,7 @@ def precompile_triton_kernels(path: str | os.PathLike | None = None, workers: in
     if path is None or path == "auto":
         file = default_manifest()
         if file is None:
-            return {"kernels": 0, "compiled": 0, "skipped": 0, "seconds": 0.0, "manifest": None}
+            return {"kernels": 0, "compiled": 0, "skipped": 0, "worker_errors": 0, "seconds": 0.0, "manifest": None}
     else:
         file = Path(path)
         if not file.is_file():
@@ -337,7 +339,8 @@ def precompile_triton_kernels(path: str | os.PathLike | None = None, workers: in
         raise ValueError(f"workers must be >= 1, got {workers}")
     data = json.loads(file.read_text())
     kernels = data.get("kernels", []) if data.get("triton_version") == triton.__version__ else []
-    result = {"kernels": len(kernels), "compiled": 0, "skipped": 0, "seconds": 0.0, "manifest": str(file)}
+    result = {"kernels": len(kernels), "compiled": 0, "skipped": 0, "worker_errors": 0, "seconds": 0.0,
+              "manifest": str(file)}
     if not kernels:
         return result
     # longest first onto the least loaded worker
@@ -359,9 +362,12 @@ def precompile_triton_kernels(path: str | os.PathLike | None = None, workers: in
         for proc, shard in zip(procs, shards):
             try:
                 out, _ = proc.communicate(timeout=max(1.0, timeout - (time.perf_counter() - t0)))
-                done = json.loads(out.strip().splitlines()[-1])["compiled"] if proc.returncode == 0 else 0
+                done = json.loads(out.strip().splitlines()[-1])["compiled"] if proc.returncode == 0 else None
             except (subprocess.TimeoutExpired, ValueError, IndexError, KeyError):
                 proc.kill()
+                done = None
+            if done is None:  # the worker died, timed out or reported nothing: its kernels compile in the run
+                result["worker_errors"] += 1
                 done = 0
             result["compiled"] += done
             result["skipped"] += len(shard) - done
@@ -385,4 +391,4 @@ def _precompile_shard(shard_file: str) -> int:
 
 
 if __name__ == "__main__" and len(sys.argv) == 3 and sys.argv[1] == "precompile-shard":
-    print(json.dumps({"compiled": _precompile_shard(sys.argv[2])}), flush=True)
+    sys.stdout.write(json.dumps({"compiled": _precompile_shard(sys.argv[2])}) + "\n")

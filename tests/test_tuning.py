@@ -106,3 +106,119 @@ def test_use_fla_configs_errors(monkeypatch, tmp_path):
     assert tuning.use_fla_configs() is None or torch.cuda.is_available()  # no GPU: no shipped set applies
     assert tuning.use_fla_configs("auto") is None or torch.cuda.is_available()
     assert tuning.gpu_folder_name("NVIDIA H200") == "NVIDIA_H200"
+
+
+def test_plain_triton_autotune_choices_are_exported_and_read_back(tmp_path):
+    """fla's kernels under plain `triton.autotune` (SwiGLU: 30 candidates each, which fla's files do not cover):
+    `export_fla_configs` writes their choices to `triton_autotune.json`, and in a fresh process `use_fla_configs`
+    puts them into the autotuners' caches before any call (here a configuration the interpreter's shims would not
+    pick), where the call then uses it instead of tuning; a file of another Triton version is ignored."""
+    _fresh_process(f"""
+        import torch
+        from fla.modules.activations import swiglu
+        x, y = (torch.randn(4, 64, requires_grad=True) for _ in range(2))
+        swiglu(x, y).sum().backward()
+        tuning.export_fla_configs({str(tmp_path)!r})
+        print("ok")
+    """)
+    f = tmp_path / tuning.TRITON_AUTOTUNE_FILE
+    data = json.loads(f.read_text())
+    target = "fla.modules.activations.ops:swiglu_fwd_kernel"
+    assert {target, "fla.modules.activations.ops:swiglu_fwdbwd_kernel"} <= set(data["kernels"])
+    (entry,) = data["kernels"][target]
+    assert entry["key"][0] == 64 and "torch.float32" in entry["key"]
+    entry["config"]["num_warps"] = 4 if entry["config"]["num_warps"] != 4 else 8
+    f.write_text(json.dumps(data))
+    check = f"""
+        import torch
+        folder = {str(tmp_path)!r}
+        tuning.use_fla_configs(folder)
+        import fla.modules.activations.ops as ops
+        from fla.modules.activations import swiglu
+        before = [c.num_warps for c in ops.swiglu_fwd_kernel.cache.values()]
+        x, y = (torch.randn(4, 64) for _ in range(2))
+        out = swiglu(x, y)
+        assert torch.allclose(out, x * torch.sigmoid(x) * y, atol=1e-6)
+        print([before, [c.num_warps for c in ops.swiglu_fwd_kernel.cache.values()]])
+    """
+    n = entry["config"]["num_warps"]
+    assert _fresh_process(check) == str([[n], [n]])
+    data["triton_version"] = "0.0"
+    f.write_text(json.dumps(data))
+    assert _fresh_process(check) == str([[], [1]])  # ignored: the shims' first candidate (1 warp) after the call
+
+
+def test_record_triton_compiles_writes_a_manifest(tmp_path):
+    """The recording hooks (called here as Triton calls them: `jit_cache_hook` before a compile, which must return
+    a false value or the compile is skipped, `jit_post_compile_hook` after) write resolvable kernels to the manifest,
+    merged with its entries; unresolvable ones are only counted; the hooks that were set before come back."""
+    from triton import knobs
+    from triton.runtime.jit import JitFunctionInfo
+
+    fn = tuning._jit_function("fla.ops.common.chunk_o", "chunk_fwd_kernel_o")
+    assert fn is not None and tuning._jit_function("fla.ops.common.chunk_o", "missing") is None
+    assert tuning._jit_function("no.such.module", "k") is None and tuning._jit_function("fla", "a.b") is None
+    path = tmp_path / "kernels.json"
+    path.write_text(json.dumps({"kernels": [{"module": "m", "name": "old", "seconds": 0.0, "specialization": "s0"}]}))
+    calls = []
+    prev = lambda **kw: calls.append(kw["compile"]["specialization_data"])  # noqa: E731
+    knobs.runtime.jit_post_compile_hook = prev
+    try:
+        with tuning.record_triton_compiles(path) as stats:
+            for module, spec in (("fla.ops.common.chunk_o", "s1"), ("generated_by_inductor", "s2")):
+                kw = dict(key=1, repr="r", fn=JitFunctionInfo(module, "chunk_fwd_kernel_o", fn),
+                          compile={"specialization_data": spec}, is_manual_warmup=False, already_compiled=False)
+                assert not knobs.runtime.jit_cache_hook(**kw)
+                knobs.runtime.jit_post_compile_hook(**kw)
+        assert knobs.runtime.jit_post_compile_hook is prev and knobs.runtime.jit_cache_hook is None
+    finally:
+        knobs.runtime.jit_post_compile_hook = None
+    assert calls == ["s1", "s2"] and (stats["recorded"], stats["unresolvable"]) == (1, 1)
+    data = json.loads(path.read_text())
+    assert {k["specialization"] for k in data["kernels"]} == {"s0", "s1"}
+    (new,) = [k for k in data["kernels"] if k["specialization"] == "s1"]
+    assert (new["module"], new["name"]) == ("fla.ops.common.chunk_o", "chunk_fwd_kernel_o")
+
+
+def test_precompile_skips_what_it_cannot_compile(tmp_path):
+    """Worker processes run for a manifest of the running Triton version; an entry whose module is gone and one whose
+    specialization does not load are skipped (counted), not errors. Other versions, no manifest: nothing to do."""
+    import triton
+
+    kernels = [{"module": "no.such.module", "name": "k", "seconds": 1.0, "specialization": "{}"},
+               {"module": "fla.ops.common.chunk_o", "name": "chunk_fwd_kernel_o", "seconds": 2.0,
+                "specialization": "{}"}]
+    path = tmp_path / "kernels.json"
+    path.write_text(json.dumps({"triton_version": triton.__version__, "kernels": kernels}))
+    result = tuning.precompile_triton_kernels(path, workers=2)
+    assert (result["kernels"], result["compiled"], result["skipped"], result["worker_errors"]) == (2, 0, 2, 0)
+    path.write_text(json.dumps({"triton_version": "0.0", "kernels": kernels}))
+    assert tuning.precompile_triton_kernels(path)["kernels"] == 0
+    with pytest.raises(ValueError, match="manifest file"):
+        tuning.precompile_triton_kernels(tmp_path / "missing.json")
+    with pytest.raises(ValueError, match="workers must be >= 1"):
+        tuning.precompile_triton_kernels(path, workers=0)
+    if not torch.cuda.is_available():  # no GPU: no shipped manifest applies
+        assert tuning.default_manifest() is None and tuning.precompile_triton_kernels("auto")["kernels"] == 0
+    # the manifest natsl ships for the H200 loads and names kernels that exist
+    shipped = json.loads((tuning.MANIFESTS_ROOT / "NVIDIA_H200" / "kernels.json").read_text())
+    assert shipped["kernels"] and all(tuning._jit_function(k["module"], k["name"]) for k in shipped["kernels"])
+
+
+def test_precompile_worker_preloads_each_resolvable_entry(tmp_path, monkeypatch):
+    """The worker's loop: `JITFunction.preload(specialization)` for each entry that resolves; one that fails to load
+    or does not resolve is not counted."""
+    loaded = []
+
+    class Kernel:
+        def preload(self, spec):
+            if spec == "bad":
+                raise RuntimeError("specialization for another target")
+            loaded.append(spec)
+
+    monkeypatch.setattr(tuning, "_jit_function", lambda module, name: Kernel() if module == "m" else None)
+    shard = tmp_path / "shard.json"
+    shard.write_text(json.dumps([{"module": "m", "name": "k", "specialization": "s1"},
+                                 {"module": "m", "name": "k", "specialization": "bad"},
+                                 {"module": "gone", "name": "k", "specialization": "s2"}]))
+    assert tuning._precompile_shard(str(shard)) == 1 and loaded == ["s1"]

@@ -131,6 +131,11 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
                    help="read fla's kernel launch configurations from this folder instead of autotuning them "
                         "(natsl.tuning.use_fla_configs; 'auto': natsl's set for this GPU, if it has one). "
                         "Default: fla autotunes")
+    g.add_argument("--precompile", default=None, metavar="MANIFEST",
+                   help="CUDA only: before training, compile the Triton kernels of this manifest in parallel processes "
+                        "into Triton's cache (natsl.tuning.precompile_triton_kernels; 'auto': natsl's manifest for "
+                        "this GPU, if it has one), so the first step loads them instead of compiling one after "
+                        "another. Default: kernels compile on first use")
     g.add_argument("--fsdp", action="store_true",
                    help="under torchrun only: shard the model with FSDP2 (fully_shard on every transformer block, "
                         "then on the whole model) instead of replicating it with DDP, so each process holds 1/N of "
@@ -214,6 +219,15 @@ def run_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             except (ValueError, RuntimeError) as e:
                 raise ValueError(f"--fla-configs: {e}") from None
         device = _resolve_device(args.device)
+        if args.precompile is not None:
+            if not device.startswith("cuda"):
+                raise ValueError(f"--precompile needs a CUDA device (Triton kernels), got --device {device}")
+            from natsl.tuning import precompile_triton_kernels
+
+            try:
+                _out(f"precompiled Triton kernels: {precompile_triton_kernels(args.precompile)}")
+            except ValueError as e:
+                raise ValueError(f"--precompile: {e}") from None
         models = _parse_models(args.models)
         task = make_task(args.task, seq_len=args.seq_len, num_kv_pairs=args.num_kv_pairs, vocab_size=args.vocab,
                          num_queries=args.num_queries, kv_at=args.kv_at, data=args.data, tokenizer=args.tokenizer)

@@ -159,8 +159,10 @@ def test_resume_refuses_a_different_model(tmp_path, capsys):
     (["--router-temperature", "0"], "expected a positive number"),
     (["--router-grad", "all"], "invalid choice: 'all'"),
     (["--fla-configs", "/nonexistent/folder"], "--fla-configs: path must be a folder"),
+    (["--device", "cpu", "--precompile", "auto"], "--precompile needs a CUDA device"),
 ], ids=["kind", "twice", "steps", "lr", "budget", "task", "seq-len", "vocab", "text-data", "text-missing", "device",
-        "stop-at", "heads", "temperature", "router-grad", "fla-configs"])
+        "stop-at", "heads", "temperature", "router-grad", "fla-configs",
+        "precompile-cpu"])
 def test_bad_arguments_give_clear_errors(tmp_path, capsys, args, message):
     with pytest.raises(SystemExit) as e:
         main(["train", "--out", str(tmp_path / "x"), *args])
