@@ -5,8 +5,10 @@
 # cold, so give several parts to one call only where their timeouts add up to less than the call's limit.
 # Usage (repository root, fla wheels in .whl/): NATSL_GIT_SHA=<commit> bash benchmarks/pending_gpu.sh PART [PART ...]
 # (the device's .git copy is the session's first commit; parts run in turn, in one call, reusing earlier compiles).
-# Session 26: `flaconfigs` (commit its files), `coldstep` and `coldbase` (issue 21's cold first step with and without
-# them), `eager` and `linbranchtests` (issue 19: the branch's host-op change, its masked-write kernel on the GPU).
+# Session 26 ran flaconfigs, coldstep, linbranchtests, eager, precompile. Next session: `autotune` (the SwiGLU
+# choices exported, then the cold first step without their 58 unchosen candidates; commit $OUT/fla_configs'
+# triton_autotune.json and $OUT/kernels.json), `tuningtest` (tests/gpu/test_tuning_gpu.py), `mamba2host` (where
+# mamba2's eager branch spends its 0.3 ms over plain fla at 16k and 8 x 4k, issue 19).
 #   prefill  the 128k and 32k prefill of the 340M models with the routers forced to 12.5% (issue 22's 5.4x: 5.40x in
 #            session 24's one run); fla's autotuner tunes at 128k in each process (FLA_CACHE_RESULTS=0)
 #   gentests the generation GPU tests session 24's call did not reach: greedy generate(), decode with no host sync,
@@ -24,6 +26,8 @@
 #            records first (natsl.tuning.record_triton_compiles / precompile_triton_kernels)
 #   autotune the choices of fla's plain-triton.autotune kernels exported, then the cold first step with them read
 #            and the manifest's other kernels precompiled
+#   tuningtest the GPU test of the Triton kernel manifest (recorded, precompiled by workers, loaded from the cache)
+#   mamba2host the host time and CPU profile of mamba2's eager branch against plain fla (issue 19's last gap)
 #   linbranchtests the linear branch's GPU tests (five backends in bf16 against float64, the no-host-sync layer step)
 #   proftrain the kernels of the NAtS-L and GDN layers' training fwd+bwd at 1 x 65536 (what is left above the GDN
 #            layer + softmax branch: issue 21's 64k layer needs <= 30.1 ms)
@@ -42,7 +46,7 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --tar
 export PYTHONPATH=/tmp/site:$PWD
 # compile caches inside the checkout (git-ignored): kept between back-to-back calls while the machine stays warm
 export TRITON_CACHE_DIR=$PWD/.cache/triton TORCHINDUCTOR_CACHE_DIR=$PWD/.cache/inductor
-[ $# -ge 1 ] || { echo "part: prefill | gentests | layer64k | orders | flaconfigs | coldstep | proftrain | gaps | tests | gputests | decode | eager | profile | coldbase | linbranchtests | precompile | autotune"; exit 2; }
+[ $# -ge 1 ] || { echo "part: prefill | gentests | layer64k | orders | flaconfigs | coldstep | proftrain | gaps | tests | gputests | decode | eager | profile | coldbase | linbranchtests | precompile | autotune | tuningtest | mamba2host"; exit 2; }
 for part in "$@"; do
 case "$part" in
 gaps)
@@ -110,6 +114,14 @@ k['name'].startswith('swiglu')]; json.dump(d, open(sys.argv[2], 'w'))" natsl/con
     benchmarks/bench_model.py --shapes 8x4096 --models hybrid --steps 3 --fla-hopper-bypass --fla-configs auto \
     --precompile "$OUT/kernels_noswiglu.json" --record-triton "$OUT/kernels.json" 2>&1 | grep -v Warning
   tar -C "$OUT" -czf "$OUT/fla_configs.tgz" fla_configs && rm -r "$OUT/fla_configs"
+  ;;
+tuningtest)
+  NATSL_TEST_DEVICE=cuda timeout 400 python3 -m pytest -q -m gpu -p no:cacheprovider -W ignore -rfE \
+    tests/gpu/test_tuning_gpu.py 2>&1 | tee "$OUT/tuningtest.txt"
+  ;;
+mamba2host)
+  timeout 400 python3 benchmarks/bench_linear_branch.py --backends mamba2 --cases 1x16384,8x4096 --fractions 0.125 \
+    --host --out "$OUT/linear_branch_mamba2_host.md" 2>&1 | grep -v Warning
   ;;
 linbranchtests)
   NATSL_TEST_DEVICE=cuda timeout 400 python3 -m pytest -q -m gpu -p no:cacheprovider -W ignore -rfE --durations=0 \
