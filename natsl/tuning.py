@@ -103,9 +103,19 @@ def _config_dict(cfg) -> dict:
             "num_ctas": getattr(cfg, "num_ctas", 1), "maxnreg": getattr(cfg, "maxnreg", None)}
 
 
+def _unwrap(obj, types):
+    """The first object of the `.fn` chain from `obj` (a kernel is `heuristics(autotune(jit(fn)))`) that is an
+    instance of `types`, or `None`."""
+    for _ in range(4):
+        if isinstance(obj, types):
+            return obj
+        obj = getattr(obj, "fn", None)
+    return None
+
+
 def _fla_autotuners() -> list[tuple[str, str, object]]:
-    """`(module, attribute, autotuner)` of every Triton autotuner at module level in the imported fla modules (a kernel
-    is `heuristics(autotune(jit(fn)))`: unwrapped to the autotuner), each once."""
+    """`(module, attribute, autotuner)` of every Triton autotuner at module level in the imported fla modules, each
+    once."""
     from triton.runtime.autotuner import Autotuner
 
     tuners: dict[int, tuple[str, str, object]] = {}
@@ -113,11 +123,9 @@ def _fla_autotuners() -> list[tuple[str, str, object]]:
         if not name.startswith("fla.") or module is None:
             continue
         for attr, obj in list(vars(module).items()):
-            for _ in range(3):
-                if isinstance(obj, Autotuner):
-                    tuners.setdefault(id(obj), (name, attr, obj))
-                    break
-                obj = getattr(obj, "fn", None)
+            tuner = _unwrap(obj, Autotuner)
+            if tuner is not None:
+                tuners.setdefault(id(tuner), (name, attr, tuner))
     return list(tuners.values())
 
 
@@ -166,14 +174,10 @@ def _load_triton_autotune_configs(file: Path) -> int:
     for target, entries in data.get("kernels", {}).items():
         module, _, attr = target.partition(":")
         try:
-            obj = getattr(importlib.import_module(module), attr)
+            obj = _unwrap(getattr(importlib.import_module(module), attr), Autotuner)
         except (ImportError, AttributeError):
             continue
-        for _ in range(3):
-            if isinstance(obj, Autotuner):
-                break
-            obj = getattr(obj, "fn", None)
-        if not isinstance(obj, Autotuner):
+        if obj is None:
             continue
         for e in entries:
             c = e["config"]
@@ -228,19 +232,15 @@ def _jit_function(module: str, name: str):
     or holds no such kernel at module level."""
     import importlib
 
-    from triton.runtime.autotuner import Autotuner, Heuristics
     from triton.runtime.interpreter import InterpretedFunction
     from triton.runtime.jit import JITFunction
 
     if "." in name:  # a nested or class-level kernel: not reachable by module and name
         return None
     try:
-        obj = getattr(importlib.import_module(module), name)
+        return _unwrap(getattr(importlib.import_module(module), name), (JITFunction, InterpretedFunction))
     except (ImportError, AttributeError):
         return None
-    while isinstance(obj, (Autotuner, Heuristics)):
-        obj = obj.fn
-    return obj if isinstance(obj, (JITFunction, InterpretedFunction)) else None
 
 
 def default_manifest() -> Path | None:
