@@ -35,6 +35,9 @@ def test_export_writes_fla_entries_and_merges(tmp_path):
     assert {"chunk_gated_delta_rule_fwd_kernel_h_blockdim64", "chunk_fwd_kernel_o"} <= names
     for f in files:
         data = json.loads(f.read_text())
+        if f.name == tuning.TRITON_AUTOTUNE_FILE:  # plain triton.autotune kernels another test ran in this process
+            assert data["kernels"] and all(":" in target for target in data["kernels"])
+            continue
         assert data["kernel_name"] == f.stem and data["autotune_entries"]
         for h, entry in data["autotune_entries"].items():
             assert h == AutotuneKey.key_hash(tuple(entry["autotune_key"]))
