@@ -376,17 +376,20 @@ def precompile_triton_kernels(path: str | os.PathLike | None = None, workers: in
 
 
 def _precompile_shard(shard_file: str) -> int:
-    """Worker of :func:`precompile_triton_kernels`: preload each kernel of the shard (compiles into the cache)."""
+    """Worker of :func:`precompile_triton_kernels`: preload each kernel of the shard (compiles into the cache), then
+    build its launcher (which Triton versions with per-signature C launchers also compile into the cache)."""
     done = 0
     for k in json.loads(Path(shard_file).read_text()):
         fn = _jit_function(k["module"], k["name"])
         if fn is None:
             continue
         try:
-            fn.preload(k["specialization"])
+            kernel = fn.preload(k["specialization"])
         except Exception:  # noqa: BLE001 — a kernel that no longer matches is compiled by the run itself
             continue
         done += 1
+        with contextlib.suppress(Exception):  # e.g. an autotune candidate too large for the GPU: the run skips it too
+            kernel.run  # noqa: B018 — the property builds the launcher and loads the binary
     return done
 
 

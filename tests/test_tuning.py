@@ -209,19 +209,29 @@ def test_precompile_skips_what_it_cannot_compile(tmp_path):
 
 
 def test_precompile_worker_preloads_each_resolvable_entry(tmp_path, monkeypatch):
-    """The worker's loop: `JITFunction.preload(specialization)` for each entry that resolves; one that fails to load
-    or does not resolve is not counted."""
+    """The worker's loop: `JITFunction.preload(specialization)` for each entry that resolves, then its launcher; one
+    that fails to load or does not resolve is not counted, a launcher that fails does not undo the compile."""
     loaded = []
+
+    class Compiled:
+        def __init__(self, spec):
+            self.spec = spec
+
+        @property
+        def run(self):  # building the launcher may fail (a candidate too large): still compiled
+            loaded.append(f"{self.spec}:launcher")
+            raise RuntimeError("out of resources")
 
     class Kernel:
         def preload(self, spec):
             if spec == "bad":
                 raise RuntimeError("specialization for another target")
             loaded.append(spec)
+            return Compiled(spec)
 
     monkeypatch.setattr(tuning, "_jit_function", lambda module, name: Kernel() if module == "m" else None)
     shard = tmp_path / "shard.json"
     shard.write_text(json.dumps([{"module": "m", "name": "k", "specialization": "s1"},
                                  {"module": "m", "name": "k", "specialization": "bad"},
                                  {"module": "gone", "name": "k", "specialization": "s2"}]))
-    assert tuning._precompile_shard(str(shard)) == 1 and loaded == ["s1"]
+    assert tuning._precompile_shard(str(shard)) == 1 and loaded == ["s1", "s1:launcher"]
