@@ -8,7 +8,7 @@
 # Session 26 ran flaconfigs, coldstep, linbranchtests, eager, precompile. Next session: `autotune` (the SwiGLU
 # choices exported, then the cold first step without their 58 unchosen candidates; commit $OUT/fla_configs'
 # triton_autotune.json and $OUT/kernels.json), `tuningtest` (tests/gpu/test_tuning_gpu.py), `mamba2host` (where
-# mamba2's eager branch spends its 0.3 ms over plain fla at 16k and 8 x 4k, issue 19).
+# mamba2's eager branch spends its 0.3 ms over plain fla at 16k and 8 x 4k, issue 19), `mqar4k` (issue 23).
 #   prefill  the 128k and 32k prefill of the 340M models with the routers forced to 12.5% (issue 22's 5.4x: 5.40x in
 #            session 24's one run); fla's autotuner tunes at 128k in each process (FLA_CACHE_RESULTS=0)
 #   gentests the generation GPU tests session 24's call did not reach: greedy generate(), decode with no host sync,
@@ -28,6 +28,7 @@
 #            and the manifest's other kernels precompiled
 #   tuningtest the GPU test of the Triton kernel manifest (recorded, precompiled by workers, loaded from the cache)
 #   mamba2host the host time and CPU profile of mamba2's eager branch against plain fla (issue 19's last gap)
+#   mqar4k   issue 23's MQAR at 4k with random pairs, natsl beside the layer hybrid, 1500 steps
 #   linbranchtests the linear branch's GPU tests (five backends in bf16 against float64, the no-host-sync layer step)
 #   proftrain the kernels of the NAtS-L and GDN layers' training fwd+bwd at 1 x 65536 (what is left above the GDN
 #            layer + softmax branch: issue 21's 64k layer needs <= 30.1 ms)
@@ -46,7 +47,7 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --tar
 export PYTHONPATH=/tmp/site:$PWD
 # compile caches inside the checkout (git-ignored): kept between back-to-back calls while the machine stays warm
 export TRITON_CACHE_DIR=$PWD/.cache/triton TORCHINDUCTOR_CACHE_DIR=$PWD/.cache/inductor
-[ $# -ge 1 ] || { echo "part: prefill | gentests | layer64k | orders | flaconfigs | coldstep | proftrain | gaps | tests | gputests | decode | eager | profile | coldbase | linbranchtests | precompile | autotune | tuningtest | mamba2host"; exit 2; }
+[ $# -ge 1 ] || { echo "part: prefill | gentests | layer64k | orders | flaconfigs | coldstep | proftrain | gaps | tests | gputests | decode | eager | profile | coldbase | linbranchtests | precompile | autotune | tuningtest | mamba2host | mqar4k"; exit 2; }
 for part in "$@"; do
 case "$part" in
 gaps)
@@ -122,6 +123,16 @@ tuningtest)
 mamba2host)
   timeout 400 python3 benchmarks/bench_linear_branch.py --backends mamba2 --cases 1x16384,8x4096 --fractions 0.125 \
     --host --out "$OUT/linear_branch_mamba2_host.md" 2>&1 | grep -v Warning
+  ;;
+mqar4k)
+  # issue 23: MQAR at T = 4096 with the pairs at random positions, 2 layers of the 340M width, natsl (the paper's
+  # setting: no budget) beside the layer hybrid, three times session 21's 500 steps (where only the Transformer left
+  # chance); per-head routing in the summary, curves and routing maps in $OUT/mqar4k
+  FLA_CACHE_MODE=strict timeout 560 python3 -c "import sys; import fla.ops.common.chunk_o as m; m.TRITON_ABOVE_3_7_1=True; \
+from natsl.train.cli import train_main; sys.exit(train_main(sys.argv[1:]))" \
+    --task mqar --seq-len 4096 --num-kv-pairs 8 --vocab 64 --kv-at random --size 340m --layers 2 \
+    --models natsl,layer_hybrid --steps 1500 --batch-size 16 --lr 2e-3 --eval-every 150 --eval-examples 128 \
+    --device cuda --fla-configs auto --out "$OUT/mqar4k" --no-progress 2>&1 | grep -v Warning
   ;;
 linbranchtests)
   NATSL_TEST_DEVICE=cuda timeout 400 python3 -m pytest -q -m gpu -p no:cacheprovider -W ignore -rfE --durations=0 \
