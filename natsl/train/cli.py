@@ -135,7 +135,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
                    help="CUDA only: before training, compile the Triton kernels of this manifest in parallel processes "
                         "into Triton's cache (natsl.tuning.precompile_triton_kernels; 'auto': natsl's manifest for "
                         "this GPU, if it has one), so the first step loads them instead of compiling one after "
-                        "another. Default: kernels compile on first use")
+                        "another. Under torchrun every process does this (each with all CPUs): for many processes "
+                        "fill the cache once beforehand with a one-process run. Default: kernels compile on first use")
     g.add_argument("--fsdp", action="store_true",
                    help="under torchrun only: shard the model with FSDP2 (fully_shard on every transformer block, "
                         "then on the whole model) instead of replicating it with DDP, so each process holds 1/N of "
