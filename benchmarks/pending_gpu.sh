@@ -47,6 +47,17 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --tar
 export PYTHONPATH=/tmp/site:$PWD
 # compile caches inside the checkout (git-ignored): kept between back-to-back calls while the machine stays warm
 export TRITON_CACHE_DIR=$PWD/.cache/triton TORCHINDUCTOR_CACHE_DIR=$PWD/.cache/inductor
+# the 340M Hybrid's cold training step at 8 x 4096: fresh Triton and Inductor caches (nothing an earlier call of the
+# session compiled is reused); args: time limit (s), timed steps, then more bench_model.py options
+cold_hybrid() {
+  local limit=$1 steps=$2
+  shift 2
+  TRITON_CACHE_DIR=$(mktemp -d) TORCHINDUCTOR_CACHE_DIR=$(mktemp -d) FLA_CACHE_RESULTS=0 timeout "$limit" python3 \
+    benchmarks/bench_model.py --shapes 8x4096 --models hybrid --steps "$steps" --fla-hopper-bypass "$@" 2>&1 \
+    | grep -v Warning
+}
+# $OUT/fla_configs as one file (a call returns at most 8 files)
+tar_configs() { tar -C "$OUT" -czf "$OUT/fla_configs.tgz" fla_configs && rm -r "$OUT/fla_configs"; }
 [ $# -ge 1 ] || { echo "part: prefill | gentests | layer64k | orders | flaconfigs | coldstep | proftrain | gaps | tests | gputests | decode | eager | profile | coldbase | linbranchtests | precompile | autotune | tuningtest | mamba2host | mqar4k"; exit 2; }
 for part in "$@"; do
 case "$part" in
@@ -76,45 +87,33 @@ flaconfigs)
   # length; a prefill run at 128k would overwrite the forward kernels' entries with its own choice)
   FLA_CACHE_RESULTS=0 timeout 420 python3 benchmarks/bench_model.py --shapes 8x4096 --models hybrid,fla_gdn --steps 3 \
     --fla-hopper-bypass --export-fla-configs "$OUT/fla_configs" 2>&1 | grep -v Warning
-  tar -C "$OUT" -czf "$OUT/fla_configs.tgz" fla_configs && rm -r "$OUT/fla_configs"  # one file comes back, not 15
+  tar_configs
   ;;
 coldstep)
-  # fresh Triton and Inductor caches: nothing compiled by an earlier call of this session is reused
-  TRITON_CACHE_DIR=$(mktemp -d) TORCHINDUCTOR_CACHE_DIR=$(mktemp -d) FLA_CACHE_RESULTS=0 timeout 270 python3 \
-    benchmarks/bench_model.py --shapes 8x4096 --models hybrid --steps 3 --fla-hopper-bypass --fla-configs auto \
-    --export-fla-configs "$OUT/fla_configs" 2>&1 | grep -v Warning
-  # the shipped entries plus whatever this run still autotuned (a kernel the committed set lacks)
-  tar -C "$OUT" -czf "$OUT/fla_configs.tgz" fla_configs && rm -r "$OUT/fla_configs"
+  # the shipped entries read; the export adds whatever this run still autotuned (a kernel the committed set lacks)
+  cold_hybrid 270 3 --fla-configs auto --export-fla-configs "$OUT/fla_configs"
+  tar_configs
   ;;
 coldbase)
-  TRITON_CACHE_DIR=$(mktemp -d) TORCHINDUCTOR_CACHE_DIR=$(mktemp -d) FLA_CACHE_RESULTS=0 timeout 400 python3 \
-    benchmarks/bench_model.py --shapes 8x4096 --models hybrid --steps 3 --fla-hopper-bypass 2>&1 | grep -v Warning
+  cold_hybrid 400 3
   ;;
 precompile)
-  # 1: fresh caches, fla configurations read, the Triton kernels the first step compiles recorded into a manifest;
+  # 1: fla configurations read, the Triton kernels the first step compiles recorded into a manifest;
   # 2: fresh caches again, the manifest's kernels compiled by parallel workers inside the first step's timing
-  TRITON_CACHE_DIR=$(mktemp -d) TORCHINDUCTOR_CACHE_DIR=$(mktemp -d) FLA_CACHE_RESULTS=0 timeout 270 python3 \
-    benchmarks/bench_model.py --shapes 8x4096 --models hybrid --steps 3 --fla-hopper-bypass --fla-configs auto \
-    --record-triton "$OUT/kernels.json" 2>&1 | grep -v Warning
-  TRITON_CACHE_DIR=$(mktemp -d) TORCHINDUCTOR_CACHE_DIR=$(mktemp -d) FLA_CACHE_RESULTS=0 timeout 270 python3 \
-    benchmarks/bench_model.py --shapes 8x4096 --models hybrid --steps 3 --fla-hopper-bypass --fla-configs auto \
-    --precompile "$OUT/kernels.json" --record-triton "$OUT/kernels_after.json" 2>&1 | grep -v Warning
+  cold_hybrid 270 3 --fla-configs auto --record-triton "$OUT/kernels.json"
+  cold_hybrid 270 3 --fla-configs auto --precompile "$OUT/kernels.json" --record-triton "$OUT/kernels_after.json"
   ;;
 autotune)
   # (a) the shipped manifest precompiled, the Hybrid's first step, every autotuner's choice exported: fla's files and
   #     natsl's triton_autotune.json for fla's kernels under plain triton.autotune (SwiGLU: 30 candidates each)
-  TRITON_CACHE_DIR=$(mktemp -d) TORCHINDUCTOR_CACHE_DIR=$(mktemp -d) FLA_CACHE_RESULTS=0 timeout 200 python3 \
-    benchmarks/bench_model.py --shapes 8x4096 --models hybrid --steps 1 --fla-hopper-bypass --fla-configs auto \
-    --precompile auto --export-fla-configs "$OUT/fla_configs" 2>&1 | grep -v Warning
+  cold_hybrid 200 1 --fla-configs auto --precompile auto --export-fla-configs "$OUT/fla_configs"
   cp "$OUT/fla_configs/triton_autotune.json" natsl/configs/fla/NVIDIA_H200/
   python3 -c "import json,sys; d=json.load(open(sys.argv[1])); d['kernels']=[k for k in d['kernels'] if not \
 k['name'].startswith('swiglu')]; json.dump(d, open(sys.argv[2], 'w'))" natsl/configs/triton/NVIDIA_H200/kernels.json \
     "$OUT/kernels_noswiglu.json"
-  # (b) cold: fresh caches, every choice read, the manifest without the SwiGLU candidates precompiled, recorded anew
-  TRITON_CACHE_DIR=$(mktemp -d) TORCHINDUCTOR_CACHE_DIR=$(mktemp -d) FLA_CACHE_RESULTS=0 timeout 200 python3 \
-    benchmarks/bench_model.py --shapes 8x4096 --models hybrid --steps 3 --fla-hopper-bypass --fla-configs auto \
-    --precompile "$OUT/kernels_noswiglu.json" --record-triton "$OUT/kernels.json" 2>&1 | grep -v Warning
-  tar -C "$OUT" -czf "$OUT/fla_configs.tgz" fla_configs && rm -r "$OUT/fla_configs"
+  # (b) cold: every choice read, the manifest without the SwiGLU candidates precompiled, recorded anew
+  cold_hybrid 200 3 --fla-configs auto --precompile "$OUT/kernels_noswiglu.json" --record-triton "$OUT/kernels.json"
+  tar_configs
   ;;
 tuningtest)
   NATSL_TEST_DEVICE=cuda timeout 400 python3 -m pytest -q -m gpu -p no:cacheprovider -W ignore -rfE \

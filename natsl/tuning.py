@@ -47,14 +47,17 @@ def gpu_folder_name(device_name: str) -> str:
     return re.sub(r"[^0-9A-Za-z]+", "_", device_name).strip("_") or "unknown_gpu"
 
 
-def default_config_dir() -> Path | None:
-    """natsl's configuration folder for the current CUDA GPU, or `None` (no GPU, or no set shipped for it)."""
+def _this_gpu(root: Path) -> Path | None:
+    """`root/<this CUDA GPU's folder>` (existing or not), or `None` without a GPU."""
     import torch
 
-    if not torch.cuda.is_available():
-        return None
-    path = CONFIGS_ROOT / gpu_folder_name(torch.cuda.get_device_name(0))
-    return path if path.is_dir() else None
+    return root / gpu_folder_name(torch.cuda.get_device_name(0)) if torch.cuda.is_available() else None
+
+
+def default_config_dir() -> Path | None:
+    """natsl's configuration folder for the current CUDA GPU, or `None` (no GPU, or no set shipped for it)."""
+    path = _this_gpu(CONFIGS_ROOT)
+    return path if path is not None and path.is_dir() else None
 
 
 def use_fla_configs(path: str | os.PathLike | None = None, mode: str = "strict") -> Path | None:
@@ -245,12 +248,8 @@ def _jit_function(module: str, name: str):
 
 def default_manifest() -> Path | None:
     """natsl's Triton kernel manifest for the current CUDA GPU, or `None` (no GPU, or none shipped for it)."""
-    import torch
-
-    if not torch.cuda.is_available():
-        return None
-    path = MANIFESTS_ROOT / gpu_folder_name(torch.cuda.get_device_name(0)) / "kernels.json"
-    return path if path.is_file() else None
+    folder = _this_gpu(MANIFESTS_ROOT)
+    return folder / "kernels.json" if folder is not None and (folder / "kernels.json").is_file() else None
 
 
 @contextlib.contextmanager
