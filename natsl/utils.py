@@ -32,6 +32,12 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
     return x.dtype
 
 
+def to_dtype(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`x.to(dtype)`, skipping the call where it is a no-op (the linear branch below ~32k tokens is bound by host
+    time, and a no-op `.to` costs a dispatch)."""
+    return x if x.dtype == dtype else x.to(dtype)
+
+
 def check_choice(name: str, value, choices) -> None:
     if value not in choices:
         raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")

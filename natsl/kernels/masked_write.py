@@ -43,7 +43,7 @@ from natsl.kernels.naive import naive_masked_write_bwd
 })
 @triton.jit(do_not_specialize=["T"])
 def masked_write_bwd_kernel(
-    x, k, m, z, g, gk, h, dh, dk, dv, dg, dm, cu_seqlens, chunk_indices, T, s_mt, s_mh,
+    x, k, m, z, g, gk, h, dh, dk, dv, dg, dm, cu_seqlens, chunk_indices, T, s_mt, s_mh, s_dmt, s_dmh,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     IS_VARLEN: tl.constexpr, USE_G: tl.constexpr, USE_GK: tl.constexpr, USE_DV: tl.constexpr, USE_DG: tl.constexpr,
     DV_ADD: tl.constexpr, USE_Z: tl.constexpr, SELECT: tl.constexpr,
@@ -114,7 +114,7 @@ def masked_write_bwd_kernel(
     b_dm = tl.sum(b_kdk)
     if SELECT:  # the router gradient of the blocks routed linear only (m = 1 there, 0 elsewhere)
         b_dm = b_dm * b_m
-    tl.store(dm + i_tg * H + i_h, b_dm)
+    tl.store(dm + i_tg * s_dmt + i_h * s_dmh, b_dm)
     p_dk = dk + row[:, None] * K + o_k[None, :]
     b_dk = tl.load(p_dk, mask=m_tk, other=0.).to(tl.float32) - b_off * b_dkw
     tl.store(p_dk, b_dk.to(p_dk.dtype.element_ty), mask=m_tk)
@@ -142,7 +142,7 @@ def masked_write_bwd(x: torch.Tensor, k: torch.Tensor, m: torch.Tensor, dh: torc
                      g: torch.Tensor | None = None, gk: torch.Tensor | None = None, z: torch.Tensor | None = None,
                      h: torch.Tensor | None = None, cu_seqlens: torch.Tensor | None = None,
                      chunk_indices: torch.Tensor | None = None, chunk_size: int = 64,
-                     select: bool = False) -> torch.Tensor:
+                     select: bool = False, dm_out: torch.Tensor | None = None) -> torch.Tensor:
     r"""Remove the write term of chunks with `m < 1` from fla's real-k gradients, in place; return the router
     gradient per (chunk, head).
 
@@ -168,14 +168,16 @@ def masked_write_bwd(x: torch.Tensor, k: torch.Tensor, m: torch.Tensor, dh: torc
         chunk_size (int): fla's chunk size. Default: `64`.
         select (bool): return `dm · m`, the router gradient of the chunks with `m = 1` only (spec §1.7,
             `router_grad="selected"`; `m` is 0/1). Default: `False`.
+        dm_out (torch.Tensor, Optional): `[B * NT, H]` float32, any strides (e.g. a view into a gradient of the
+            routing weights' shape): where `dm` is written. Default: a new tensor.
 
     Returns:
-        `dm [B * NT, H]` float32: `Σ_t k_t · dk_w[t]`, the gradient of the loss with respect to `m` (times `m`
-        with `select`).
+        `dm [B * NT, H]` float32 (`dm_out` if given): `Σ_t k_t · dk_w[t]`, the gradient of the loss with respect
+        to `m` (times `m` with `select`).
     """
     if not x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":  # no Triton backend: the PyTorch twin
         return naive_masked_write_bwd(x, k, m, dh, dk, dv=dv, dv_add=dv_add, dg=dg, g=g, gk=gk, z=z, h=h,
-                                      cu_seqlens=cu_seqlens, chunk_size=chunk_size, select=select)
+                                      cu_seqlens=cu_seqlens, chunk_size=chunk_size, select=select, dm_out=dm_out)
     B, T, H, K = k.shape
     V = x.shape[-1]
     if K > 256:
@@ -187,9 +189,16 @@ def masked_write_bwd(x: torch.Tensor, k: torch.Tensor, m: torch.Tensor, dh: torc
         raise ValueError("z (decay_through_softmax=False) needs h and dg")
     if m.shape != (B * NT, H):
         raise ValueError(f"m must have shape [B * NT, H] = [{B * NT}, {H}], got {tuple(m.shape)}")
-    dm = torch.empty(B * NT, H, dtype=torch.float32, device=k.device)
+    if dm_out is None:
+        dm = torch.empty(B * NT, H, dtype=torch.float32, device=k.device)
+    elif dm_out.shape != (B * NT, H) or dm_out.dtype != torch.float32:
+        raise ValueError(f"dm_out must be float32 [B * NT, H] = [{B * NT}, {H}], got {dm_out.dtype} "
+                         f"{tuple(dm_out.shape)}")
+    else:
+        dm = dm_out
     masked_write_bwd_kernel[(NT, B * H)](
         x, k, m, z, g, gk, h, dh, dk, dv, dg, dm, cu_seqlens, chunk_indices, T, m.stride(0), m.stride(1),
+        dm.stride(0), dm.stride(1),
         H=H, K=K, V=V, BT=chunk_size, BK=BK, BV=BV, DV_ADD=dv_add, SELECT=select, num_warps=4 if BK <= 64 else 8,
     )
     return dm

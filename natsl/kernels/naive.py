@@ -71,9 +71,9 @@ def naive_copy_blocks(src: torch.Tensor, dst: torch.Tensor, order: torch.Tensor,
 
 
 def naive_masked_write_bwd(x, k, m, dh, dk, *, dv=None, dv_add=False, dg=None, g=None, gk=None, z=None, h=None,
-                           cu_seqlens=None, chunk_size=64, select=False):
+                           cu_seqlens=None, chunk_size=64, select=False, dm_out=None):
     """PyTorch twin of `natsl.kernels.masked_write.masked_write_bwd` (same arguments, same in-place updates of `dk`,
-    `dv`, `dg`; returns `dm [B * NT, H]` float32), one chunk at a time."""
+    `dv`, `dg`; returns `dm [B * NT, H]` float32, written into `dm_out` if given), one chunk at a time."""
     B, T, H, K = k.shape
     bounds = [(b, 0, T) for b in range(B)] if cu_seqlens is None else \
         [(0, int(s), int(e)) for s, e in zip(cu_seqlens[:-1].tolist(), cu_seqlens[1:].tolist())]
@@ -112,7 +112,7 @@ def naive_masked_write_bwd(x, k, m, dh, dk, *, dv=None, dv_add=False, dg=None, g
                     corr = corr + (lt if gk is not None else lt.sum(-1))
                 dg[b, s:e] -= corr.to(dg.dtype)
             i_tg += 1
-    return dm
+    return dm if dm_out is None else dm_out.copy_(dm)
 
 
 def naive_norm_merge(o_s: torch.Tensor, o_l: torch.Tensor, w: torch.Tensor, g: torch.Tensor, gamma_s: torch.Tensor,

@@ -140,6 +140,26 @@ def test_select_on_a_strided_mask(layout):
         assert torch.equal(ref[n], plain[n])
 
 
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_dm_written_through_the_strides_of_dm_out(layout):
+    """`dm_out`, a strided view of a `[B * NT, H, 2]` routing-weight gradient (as the layer's backward passes it),
+    receives `dm` (both impls) and the other column is left as it was."""
+    args, kw = make_case(12, layout, "g", dv="add", dg=True)
+    _, ref = run_both(args, dict(kw, select=True))
+    for fn in (masked_write_bwd, naive_masked_write_bwd):
+        a = {n: t.clone() for n, t in args.items()}
+        k = {n: (t.clone() if isinstance(t, torch.Tensor) else t) for n, t in kw.items()}
+        if fn is naive_masked_write_bwd:
+            k.pop("chunk_indices")
+        dw = torch.full((*args["m"].shape, 2), 7.0)
+        out = fn(**a, **k, select=True, dm_out=dw[..., 1])
+        assert out.data_ptr() == dw[..., 1].data_ptr()
+        assert_close("dm", ref["dm"], dw[..., 1], 1e-5, atol=1e-6)
+        assert torch.equal(dw[..., 0], torch.full_like(dw[..., 0], 7.0))
+    with pytest.raises(ValueError, match=r"dm_out must be float32 \[B \* NT, H\]"):
+        masked_write_bwd(**args, **kw, dm_out=torch.zeros(args["m"].shape, dtype=torch.float64))
+
+
 @pytest.mark.parametrize("layout,gate", [("dense", "gk"), ("packed", "g")])
 def test_odd_dims(layout, gate):
     """A key dim below its power-of-two block (12 → 16) and a value dim over two 64-wide value tiles (72)."""

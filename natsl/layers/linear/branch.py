@@ -14,7 +14,7 @@ import torch
 
 from natsl.layers.linear.torch_ops import check_linear_inputs
 from natsl.layers.routing import LINEAR, Routing
-from natsl.utils import LINEAR_BACKENDS, ROUTER_GRADS, check_choice
+from natsl.utils import LINEAR_BACKENDS, ROUTER_GRADS, check_choice, to_dtype
 
 LINEAR_IMPLS = ("auto", "fla", "torch")
 
@@ -92,11 +92,12 @@ def linear_branch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, routing: Ro
     if impl == "fla":
         from natsl.layers.linear.masked import masked_chunk
 
-        # m_L of spec §1.7 as a view of the routing's linear weight: with "selected" the backward kernel keeps the
-        # gradient of the blocks routed linear (m = 1) itself, so no mask op and no copy enter the graph
-        m = routing.weights[..., LINEAR].to(cdt)
+        # m_L of spec §1.7 is the routing's linear weight: with "selected" the backward kernel keeps the gradient
+        # of the blocks routed linear (m = 1) itself, so no mask op and no copy enter the graph; with one linear
+        # head per router head the weights go in whole and the kernel writes their gradient (no select node)
+        m = to_dtype(routing.weights, cdt)
         if Hr != H:
-            m = m.repeat_interleave(H // Hr, dim=-1)
+            m = m[..., LINEAR].repeat_interleave(H // Hr, dim=-1)
         cu = routing.cu_seqlens
         o, final = masked_chunk(backend, q, k, v, g, beta, block_mask=m, block_decay=z, scale=scale,
                                 initial_state=initial_state,
@@ -112,8 +113,8 @@ def linear_branch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, routing: Ro
                                       chunk_size=routing.block_size, scale=scale, initial_state=initial_state,
                                       output_final_state=output_final_state, cu_seqlens=routing.cu_seqlens)
     if final is not None:
-        final = final.to(cdt)
-    return o.to(q.dtype), final
+        final = to_dtype(final, cdt)
+    return to_dtype(o, q.dtype), final
 
 
 def _per_token(routing: Routing, x: torch.Tensor, T: int) -> torch.Tensor:

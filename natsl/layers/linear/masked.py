@@ -14,6 +14,8 @@ from __future__ import annotations
 import torch
 
 from natsl.kernels.masked_write import masked_write_bwd
+from natsl.layers.routing import LINEAR
+from natsl.utils import to_dtype
 
 #: fla's chunk size: the routing block size the fla path takes.
 FLA_CHUNK = 64
@@ -66,7 +68,10 @@ def mask_keys(k: torch.Tensor, m: torch.Tensor, block_size: int, token_block: to
     B, T, H, K = k.shape
     if token_block is None and T % block_size == 0:
         N = T // block_size
-        return (k.view(B, N, block_size, H, K) * m.to(k.dtype)[:, :, None, :, None]).view(B, T, H, K)
+        # one kernel: the float32 product cast to k's dtype on store (no copy of m in k's dtype)
+        out = torch.empty_like(k)
+        torch.mul(k.view(B, N, block_size, H, K), m.view(B, N, 1, H, 1), out=out.view(B, N, block_size, H, K))
+        return out
     return k * blocks_to_tokens(m, T, block_size, token_block)[..., None].to(k.dtype)
 
 
@@ -90,10 +95,14 @@ class MaskedChunkFunction(torch.autograd.Function):
         f = _fla()
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         T = k.shape[1]
+        ctx.weights_shape = None
+        if m.dim() == 4:  # the routing weights [B, N, H, 2]: m is their linear column (its gradient goes straight in)
+            ctx.weights_shape, m = m.shape, m[..., LINEAR]
         tb = None if cu_seqlens is None else token_block
         ci = None if cu_seqlens is None else f["chunk_indices"](cu_seqlens, C)
-        gc = None if g is None else f["cumsum"](g.contiguous().float(), chunk_size=C, scale=f["RCP_LN2"],
-                                                 cu_seqlens=cu_seqlens, chunk_indices=ci)
+        # fla's cumsum reads g in its own dtype and accumulates / writes float32 (as fla's own chunk functions call it)
+        gc = None if g is None else f["cumsum"](g.contiguous(), chunk_size=C, scale=f["RCP_LN2"],
+                                                 cu_seqlens=cu_seqlens, chunk_indices=ci, output_dtype=torch.float32)
         k_m = mask_keys(k, m, C, tb)
         gs = gc  # the gate of the carried state: decays only in blocks with z = 1 (decay_through_softmax=False)
         if z is not None and gc is not None:
@@ -165,14 +174,20 @@ class MaskedChunkFunction(torch.autograd.Function):
                                                     scale=scale, **common)
             x, dv_fix = v, dv
         dk = dk.contiguous()
+        dw = dm_out = None
+        if ctx.weights_shape is not None:  # the gradient of the routing weights: m's column written by the kernel
+            dw = m.new_zeros(ctx.weights_shape)
+            dm_out = dw[..., LINEAR].reshape(-1, m.shape[-1])
         dm = masked_write_bwd(x, k, m.reshape(-1, m.shape[-1]), dh, dk, dv=dv_fix, dv_add=dv_masked, select=ctx.select,
+                              dm_out=dm_out,
                               dg=dg if need_dg else None, g=gc if family != KEY else None,
                               gk=gc if family == KEY else None,
                               z=z.reshape(-1, z.shape[-1]) if use_z and need_dg else None,
                               h=h if use_z and need_dg else None, **common)
-        return (None, dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dg if need_dg else None,
-                None if db is None else db.to(beta.dtype), dm.view(m.shape), None, None, dh0, None, None, None, None,
-                None)
+        return (None, to_dtype(dq, q.dtype), to_dtype(dk, k.dtype), to_dtype(dv, v.dtype), dg if need_dg else None,
+                None if db is None else to_dtype(db, beta.dtype), dm.view(m.shape) if dw is None else dw, None, None,
+                dh0, None, None, None, None, None)
+
 
 
 def masked_chunk(backend: str, q, k, v, g=None, beta=None, *, block_mask, block_decay=None, scale,
@@ -187,8 +202,9 @@ def masked_chunk(backend: str, q, k, v, g=None, beta=None, *, block_mask, block_
         g (torch.Tensor, Optional): log decay `[B, T, H]` (gdn, mamba2) or `[B, T, H, K]` (gla).
         beta (torch.Tensor, Optional): activated write strength `[B, T, H]` (gdn, deltanet).
         block_mask (torch.Tensor): `[B, N, H]` `m` per (block, head) (1 linear block, 0 softmax block), blocks of
-            `chunk_size` tokens restarting at every packed sequence, any strides (a view of the routing weights
-            needs no copy); carries the router gradient (spec §1.7).
+            `chunk_size` tokens restarting at every packed sequence, any strides; or routing weights `[B, N, H, 2]`
+            whose linear column (index 1) is `m` (no select enters the graph: the backward writes the weights'
+            gradient itself). Carries the router gradient (spec §1.7).
         block_decay (torch.Tensor, Optional): `[B, N, H]` 0/1 whether each block decays the carried state
             (`decay_through_softmax=False`: 1 in linear blocks only); no gradient. Default: `None` (every block).
         scale (float): read-out scale.
@@ -209,9 +225,9 @@ def masked_chunk(backend: str, q, k, v, g=None, beta=None, *, block_mask, block_
     if g is None:
         block_decay = None  # nothing decays
     if beta is not None:
-        beta = beta.to(q.dtype).contiguous()
+        beta = to_dtype(beta, q.dtype).contiguous()
     h0 = None if initial_state is None else initial_state.float().contiguous()
     z = None if block_decay is None else block_decay.detach().float().contiguous()
-    o, ht = MaskedChunkFunction.apply(family, q, k, v, g, beta, block_mask.float(), z, scale, h0,
+    o, ht = MaskedChunkFunction.apply(family, q, k, v, g, beta, to_dtype(block_mask, torch.float32), z, scale, h0,
                                       output_final_state, cu_seqlens, token_block, chunk_size, select_grad)
     return o, ht
