@@ -366,8 +366,10 @@ def main():
                 emit(cpu_profile_table(backend, {**shape, "B": B}, T, 0.125, p))
         if args.profile:
             B, T = max(cases, key=lambda c: c[0] * c[1])
-            emit(f"\ntop GPU kernels of one training fwd+bwd at B={B}, T={T}, 12.5% softmax blocks (torch.profiler):")
-            emit(profile_table(backend, {**shape, "B": B}, T, 0.125))
+            for p in ("fla-plain", "natsl-branch"):  # side by side: what the branch adds, kernel by kernel
+                emit(f"\ntop GPU kernels of one training fwd+bwd ({p}) at B={B}, T={T}, 12.5% softmax blocks "
+                     f"(torch.profiler):")
+                emit(profile_table(backend, {**shape, "B": B}, T, 0.125 if p != "fla-plain" else 0.0, p))
         emit()
 
 

@@ -92,6 +92,9 @@ def main(argv=None) -> int:
     task = make_task(a["task"], seq_len=a["seq_len"], num_kv_pairs=a["num_kv_pairs"], vocab_size=a["vocab"],
                      num_queries=a["num_queries"], kv_at=a["kv_at"])
     batch = task.sample(args.examples, torch.Generator().manual_seed(1234), split="eval")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
     found = False
     for ckpt in sorted(args.run.glob("*/checkpoint")):
         model = NAtSLForCausalLM.from_pretrained(ckpt).to(args.device).eval()
