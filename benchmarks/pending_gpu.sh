@@ -59,6 +59,10 @@ cold_hybrid() {
     benchmarks/bench_model.py --shapes 8x4096 --models hybrid --steps "$steps" --fla-hopper-bypass "$@" 2>&1 \
     | grep -v Warning
 }
+# `python3 -c "$NATSL_TRAIN" ARGS`: `natsl train` with fla's #640 guard bypassed (Triton 3.6 on Hopper; the CLI
+# itself never does this)
+NATSL_TRAIN="import sys; import fla.ops.common.chunk_o as m; m.TRITON_ABOVE_3_7_1=True; \
+from natsl.train.cli import train_main; sys.exit(train_main(sys.argv[1:]))"
 # $OUT/fla_configs as one file (a call returns at most 8 files)
 tar_configs() { tar -C "$OUT" -czf "$OUT/fla_configs.tgz" fla_configs && rm -r "$OUT/fla_configs"; }
 [ $# -ge 1 ] || { echo "part: prefill | gentests | layer64k | orders | flaconfigs | coldstep | proftrain | gaps | tests | gputests | decode | eager | profile | coldbase | linbranchtests | precompile | autotune | tuningtest | mamba2host | mqar4k | mamba2prof | mqar4kw"; exit 2; }
@@ -135,8 +139,7 @@ mqar4kw)
   # issue 23: the best setting of session 27 (budget 0.125 at weight 0.1) at seeds 1 and 2, each followed by the
   # router-margin split on its checkpoint (benchmarks/router_logits.py: why whole heads, not blocks)
   for seed in 1 2; do
-    FLA_CACHE_MODE=strict timeout 250 python3 -c "import sys; import fla.ops.common.chunk_o as m; \
-m.TRITON_ABOVE_3_7_1=True; from natsl.train.cli import train_main; sys.exit(train_main(sys.argv[1:]))" \
+    FLA_CACHE_MODE=strict timeout 250 python3 -c "$NATSL_TRAIN" \
       --task mqar --seq-len 4096 --num-kv-pairs 8 --vocab 64 --kv-at random --size 340m --layers 2 --models natsl \
       --steps 1500 --batch-size 16 --lr 2e-3 --eval-every 150 --eval-examples 128 --device cuda --fla-configs auto \
       --router-budget 0.125 --router-budget-weight 0.1 --seed $seed --out /tmp/mqar4kw$seed --no-progress 2>&1 \
@@ -150,8 +153,7 @@ mqar4k)
   # issue 23: MQAR at T = 4096 with the pairs at random positions, 2 layers of the 340M width, natsl (the paper's
   # setting: no budget) beside the layer hybrid, three times session 21's 500 steps (where only the Transformer left
   # chance); per-head routing in the summary, curves and routing maps in $OUT/mqar4k.tgz
-  FLA_CACHE_MODE=strict timeout 560 python3 -c "import sys; import fla.ops.common.chunk_o as m; m.TRITON_ABOVE_3_7_1=True; \
-from natsl.train.cli import train_main; sys.exit(train_main(sys.argv[1:]))" \
+  FLA_CACHE_MODE=strict timeout 560 python3 -c "$NATSL_TRAIN" \
     --task mqar --seq-len 4096 --num-kv-pairs 8 --vocab 64 --kv-at random --size 340m --layers 2 \
     --models natsl,layer_hybrid --steps 1500 --batch-size 16 --lr 2e-3 --eval-every 150 --eval-examples 128 \
     --device cuda --fla-configs auto --out /tmp/mqar4k --no-progress 2>&1 | grep -v Warning

@@ -29,32 +29,22 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from utils import markdown_table  # noqa: E402
 
+from natsl.kernels.index import block_layout  # noqa: E402
+from natsl.layers.router import block_mean  # noqa: E402
 from natsl.layers.routing import SOFTMAX  # noqa: E402
 from natsl.models import NAtSLForCausalLM  # noqa: E402
+from natsl.train.loop import natsl_layer_inputs  # noqa: E402
 from natsl.train.tasks import make_task  # noqa: E402
 
 
 def margins(model: NAtSLForCausalLM, input_ids: torch.Tensor) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
     """Per natsl layer: `(d_shared [B, 1, Hr], d_own [B, N, Hr])`, the softmax-minus-linear logit margin of every
-    block split as in the module docstring (dense input, blocks of the model's block size)."""
-    inputs: dict[int, torch.Tensor] = {}
-    hooks = [block.attn.register_forward_pre_hook(
-        lambda mod, args, kwargs, i=i: inputs.__setitem__(i, args[0] if args else kwargs["hidden_states"]),
-        with_kwargs=True) for i, block in enumerate(model.model.layers) if block.layer_type == "natsl"]
-    try:
-        with torch.no_grad():
-            model(input_ids=input_ids)
-    finally:
-        for h in hooks:
-            h.remove()
-    C = model.config.block_size
+    block split as in the module docstring (dense input, blocks of the model's block size; the last may be partial)."""
     out = {}
-    for i, x in inputs.items():
+    for i, x in natsl_layer_inputs(model, input_ids).items():
         router = model.model.layers[i].attn.router
-        B, T, D = x.shape
-        N = T // C
-        xm = x[:, :N * C].float().view(B, N, C, D).mean(2)  # [B, N, D] block means (T a multiple of C here)
-        w = router.proj.weight.float().view(router.num_router_heads, 2, D)
+        xm = block_mean(x, block_layout(x.shape[1], router.block_size, device=x.device))  # [B, N, D], float32
+        w = router.proj.weight.float().view(router.num_router_heads, 2, -1)
         dw = w[:, SOFTMAX] - w[:, 1 - SOFTMAX]  # [Hr, D]
         s = xm.mean(1, keepdim=True)
         out[i] = (s @ dw.T, (xm - s) @ dw.T)
@@ -65,8 +55,9 @@ def table(model: NAtSLForCausalLM, batch) -> list[dict]:
     C = model.config.block_size
     ids, rel = batch.input_ids, batch.relevant
     B, T = ids.shape
-    N = T // C
-    holds = rel[:, :N * C].view(B, N, C).any(-1)  # [B, N] the block holds a token the task needs remembered
+    N = -(-T // C)
+    # [B, N] the block holds a token the task needs remembered
+    holds = torch.nn.functional.pad(rel, (0, N * C - T)).view(B, N, C).any(-1)
     rows = []
     for i, (shared, own) in margins(model, ids).items():
         d = shared + own

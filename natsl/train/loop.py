@@ -291,34 +291,40 @@ def evaluate(model: NAtSLForCausalLM, batches: list[TaskBatch], device: torch.de
 
 
 @torch.no_grad()
+def natsl_layer_inputs(model: NAtSLForCausalLM, input_ids: torch.Tensor) -> dict[int, torch.Tensor]:
+    """`{layer index: the input [B, T, D] of its attention}` for every natsl layer, from one forward of `input_ids`
+    without gradients (forward pre-hooks, removed afterwards); what each layer's router sees."""
+    inputs: dict[int, torch.Tensor] = {}
+    hooks = [block.attn.register_forward_pre_hook(
+        lambda mod, args, kwargs, i=i: inputs.__setitem__(i, args[0] if args else kwargs["hidden_states"]),
+        with_kwargs=True) for i, block in enumerate(model.model.layers) if block.layer_type == "natsl"]
+    try:
+        if hooks:
+            with torch.no_grad():
+                model(input_ids=input_ids)
+    finally:
+        for h in hooks:
+            h.remove()
+    return inputs
+
+
 def routing_map(model: NAtSLForCausalLM, batch: TaskBatch, device: torch.device) -> dict | None:
     """Where every natsl layer routes the first example of `batch`: `{"layers": {idx: [H_R][N] (1 = softmax)},
     "relevant_blocks": [N] (share of the block's tokens the task needs remembered), "block_size": C}`.
 
-    The routing is recomputed from each layer's router on that layer's input, captured with forward pre-hooks that
-    are removed afterwards."""
-    inputs: dict[int, torch.Tensor] = {}
-    hooks = []
-    for i, block in enumerate(model.model.layers):
-        if block.layer_type == "natsl":
-            hooks.append(block.attn.register_forward_pre_hook(
-                lambda mod, args, kwargs, i=i: inputs.__setitem__(i, args[0] if args else kwargs["hidden_states"]),
-                with_kwargs=True))
-    if not hooks:
+    The routing is recomputed from each layer's router on that layer's input (`natsl_layer_inputs`)."""
+    if not any(block.layer_type == "natsl" for block in model.model.layers):
         return None
     was_training = model.training
     model.eval()
     try:
-        ids = batch.input_ids[:1].to(device)
-        with _autocast(device):
-            model(input_ids=ids)
+        with _autocast(device), torch.no_grad():
+            inputs = natsl_layer_inputs(model, batch.input_ids[:1].to(device))
             layers = {}
             for i, x in inputs.items():
                 weights, _ = model.model.layers[i].attn.router(x)
                 layers[str(i)] = (weights[0, :, :, 0] > 0.5).int().T.tolist()
     finally:
-        for h in hooks:
-            h.remove()
         model.train(was_training)
     C = model.config.block_size
     rel = batch.relevant[0].float()

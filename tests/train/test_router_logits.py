@@ -13,6 +13,7 @@ from router_logits import margins, table  # noqa: E402
 
 from natsl import NAtSLConfig, NAtSLForCausalLM  # noqa: E402
 from natsl.layers.routing import SOFTMAX  # noqa: E402
+from natsl.train.loop import natsl_layer_inputs  # noqa: E402
 from natsl.train.tasks import MQARTask  # noqa: E402
 
 
@@ -25,13 +26,8 @@ def test_split_adds_up_to_the_routers_margin():
             p.data.normal_(0, 1.0)
     task = MQARTask(128, 8, 64, None, "random")
     batch = task.sample(3, torch.Generator().manual_seed(0), split="eval")
-    inputs = {}
-    hooks = [b.attn.register_forward_pre_hook(
-        lambda m, a, kw, i=i: inputs.__setitem__(i, a[0] if a else kw["hidden_states"]), with_kwargs=True)
-        for i, b in enumerate(model.model.layers)]
+    inputs = natsl_layer_inputs(model, batch.input_ids)
     split = margins(model, batch.input_ids)
-    for h in hooks:
-        h.remove()
     assert set(split) == set(range(cfg.num_hidden_layers))
     for i, (shared, own) in split.items():
         router = model.model.layers[i].attn.router

@@ -189,7 +189,6 @@ class MaskedChunkFunction(torch.autograd.Function):
                 dh0, None, None, None, None, None)
 
 
-
 def masked_chunk(backend: str, q, k, v, g=None, beta=None, *, block_mask, block_decay=None, scale,
                  initial_state=None, output_final_state=False, cu_seqlens=None, token_block=None,
                  chunk_size: int = FLA_CHUNK, select_grad: bool = False):
