@@ -30,6 +30,7 @@
 #   tuningtest the GPU test of the Triton kernel manifest (recorded, precompiled by workers, loaded from the cache)
 #   mamba2host the host time and CPU profile of mamba2's eager branch against plain fla (issue 19's last gap)
 #   mqar4k   issue 23's MQAR at 4k with random pairs, natsl beside the layer hybrid, 1500 steps
+#   mqar4kh  the budget on each head's mean (issue 23) at weights 0.1 and 1, four runs side by side
 #   mqar4kw  natsl with the budget at weight 0.1 at seeds 1 and 2, and the router-margin split of each checkpoint
 #   mamba2prof the GPU kernels of mamba2's branch and of plain fla at 8 x 4096 and 1 x 65536
 #   linbranchtests the linear branch's GPU tests (five backends in bf16 against float64, the no-host-sync layer step)
@@ -65,7 +66,7 @@ NATSL_TRAIN="import sys; import fla.ops.common.chunk_o as m; m.TRITON_ABOVE_3_7_
 from natsl.train.cli import train_main; sys.exit(train_main(sys.argv[1:]))"
 # $OUT/fla_configs as one file (a call returns at most 8 files)
 tar_configs() { tar -C "$OUT" -czf "$OUT/fla_configs.tgz" fla_configs && rm -r "$OUT/fla_configs"; }
-[ $# -ge 1 ] || { echo "part: prefill | gentests | layer64k | orders | flaconfigs | coldstep | proftrain | gaps | tests | gputests | decode | eager | profile | coldbase | linbranchtests | precompile | autotune | tuningtest | mamba2host | mqar4k | mamba2prof | mqar4kw"; exit 2; }
+[ $# -ge 1 ] || { echo "part: prefill | gentests | layer64k | orders | flaconfigs | coldstep | proftrain | gaps | tests | gputests | decode | eager | profile | coldbase | linbranchtests | precompile | autotune | tuningtest | mamba2host | mqar4k | mamba2prof | mqar4kw | mqar4kh"; exit 2; }
 for part in "$@"; do
 case "$part" in
 gaps)
@@ -148,6 +149,25 @@ mqar4kw)
       | grep -v Warning | tee "$OUT/router_logits_seed$seed.md"
     cp /tmp/mqar4kw$seed/summary.txt "$OUT/mqar4kw${seed}_summary.txt"
   done
+  ;;
+mqar4kh)
+  # issue 23: the budget on each router head's mean (--router-budget-scope head) at weights 0.1 (seeds 0, 1) and 1
+  # (seed 0), beside session 27's best setting (layer scope, weight 0.1) at seed 1: four runs side by side (nothing
+  # timed but tokens/s), then the router-margin split of each checkpoint
+  run4k() {  # name, seed, scope, weight
+    FLA_CACHE_MODE=strict timeout 480 python3 -c "$NATSL_TRAIN" \
+      --task mqar --seq-len 4096 --num-kv-pairs 8 --vocab 64 --kv-at random --size 340m --layers 2 --models natsl \
+      --steps 1500 --batch-size 16 --lr 2e-3 --eval-every 150 --eval-examples 128 --device cuda --fla-configs auto \
+      --router-budget 0.125 --router-budget-scope "$3" --router-budget-weight "$4" --seed "$2" --out "/tmp/$1" \
+      --no-progress > "$OUT/$1.log" 2>&1
+    timeout 60 python3 benchmarks/router_logits.py "/tmp/$1" --device cuda --examples 32 > "/tmp/$1/router_logits.md" 2>&1
+  }
+  run4k head01s0 0 head 0.1 & run4k head01s1 1 head 0.1 & run4k head1s0 0 head 1.0 & run4k layer01s1 1 layer 0.1 &
+  wait
+  for r in head01s0 head01s1 head1s0 layer01s1; do
+    echo "== $r"; grep -v Warning "$OUT/$r.log" | tail -40; cat "/tmp/$r/router_logits.md"
+  done > "$OUT/mqar4kh.txt"
+  tar -C /tmp -czf "$OUT/mqar4kh.tgz" --exclude=checkpoint head01s0 head01s1 head1s0 layer01s1
   ;;
 mqar4k)
   # issue 23: MQAR at T = 4096 with the pairs at random positions, 2 layers of the 340M width, natsl (the paper's

@@ -76,6 +76,9 @@ class NAtSLAttention(nn.Module):
             `router_budget_weight · (mean p_softmax − router_budget)²` on the *expected* fraction (mean router
             probability); with argmax routing the routed fraction can differ (even be 0). `None` = off (paper).
         router_budget_weight (float): weight of that regulariser. Default: `1.0`.
+        router_budget_scope (str): `"layer"` (the budget on the layer's mean probability) or `"head"` (on each router
+            head's own mean, `router_budget_weight · mean_h (mean p_softmax,h − router_budget)²`: no head can meet it
+            by sending every block to softmax). Default: `"layer"`.
         use_rope (bool): RoPE on the softmax branch's q/k. Default: `False` (paper).
         rope_theta (float): RoPE base. Default: `10000.0`.
         conv_size (int): short convolution width. Default: `4`.
@@ -89,7 +92,8 @@ class NAtSLAttention(nn.Module):
                  decode_attention: str = "sdpa", decay_through_softmax: bool = True,
                  router_sample: Literal["argmax", "gumbel"] = "argmax",
                  router_temperature: float = 1.0, router_grad: Literal["selected", "both"] = "selected",
-                 router_budget: float | None = None, router_budget_weight: float = 1.0, use_rope: bool = False,
+                 router_budget: float | None = None, router_budget_weight: float = 1.0,
+                 router_budget_scope: Literal["layer", "head"] = "layer", use_rope: bool = False,
                  rope_theta: float = 10000.0, conv_size: int = 4, norm_eps: float = 1e-5,
                  layer_idx: int | None = None):
         super().__init__()
@@ -98,6 +102,7 @@ class NAtSLAttention(nn.Module):
         check_choice("linear_impl", linear_impl, ("auto", "fla", "torch"))
         check_choice("decode_attention", decode_attention, DECODE_ATTENTIONS)
         check_choice("router_grad", router_grad, ("selected", "both"))
+        check_choice("router_budget_scope", router_budget_scope, ("layer", "head"))
         for name, val in (("hidden_size", hidden_size), ("num_heads", num_heads), ("head_dim", head_dim),
                           ("num_softmax_heads", num_softmax_heads), ("num_router_heads", num_router_heads),
                           ("block_size", block_size), ("conv_size", conv_size)):
@@ -127,6 +132,7 @@ class NAtSLAttention(nn.Module):
         self.decode_attention = decode_attention
         self.decay_through_softmax, self.router_grad = decay_through_softmax, router_grad
         self.router_budget, self.router_budget_weight = router_budget, router_budget_weight
+        self.router_budget_scope = router_budget_scope
         self.use_rope, self.rope_theta, self.norm_eps, self.layer_idx = use_rope, rope_theta, norm_eps, layer_idx
 
         self.q_proj = nn.Linear(hidden_size, self.key_dim, bias=False)
@@ -206,8 +212,11 @@ class NAtSLAttention(nn.Module):
         aux = None
         if self.router_budget is not None:
             # no blocks (T = 0): no term (an empty sum keeps the graph)
-            aux = (self.router_budget_weight * (probs[..., 0].mean() - self.router_budget) ** 2 if probs.shape[1]
-                   else probs.sum())
+            if not probs.shape[1]:
+                aux = probs.sum()
+            else:  # probs [B, N, H_R, 2]: the mean over every block, or over each router head's blocks
+                frac = probs[..., 0].mean() if self.router_budget_scope == "layer" else probs[..., 0].mean((0, 1))
+                aux = self.router_budget_weight * ((frac - self.router_budget) ** 2).mean()
         p = probs.detach().float()
         entropy = _mean_over_blocks(-(p * p.clamp_min(1e-30).log()).sum(-1))
         stats = NAtSLLayerStats(softmax_fraction=_mean_over_blocks(is_soft.float()), router_aux_loss=aux,

@@ -11,6 +11,7 @@ ATTENTION_KEYS = ("hidden_size", "num_heads", "head_dim", "expand_v", "num_softm
                   "block_size", "linear_backend", "softmax_backend", "linear_impl", "decode_attention",
                   "decay_through_softmax",
                   "router_sample", "router_temperature", "router_grad", "router_budget", "router_budget_weight",
+                  "router_budget_scope",
                   "use_rope", "rope_theta", "conv_size", "norm_eps")
 
 # the paper's model families (spec §1.1, §4): 21 layers, about 380M / 800M parameters with embeddings
@@ -59,7 +60,8 @@ class NAtSLConfig(PretrainedConfig):
                  decode_attention: str = "sdpa", decay_through_softmax: bool = True, router_sample: str = "argmax",
                  router_temperature: float = 1.0,
                  router_grad: str = "selected", router_budget: float | None = None, router_budget_weight: float = 1.0,
-                 use_rope: bool = False, rope_theta: float = 10000.0, conv_size: int = 4, norm_eps: float = 1e-5,
+                 router_budget_scope: str = "layer", use_rope: bool = False, rope_theta: float = 10000.0,
+                 conv_size: int = 4, norm_eps: float = 1e-5,
                  initializer_range: float = 0.02, prefill_chunk_size: int | None = None,
                  tie_word_embeddings: bool = False, pad_token_id: int | None = None, bos_token_id: int | None = None,
                  eos_token_id: int | None = None, **kwargs):
@@ -81,6 +83,7 @@ class NAtSLConfig(PretrainedConfig):
         self.decay_through_softmax, self.router_sample = decay_through_softmax, router_sample
         self.router_temperature, self.router_grad = router_temperature, router_grad
         self.router_budget, self.router_budget_weight = router_budget, router_budget_weight
+        self.router_budget_scope = router_budget_scope
         self.use_rope, self.rope_theta, self.conv_size, self.norm_eps = use_rope, rope_theta, conv_size, norm_eps
         self.initializer_range = initializer_range
         if prefill_chunk_size is not None and (not isinstance(prefill_chunk_size, int) or prefill_chunk_size < 1):

@@ -35,7 +35,8 @@ MODEL_FLAGS = {
     "expand_v": "expand_v", "softmax_heads": "num_softmax_heads", "router_heads": "num_router_heads",
     "attention_heads": "num_attention_heads", "intermediate_size": "intermediate_size", "block_size": "block_size",
     "linear_backend": "linear_backend", "router_budget": "router_budget",
-    "router_budget_weight": "router_budget_weight", "router_sample": "router_sample", "use_rope": "use_rope",
+    "router_budget_weight": "router_budget_weight", "router_budget_scope": "router_budget_scope",
+    "router_sample": "router_sample", "use_rope": "use_rope",
     "router_grad": "router_grad", "router_temperature": "router_temperature",
 }
 
@@ -105,6 +106,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--router-budget", type=_fraction,
                    help="target softmax fraction of the router-budget regulariser (off by default, as in the paper)")
     g.add_argument("--router-budget-weight", type=float, help="weight of that regulariser. Default: 1.0")
+    g.add_argument("--router-budget-scope", choices=("layer", "head"),
+                   help="the budget on each layer's mean router probability or on each head's. Default: layer")
     g.add_argument("--router-sample", choices=("argmax", "gumbel"), help="router sampling. Default: argmax")
     g.add_argument("--router-grad", choices=("selected", "both"),
                    help="router gradient of natsl layers (spec §1.7). Default: selected")

@@ -257,6 +257,21 @@ def test_router_budget_pulls_fraction_toward_target():
     assert make_layer("gdn")(x)[1].router_aux_loss is None
 
 
+def test_router_budget_per_head_is_the_mean_of_each_heads_term():
+    """scope "head": the mean over router heads of each head's squared deviation, which a layer whose heads split
+    into all-softmax and all-linear pays even where its layer mean meets the target."""
+    layer = make_layer("gdn", router_budget=0.25, router_budget_weight=2.0, router_budget_scope="head")
+    x = x_of(2, 48)
+    _, stats, _ = layer(x)
+    p = layer.router(x)[1][..., 0]  # [B, N, H_R]
+    per_head = p.mean((0, 1))
+    torch.testing.assert_close(stats.router_aux_loss, 2.0 * ((per_head - 0.25) ** 2).mean())
+    (g,) = torch.autograd.grad(stats.router_aux_loss, layer.router.proj.weight)
+    assert g.abs().sum() > 0
+    layer.router_budget_scope = "layer"
+    assert layer(x)[1].router_aux_loss < stats.router_aux_loss or per_head.std() == 0
+
+
 def test_340m_parameter_count():
     layer = NAtSLAttention()
     D, HL, dk, dv, HA, HR = 1024, 6, 128, 256, 12, 6
@@ -286,6 +301,7 @@ def test_340m_parameter_count():
     (dict(router_temperature=0.0), "router_temperature"),
     (dict(router_budget=1.5), "router_budget"),
     (dict(router_grad="none"), "router_grad"),
+    (dict(router_budget_scope="token"), "router_budget_scope"),
     (dict(block_size=0), "block_size"),
     (dict(num_softmax_heads=16, num_router_heads=2, use_rope=True, head_dim=8, num_heads=2), "even"),
 ])

@@ -58,7 +58,8 @@ def test_every_config_key_reaches_the_layer():
     vals = dict(num_heads=4, head_dim=8, expand_v=1.5, num_softmax_heads=8, num_router_heads=2, block_size=8,
                 linear_backend="mamba2", softmax_backend="sdpa", linear_impl="torch", decay_through_softmax=False,
                 router_sample="gumbel", router_temperature=0.5, router_grad="both", router_budget=0.3,
-                router_budget_weight=0.7, use_rope=True, rope_theta=500.0, conv_size=3, norm_eps=1e-4)
+                router_budget_weight=0.7, router_budget_scope="head", use_rope=True, rope_theta=500.0, conv_size=3,
+                norm_eps=1e-4)
     c = NAtSLConfig(vocab_size=32, hidden_size=32, num_hidden_layers=1, **vals)
     layer = NAtSLForCausalLM(c).model.layers[0].attn
     seen = {"router_sample": layer.router.sample, "router_temperature": layer.router.temperature,
