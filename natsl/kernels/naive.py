@@ -70,6 +70,14 @@ def naive_copy_blocks(src: torch.Tensor, dst: torch.Tensor, order: torch.Tensor,
     blocks[b, h, slot] = src.reshape(B, src.shape[1] // C, C, H, src.shape[-1])[b, order, :, h].to(dst.dtype)
 
 
+def naive_mask_keys(k: torch.Tensor, m: torch.Tensor, block_size: int,
+                    token_block: torch.Tensor | None = None) -> torch.Tensor:
+    """`k·m` in `k`'s dtype: the keys `[B, T, H, K]` times their block's `m [B, N, H]` (token `t` in block
+    `t // block_size`, or `token_block[t]` for packed input)."""
+    blk = torch.arange(k.shape[1], device=k.device) // block_size if token_block is None else token_block
+    return (k * m[:, blk.long()][..., None]).to(k.dtype)
+
+
 def naive_masked_write_bwd(x, k, m, dh, dk, *, dv=None, dv_add=False, dg=None, g=None, gk=None, z=None, h=None,
                            cu_seqlens=None, chunk_size=64, select=False, dm_out=None):
     """PyTorch twin of `natsl.kernels.masked_write.masked_write_bwd` (same arguments, same in-place updates of `dk`,

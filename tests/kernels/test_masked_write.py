@@ -212,3 +212,41 @@ def test_rejects_bad_arguments():
     big = dict(args, k=torch.zeros(2, 130, 2, 257))
     with pytest.raises(ValueError, match="key dims up to 256"):
         masked_write_bwd(**big, **kw)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", ["dense", "partial", "packed", "block16"])
+def test_mask_keys_matches_naive(case, dtype):
+    """`mask_keys` (the masked keys of the state write) against its twin: dense input of whole and partial blocks,
+    blocks smaller than the program's token tile, packed input through `token_block`, and `m` as a strided view of
+    routing weights `[B, N, H, 2]` (what the layer passes: 0/1 in bf16)."""
+    from natsl.kernels.masked_write import mask_keys
+    from natsl.kernels.naive import naive_mask_keys
+
+    gn = gen(7)
+    C, B, T, tb = {"dense": (64, 2, 128, None), "partial": (64, 2, 130, None), "block16": (16, 2, 72, None),
+                   "packed": (64, 1, 200, torch.tensor([0] * 64 + [1] * 6 + [2] + [3] * 64 + [4] * 64 + [5]))}[case]
+    N = -(-T // C) if tb is None else 6
+    k = torch.randn(B, T, 3, 24, generator=gn).to(dtype)
+    weights = (torch.rand(B, N, 3, 2, generator=gn) < 0.5).to(dtype)
+    if dtype == torch.float32:  # not only 0/1: the product itself is checked (bf16 rounding on store differs
+        weights[..., 1] = torch.rand(B, N, 3, generator=gn)  # between the interpreter and the GPU; 0/1 is exact)
+    m = weights[..., 1]
+    out = mask_keys(k, m, C, tb)
+    assert out.dtype == dtype and out.shape == k.shape
+    assert torch.equal(out, naive_mask_keys(k, m, C, tb))
+    blk = torch.arange(T) // C if tb is None else tb
+    assert torch.equal(out[:, 3], (k[:, 3].float() * m[:, blk[3]][..., None].float()).to(dtype))
+
+
+def test_mask_keys_rejects_bad_arguments():
+    from natsl.kernels.masked_write import mask_keys
+
+    k = torch.zeros(2, 64, 3, 8)
+    with pytest.raises(ValueError, match=r"m must have shape \[B=2, N, H=3\]"):
+        mask_keys(k, torch.zeros(2, 1, 2), 64)
+    with pytest.raises(ValueError, match="contiguous"):
+        mask_keys(k.transpose(1, 2), torch.zeros(2, 1, 3), 64)
+    with pytest.raises(ValueError, match="key dims up to 256"):
+        mask_keys(torch.zeros(1, 4, 1, 300), torch.zeros(1, 1, 1), 64)
+    assert mask_keys(torch.zeros(2, 0, 3, 8), torch.zeros(2, 0, 3), 64).shape == (2, 0, 3, 8)

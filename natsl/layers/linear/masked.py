@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from natsl.kernels.masked_write import masked_write_bwd
+from natsl.kernels.masked_write import mask_keys, masked_write_bwd
 from natsl.layers.routing import LINEAR
 from natsl.utils import to_dtype
 
@@ -59,20 +59,6 @@ def blocks_to_tokens(x: torch.Tensor, T: int, block_size: int, token_block: torc
         return x[:, token_block]
     B, N, H = x.shape
     return x[:, :, None].expand(B, N, block_size, H).reshape(B, N * block_size, H)[:, :T]
-
-
-def mask_keys(k: torch.Tensor, m: torch.Tensor, block_size: int, token_block: torch.Tensor | None = None):
-    """`k·m`: the keys `[B, T, H, K]` times their block's `m [B, N, H]` (any strides), in `k`'s dtype. Dense input
-    whose length is a multiple of the block: one broadcast product over `[B, N, C, H, K]` (no per-token copy of
-    `m`); otherwise through `blocks_to_tokens`."""
-    B, T, H, K = k.shape
-    if token_block is None and T % block_size == 0:
-        N = T // block_size
-        # one kernel: the float32 product cast to k's dtype on store (no copy of m in k's dtype)
-        out = torch.empty_like(k)
-        torch.mul(k.view(B, N, block_size, H, K), m.view(B, N, 1, H, 1), out=out.view(B, N, block_size, H, K))
-        return out
-    return k * blocks_to_tokens(m, T, block_size, token_block)[..., None].to(k.dtype)
 
 
 def _states(f, family, k_m, v, gc, h0, output_final_state, cu, ci, C, w=None, u=None, fp32=False):
