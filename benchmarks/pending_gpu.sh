@@ -6,10 +6,10 @@
 # Usage (repository root, fla wheels in .whl/): NATSL_GIT_SHA=<commit> bash benchmarks/pending_gpu.sh PART [PART ...]
 # (the device's .git copy is the session's first commit; parts run in turn, in one call, reusing earlier compiles).
 # Session 26 ran flaconfigs, coldstep, linbranchtests, eager, precompile; session 27 mamba2host, tuningtest, mqar4k,
-# eager, linbranchtests. Next session: `mamba2prof` (issue 19: mamba2's kernels against plain fla at 8 x 4k and 64k,
-# where the branch is GPU-bound), then `eager` again after any change; `mqar4kw` (issue 23: the best setting at two
-# more seeds and the router-margin split); `autotune` (the SwiGLU choices exported, then the cold first step
-# without their 58 unchosen candidates; commit $OUT/fla_configs' triton_autotune.json and $OUT/kernels.json).
+# eager, linbranchtests; session 28 mamba2prof, eager, linbranchtests (and the first, side-by-side mqar4kh, which did
+# not finish). Next: `mqar4kh` (issue 23's best setting at more seeds); `autotune` (the SwiGLU choices exported, then
+# the cold first step without their 58 unchosen candidates; commit $OUT/fla_configs' triton_autotune.json and
+# $OUT/kernels.json).
 #   prefill  the 128k and 32k prefill of the 340M models with the routers forced to 12.5% (issue 22's 5.4x: 5.40x in
 #            session 24's one run); fla's autotuner tunes at 128k in each process (FLA_CACHE_RESULTS=0)
 #   gentests the generation GPU tests session 24's call did not reach: greedy generate(), decode with no host sync,
@@ -30,8 +30,8 @@
 #   tuningtest the GPU test of the Triton kernel manifest (recorded, precompiled by workers, loaded from the cache)
 #   mamba2host the host time and CPU profile of mamba2's eager branch against plain fla (issue 19's last gap)
 #   mqar4k   issue 23's MQAR at 4k with random pairs, natsl beside the layer hybrid, 1500 steps
-#   mqar4kh  the budget on each head's mean (issue 23) at weights 0.1 and 1, four runs side by side
-#   mqar4kw  natsl with the budget at weight 0.1 at seeds 1 and 2, and the router-margin split of each checkpoint
+#   mqar4kh  natsl with the budget on each head's mean (issue 23's best setting) at seeds $MQAR_SEEDS (default 1 2),
+#            one after the other, and the router-margin split of each checkpoint
 #   mamba2prof the GPU kernels of mamba2's branch and of plain fla at 8 x 4096 and 1 x 65536
 #   linbranchtests the linear branch's GPU tests (five backends in bf16 against float64, the no-host-sync layer step)
 #   proftrain the kernels of the NAtS-L and GDN layers' training fwd+bwd at 1 x 65536 (what is left above the GDN
@@ -66,7 +66,7 @@ NATSL_TRAIN="import sys; import fla.ops.common.chunk_o as m; m.TRITON_ABOVE_3_7_
 from natsl.train.cli import train_main; sys.exit(train_main(sys.argv[1:]))"
 # $OUT/fla_configs as one file (a call returns at most 8 files)
 tar_configs() { tar -C "$OUT" -czf "$OUT/fla_configs.tgz" fla_configs && rm -r "$OUT/fla_configs"; }
-[ $# -ge 1 ] || { echo "part: prefill | gentests | layer64k | orders | flaconfigs | coldstep | proftrain | gaps | tests | gputests | decode | eager | profile | coldbase | linbranchtests | precompile | autotune | tuningtest | mamba2host | mqar4k | mamba2prof | mqar4kw | mqar4kh"; exit 2; }
+[ $# -ge 1 ] || { echo "part: prefill | gentests | layer64k | orders | flaconfigs | coldstep | proftrain | gaps | tests | gputests | decode | eager | profile | coldbase | linbranchtests | precompile | autotune | tuningtest | mamba2host | mqar4k | mamba2prof | mqar4kh"; exit 2; }
 for part in "$@"; do
 case "$part" in
 gaps)
@@ -136,38 +136,22 @@ mamba2prof)
   timeout 400 python3 benchmarks/bench_linear_branch.py --backends mamba2 --cases 8x4096,1x65536 --fractions 0.125 \
     --profile --out "$OUT/linear_branch_mamba2_profile.md" 2>&1 | grep -v Warning
   ;;
-mqar4kw)
-  # issue 23: the best setting of session 27 (budget 0.125 at weight 0.1) at seeds 1 and 2, each followed by the
-  # router-margin split on its checkpoint (benchmarks/router_logits.py: why whole heads, not blocks)
-  for seed in 1 2; do
-    FLA_CACHE_MODE=strict timeout 250 python3 -c "$NATSL_TRAIN" \
-      --task mqar --seq-len 4096 --num-kv-pairs 8 --vocab 64 --kv-at random --size 340m --layers 2 --models natsl \
-      --steps 1500 --batch-size 16 --lr 2e-3 --eval-every 150 --eval-examples 128 --device cuda --fla-configs auto \
-      --router-budget 0.125 --router-budget-weight 0.1 --seed $seed --out /tmp/mqar4kw$seed --no-progress 2>&1 \
-      | grep -v Warning
-    timeout 60 python3 benchmarks/router_logits.py /tmp/mqar4kw$seed --device cuda --examples 32 2>&1 \
-      | grep -v Warning | tee "$OUT/router_logits_seed$seed.md"
-    cp /tmp/mqar4kw$seed/summary.txt "$OUT/mqar4kw${seed}_summary.txt"
-  done
-  ;;
 mqar4kh)
-  # issue 23: the budget on each router head's mean (--router-budget-scope head) at weights 0.1 (seeds 0, 1) and 1
-  # (seed 0), beside session 27's best setting (layer scope, weight 0.1) at seed 1: four runs side by side (nothing
-  # timed but tokens/s), then the router-margin split of each checkpoint
-  run4k() {  # name, seed, scope, weight
-    FLA_CACHE_MODE=strict timeout 480 python3 -c "$NATSL_TRAIN" \
+  # issue 23: the budget on each router head's mean (--router-budget-scope head, weight 0.1; seed 0 in session 28)
+  # at the seeds in $MQAR_SEEDS (default "1 2"), one run after the other (session 28's four side by side did not
+  # finish in 480 s), each followed by the router-margin split of its checkpoint (fla's shipped configurations, no
+  # autotuning: session 28's 60 s limit ended in it)
+  for seed in ${MQAR_SEEDS:-1 2}; do
+    FLA_CACHE_MODE=strict timeout 230 python3 -c "$NATSL_TRAIN" \
       --task mqar --seq-len 4096 --num-kv-pairs 8 --vocab 64 --kv-at random --size 340m --layers 2 --models natsl \
       --steps 1500 --batch-size 16 --lr 2e-3 --eval-every 150 --eval-examples 128 --device cuda --fla-configs auto \
-      --router-budget 0.125 --router-budget-scope "$3" --router-budget-weight "$4" --seed "$2" --out "/tmp/$1" \
-      --no-progress > "$OUT/$1.log" 2>&1
-    timeout 60 python3 benchmarks/router_logits.py "/tmp/$1" --device cuda --examples 32 > "/tmp/$1/router_logits.md" 2>&1
-  }
-  run4k head01s0 0 head 0.1 & run4k head01s1 1 head 0.1 & run4k head1s0 0 head 1.0 & run4k layer01s1 1 layer 0.1 &
-  wait
-  for r in head01s0 head01s1 head1s0 layer01s1; do
-    echo "== $r"; grep -v Warning "$OUT/$r.log" | tail -40; cat "/tmp/$r/router_logits.md"
-  done > "$OUT/mqar4kh.txt"
-  tar -C /tmp -czf "$OUT/mqar4kh.tgz" --exclude=checkpoint head01s0 head01s1 head1s0 layer01s1
+      --router-budget 0.125 --router-budget-scope head --router-budget-weight 0.1 --seed "$seed" \
+      --out "/tmp/mqar4kh$seed" --no-progress 2>&1 | grep -v Warning
+    for f in summary.txt history.csv; do cp "/tmp/mqar4kh$seed/$f" "$OUT/mqar4kh${seed}_$f"; done
+    FLA_CONFIG_DIR=$PWD/natsl/configs/fla/NVIDIA_H200 FLA_CACHE_MODE=full timeout 120 python3 \
+      benchmarks/router_logits.py "/tmp/mqar4kh$seed" --device cuda --examples 16 2>&1 | grep -v Warning \
+      | tee "$OUT/router_logits_head_seed$seed.md"
+  done
   ;;
 mqar4k)
   # issue 23: MQAR at T = 4096 with the pairs at random positions, 2 layers of the 340M width, natsl (the paper's
