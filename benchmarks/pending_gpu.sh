@@ -138,13 +138,14 @@ mamba2prof)
   ;;
 mqar4kh)
   # issue 23: the budget on each router head's mean (--router-budget-scope head, weight 0.1; seed 0 in session 28)
-  # at the seeds in $MQAR_SEEDS (default "1 2"), one run after the other (session 28's four side by side did not
+  # at the seeds in $MQAR_SEEDS (default "1 2"; models $MQAR_MODELS, default natsl: `natsl,layer_hybrid` adds the
+  # comparator, which has no router), one run after the other (session 28's four side by side did not
   # finish in 480 s), each followed by the router-margin split of its checkpoint (fla's shipped configurations, no
   # autotuning: session 28's 60 s limit ended in it). The first run on a fresh machine compiles fla's kernels cold:
   # 230 s did not suffice (session 29)
   for seed in ${MQAR_SEEDS:-1 2}; do
     FLA_CACHE_MODE=strict timeout 330 python3 -c "$NATSL_TRAIN" \
-      --task mqar --seq-len 4096 --num-kv-pairs 8 --vocab 64 --kv-at random --size 340m --layers 2 --models natsl \
+      --task mqar --seq-len 4096 --num-kv-pairs 8 --vocab 64 --kv-at random --size 340m --layers 2 --models "${MQAR_MODELS:-natsl}" \
       --steps 1500 --batch-size 16 --lr 2e-3 --eval-every 150 --eval-examples 128 --device cuda --fla-configs auto \
       --router-budget 0.125 --router-budget-scope head --router-budget-weight 0.1 --seed "$seed" \
       --out "/tmp/mqar4kh$seed" --no-progress 2>&1 | grep -v Warning
