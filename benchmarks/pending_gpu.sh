@@ -142,11 +142,11 @@ mqar4kh)
   # comparator, which has no router), one run after the other (session 28's four side by side did not
   # finish in 480 s), each followed by the router-margin split of its checkpoint (fla's shipped configurations, no
   # autotuning: session 28's 60 s limit ended in it). The first run on a fresh machine compiles fla's kernels cold:
-  # 230 s did not suffice (session 29)
+  # 230 s did not suffice (session 29); 420 s leaves room for a second model
   for seed in ${MQAR_SEEDS:-1 2}; do
-    FLA_CACHE_MODE=strict timeout 330 python3 -c "$NATSL_TRAIN" \
-      --task mqar --seq-len 4096 --num-kv-pairs 8 --vocab 64 --kv-at random --size 340m --layers 2 --models "${MQAR_MODELS:-natsl}" \
-      --steps 1500 --batch-size 16 --lr 2e-3 --eval-every 150 --eval-examples 128 --device cuda --fla-configs auto \
+    FLA_CACHE_MODE=strict timeout 420 python3 -c "$NATSL_TRAIN" \
+      --task mqar --seq-len 4096 --num-kv-pairs 8 --vocab 64 --kv-at random --size 340m --layers 2 \
+      --models "${MQAR_MODELS:-natsl}" --steps 1500 --batch-size 16 --lr 2e-3 --eval-every 150 --eval-examples 128 --device cuda --fla-configs auto \
       --router-budget 0.125 --router-budget-scope head --router-budget-weight 0.1 --seed "$seed" \
       --out "/tmp/mqar4kh$seed" --no-progress 2>&1 | grep -v Warning
     for f in summary.txt history.csv; do cp "/tmp/mqar4kh$seed/$f" "$OUT/mqar4kh${seed}_$f"; done
