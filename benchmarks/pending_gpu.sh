@@ -66,7 +66,7 @@ NATSL_TRAIN="import sys; import fla.ops.common.chunk_o as m; m.TRITON_ABOVE_3_7_
 from natsl.train.cli import train_main; sys.exit(train_main(sys.argv[1:]))"
 # $OUT/fla_configs as one file (a call returns at most 8 files)
 tar_configs() { tar -C "$OUT" -czf "$OUT/fla_configs.tgz" fla_configs && rm -r "$OUT/fla_configs"; }
-[ $# -ge 1 ] || { echo "part: prefill | gentests | layer64k | orders | flaconfigs | coldstep | proftrain | gaps | tests | gputests | decode | eager | profile | coldbase | linbranchtests | precompile | autotune | tuningtest | mamba2host | mqar4k | mamba2prof | mqar4kh"; exit 2; }
+[ $# -ge 1 ] || { echo "part: prefill | gentests | layer64k | orders | flaconfigs | coldstep | proftrain | gaps | tests | gputests | decode | eager | profile | coldbase | linbranchtests | precompile | autotune | tuningtest | mamba2host | mqar4k | mamba2prof | mqar4kh | text4k | text4kh"; exit 2; }
 for part in "$@"; do
 case "$part" in
 gaps)
@@ -154,6 +154,25 @@ mqar4kh)
       benchmarks/router_logits.py "/tmp/mqar4kh$seed" --device cuda --examples 16 2>&1 | grep -v Warning \
       | tee "$OUT/router_logits_head_seed$seed.md"
   done
+  ;;
+text4k)
+  # issue 23 item 3 on the H200: the Python standard library's sources (python3 3.12 there) at 4k tokens, 2 layers of
+  # the 340M width, the four models at equal steps (the paper's routers: no budget); curves and routing maps in
+  # $OUT/text4k.tgz
+  FLA_CACHE_MODE=strict timeout 540 python3 -c "$NATSL_TRAIN" \
+    --task text --data stdlib --seq-len 4096 --size 340m --layers 2 --models natsl,hybrid,linear,softmax \
+    --steps 1000 --batch-size 8 --lr 2e-3 --eval-every 100 --eval-examples 64 --device cuda --fla-configs auto \
+    --out /tmp/text4k --no-progress 2>&1 | grep -v Warning
+  cp /tmp/text4k/summary.txt "$OUT/text4k_summary.txt"; tar -C /tmp -czf "$OUT/text4k.tgz" --exclude=checkpoint text4k
+  ;;
+text4kh)
+  # the same text run for natsl with issue 23's best MQAR setting (the budget on each router head's mean)
+  FLA_CACHE_MODE=strict timeout 300 python3 -c "$NATSL_TRAIN" \
+    --task text --data stdlib --seq-len 4096 --size 340m --layers 2 --models natsl \
+    --steps 1000 --batch-size 8 --lr 2e-3 --eval-every 100 --eval-examples 64 --device cuda --fla-configs auto \
+    --router-budget 0.125 --router-budget-scope head --router-budget-weight 0.1 \
+    --out /tmp/text4kh --no-progress 2>&1 | grep -v Warning
+  cp /tmp/text4kh/summary.txt "$OUT/text4kh_summary.txt"; tar -C /tmp -czf "$OUT/text4kh.tgz" --exclude=checkpoint text4kh
   ;;
 mqar4k)
   # issue 23: MQAR at T = 4096 with the pairs at random positions, 2 layers of the 340M width, natsl (the paper's
