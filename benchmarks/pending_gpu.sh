@@ -147,8 +147,8 @@ mqar4kh)
     FLA_CACHE_MODE=strict timeout 420 python3 -c "$NATSL_TRAIN" \
       --task mqar --seq-len 4096 --num-kv-pairs 8 --vocab 64 --kv-at random --size 340m --layers 2 \
       --models "${MQAR_MODELS:-natsl}" --steps 1500 --batch-size 16 --lr 2e-3 --eval-every 150 --eval-examples 128 \
-      --device cuda --fla-configs auto --router-budget 0.125 --router-budget-scope head --router-budget-weight 0.1 --seed "$seed" \
-      --out "/tmp/mqar4kh$seed" --no-progress 2>&1 | grep -v Warning
+      --device cuda --fla-configs auto --router-budget 0.125 --router-budget-scope head --router-budget-weight 0.1 \
+      --seed "$seed" --out "/tmp/mqar4kh$seed" --no-progress 2>&1 | grep -v Warning
     for f in summary.txt history.csv; do cp "/tmp/mqar4kh$seed/$f" "$OUT/mqar4kh${seed}_$f"; done
     FLA_CONFIG_DIR=$PWD/natsl/configs/fla/NVIDIA_H200 FLA_CACHE_MODE=full timeout 150 python3 \
       benchmarks/router_logits.py "/tmp/mqar4kh$seed" --device cuda --examples 16 2>&1 | grep -v Warning \
