@@ -32,6 +32,8 @@
 #   mqar4k   issue 23's MQAR at 4k with random pairs, natsl beside the layer hybrid, 1500 steps
 #   mqar4kh  natsl with the budget on each head's mean (issue 23's best setting) at seeds $MQAR_SEEDS (default 1 2),
 #            one after the other, and the router-margin split of each checkpoint
+#   launchhost the host time of one launch: natsl's masked-chunk kernels, an fla kernel, an aten op (issue 19)
+#   text4k / text4kh issue 23's text run at 4k on the H200 (the four models; natsl with the head-scope budget)
 #   mamba2prof the GPU kernels of mamba2's branch and of plain fla at 8 x 4096 and 1 x 65536
 #   linbranchtests the linear branch's GPU tests (five backends in bf16 against float64, the no-host-sync layer step)
 #   proftrain the kernels of the NAtS-L and GDN layers' training fwd+bwd at 1 x 65536 (what is left above the GDN
@@ -66,7 +68,7 @@ NATSL_TRAIN="import sys; import fla.ops.common.chunk_o as m; m.TRITON_ABOVE_3_7_
 from natsl.train.cli import train_main; sys.exit(train_main(sys.argv[1:]))"
 # $OUT/fla_configs as one file (a call returns at most 8 files)
 tar_configs() { tar -C "$OUT" -czf "$OUT/fla_configs.tgz" fla_configs && rm -r "$OUT/fla_configs"; }
-[ $# -ge 1 ] || { echo "part: prefill | gentests | layer64k | orders | flaconfigs | coldstep | proftrain | gaps | tests | gputests | decode | eager | profile | coldbase | linbranchtests | precompile | autotune | tuningtest | mamba2host | mqar4k | mamba2prof | mqar4kh | text4k | text4kh"; exit 2; }
+[ $# -ge 1 ] || { echo "part: prefill | gentests | layer64k | orders | flaconfigs | coldstep | proftrain | gaps | tests | gputests | decode | eager | profile | coldbase | linbranchtests | precompile | autotune | tuningtest | mamba2host | mqar4k | mamba2prof | mqar4kh | text4k | text4kh | launchhost"; exit 2; }
 for part in "$@"; do
 case "$part" in
 gaps)
@@ -130,6 +132,10 @@ tuningtest)
 mamba2host)
   timeout 400 python3 benchmarks/bench_linear_branch.py --backends mamba2 --cases 1x16384,8x4096 --fractions 0.125 \
     --host --out "$OUT/linear_branch_mamba2_host.md" 2>&1 | grep -v Warning
+  ;;
+launchhost)
+  # issue 19: the host issue time of one launch of natsl's masked-chunk kernels against one fla kernel and one aten op
+  timeout 200 python3 benchmarks/bench_launch_host.py --out "$OUT/launch_host.md" 2>&1 | grep -v Warning
   ;;
 mamba2prof)
   # issue 19's last gap: mamba2's branch kernel by kernel against plain fla where the call is GPU-bound
