@@ -135,7 +135,7 @@ mamba2host)
   ;;
 launchhost)
   # issue 19: the host issue time of one launch of natsl's masked-chunk kernels against one fla kernel and one aten op
-  timeout 200 python3 benchmarks/bench_launch_host.py --out "$OUT/launch_host.md" 2>&1 | grep -v Warning
+  timeout 120 python3 benchmarks/bench_launch_host.py --out "$OUT/launch_host.md" 2>&1 | grep -v Warning
   ;;
 mamba2prof)
   # issue 19's last gap: mamba2's branch kernel by kernel against plain fla where the call is GPU-bound
