@@ -163,17 +163,21 @@ mqar4kh)
   ;;
 text4k)
   # issue 23 item 3 on the H200: the Python standard library's sources (python3 3.12 there) at 4k tokens, 2 layers of
-  # the 340M width, the four models at equal steps (the paper's routers: no budget); curves and routing maps in
-  # $OUT/text4k.tgz
-  FLA_CACHE_MODE=strict timeout 540 python3 -c "$NATSL_TRAIN" \
-    --task text --data stdlib --seq-len 4096 --size 340m --layers 2 --models natsl,hybrid,linear,softmax \
-    --steps 1000 --batch-size 8 --lr 2e-3 --eval-every 100 --eval-examples 64 --device cuda --fla-configs auto \
-    --out /tmp/text4k --no-progress 2>&1 | grep -v Warning
-  cp /tmp/text4k/summary.txt "$OUT/text4k_summary.txt"; tar -C /tmp -czf "$OUT/text4k.tgz" --exclude=checkpoint text4k
+  # the 340M width, the models in $TEXT_MODELS (default: the four) at equal steps, each in its own process and run
+  # folder (session 30's one process for four wrote nothing before its 540 s limit: the summary comes at the end);
+  # the paper's routers (no budget); curves and routing maps in $OUT/text4k_MODEL.tgz
+  for model in ${TEXT_MODELS:-natsl hybrid linear softmax}; do
+    FLA_CACHE_MODE=strict timeout "${TEXT_TIMEOUT:-240}" python3 -c "$NATSL_TRAIN" \
+      --task text --data stdlib --seq-len 4096 --size 340m --layers 2 --models "$model" \
+      --steps 1000 --batch-size 8 --lr 2e-3 --eval-every 100 --eval-examples 64 --device cuda --fla-configs auto \
+      --out "/tmp/text4k_$model" --no-progress 2>&1 | grep -v Warning
+    cp "/tmp/text4k_$model/summary.txt" "$OUT/text4k_${model}_summary.txt"
+    tar -C /tmp -czf "$OUT/text4k_$model.tgz" --exclude=checkpoint "text4k_$model"
+  done
   ;;
 text4kh)
   # the same text run for natsl with issue 23's best MQAR setting (the budget on each router head's mean)
-  FLA_CACHE_MODE=strict timeout 300 python3 -c "$NATSL_TRAIN" \
+  FLA_CACHE_MODE=strict timeout 220 python3 -c "$NATSL_TRAIN" \
     --task text --data stdlib --seq-len 4096 --size 340m --layers 2 --models natsl \
     --steps 1000 --batch-size 8 --lr 2e-3 --eval-every 100 --eval-examples 64 --device cuda --fla-configs auto \
     --router-budget 0.125 --router-budget-scope head --router-budget-weight 0.1 \
