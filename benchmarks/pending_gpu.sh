@@ -69,6 +69,21 @@ NATSL_TRAIN="import sys; import fla.ops.common.chunk_o as m; m.TRITON_ABOVE_3_7_
 from natsl.train.cli import train_main; sys.exit(train_main(sys.argv[1:]))"
 # $OUT/fla_configs as one file (a call returns at most 8 files)
 tar_configs() { tar -C "$OUT" -czf "$OUT/fla_configs.tgz" fla_configs && rm -r "$OUT/fla_configs"; }
+# issue 23's best setting: the budget on each router head's mean (word-split where used)
+HEAD_BUDGET="--router-budget 0.125 --router-budget-scope head --router-budget-weight 0.1"
+# `natsl train` on the standard library's sources at 4k tokens, 2 layers of the 340M width, one model in its own process
+# and run folder /tmp/NAME (the summary comes at the end of a process); args: NAME, time limit (s), model, then more
+# train options; $OUT/NAME_summary.txt and $OUT/NAME.tgz (curves, routing maps; no checkpoints)
+text4k_run() {
+  local name=$1 limit=$2 model=$3
+  shift 3
+  FLA_CACHE_MODE=strict timeout "$limit" python3 -c "$NATSL_TRAIN" \
+    --task text --data stdlib --seq-len 4096 --size 340m --layers 2 --models "$model" \
+    --steps 1000 --batch-size 8 --lr 2e-3 --eval-every 100 --eval-examples 64 --device cuda --fla-configs auto \
+    "$@" --out "/tmp/$name" --no-progress 2>&1 | grep -v Warning
+  cp "/tmp/$name/summary.txt" "$OUT/${name}_summary.txt"
+  tar -C /tmp -czf "$OUT/$name.tgz" --exclude=checkpoint "$name"
+}
 [ $# -ge 1 ] || { echo "part: prefill | gentests | layer64k | orders | flaconfigs | coldstep | proftrain | gaps | tests | gputests | decode | eager | profile | coldbase | linbranchtests | precompile | autotune | tuningtest | mamba2host | mqar4k | mamba2prof | mqar4kh | text4k | text4kh | launchhost"; exit 2; }
 for part in "$@"; do
 case "$part" in
@@ -151,11 +166,12 @@ mqar4kh)
   # autotuning: session 28's 60 s limit ended in it). The first run on a fresh machine compiles fla's kernels cold:
   # 230 s did not suffice (session 29); 420 s leaves room for a second model
   for seed in ${MQAR_SEEDS:-1 2}; do
+    # shellcheck disable=SC2086
     FLA_CACHE_MODE=strict timeout 420 python3 -c "$NATSL_TRAIN" \
       --task mqar --seq-len 4096 --num-kv-pairs 8 --vocab 64 --kv-at random --size 340m --layers 2 \
       --models "${MQAR_MODELS:-natsl}" --steps 1500 --batch-size 16 --lr 2e-3 --eval-every 150 --eval-examples 128 \
-      --device cuda --fla-configs auto --router-budget 0.125 --router-budget-scope head --router-budget-weight 0.1 \
-      --seed "$seed" --out "/tmp/mqar4kh$seed" --no-progress 2>&1 | grep -v Warning
+      --device cuda --fla-configs auto $HEAD_BUDGET --seed "$seed" --out "/tmp/mqar4kh$seed" --no-progress 2>&1 \
+      | grep -v Warning
     for f in summary.txt history.csv; do cp "/tmp/mqar4kh$seed/$f" "$OUT/mqar4kh${seed}_$f"; done
     FLA_CONFIG_DIR=$PWD/natsl/configs/fla/NVIDIA_H200 FLA_CACHE_MODE=full timeout 150 python3 \
       benchmarks/router_logits.py "/tmp/mqar4kh$seed" --device cuda --examples 16 2>&1 | grep -v Warning \
@@ -163,27 +179,17 @@ mqar4kh)
   done
   ;;
 text4k)
-  # issue 23 item 3 on the H200: the Python standard library's sources (python3 3.12 there) at 4k tokens, 2 layers of
-  # the 340M width, the models in $TEXT_MODELS (default: the four) at equal steps, each in its own process and run
-  # folder (session 30's one process for four wrote nothing before its 540 s limit: the summary comes at the end);
-  # the paper's routers (no budget); curves and routing maps in $OUT/text4k_MODEL.tgz
+  # issue 23 item 3 on the H200: the Python standard library's sources (python3 3.12 there), the models in
+  # $TEXT_MODELS (default: the four) at equal steps, one process each (session 30's one process for four wrote nothing
+  # before its 540 s limit); the paper's routers (no budget)
   for model in ${TEXT_MODELS:-natsl hybrid linear softmax}; do
-    FLA_CACHE_MODE=strict timeout "${TEXT_TIMEOUT:-240}" python3 -c "$NATSL_TRAIN" \
-      --task text --data stdlib --seq-len 4096 --size 340m --layers 2 --models "$model" \
-      --steps 1000 --batch-size 8 --lr 2e-3 --eval-every 100 --eval-examples 64 --device cuda --fla-configs auto \
-      --out "/tmp/text4k_$model" --no-progress 2>&1 | grep -v Warning
-    cp "/tmp/text4k_$model/summary.txt" "$OUT/text4k_${model}_summary.txt"
-    tar -C /tmp -czf "$OUT/text4k_$model.tgz" --exclude=checkpoint "text4k_$model"
+    text4k_run "text4k_$model" "${TEXT_TIMEOUT:-240}" "$model"
   done
   ;;
 text4kh)
-  # the same text run for natsl with issue 23's best MQAR setting (the budget on each router head's mean)
-  FLA_CACHE_MODE=strict timeout 220 python3 -c "$NATSL_TRAIN" \
-    --task text --data stdlib --seq-len 4096 --size 340m --layers 2 --models natsl \
-    --steps 1000 --batch-size 8 --lr 2e-3 --eval-every 100 --eval-examples 64 --device cuda --fla-configs auto \
-    --router-budget 0.125 --router-budget-scope head --router-budget-weight 0.1 \
-    --out /tmp/text4kh --no-progress 2>&1 | grep -v Warning
-  cp /tmp/text4kh/summary.txt "$OUT/text4kh_summary.txt"; tar -C /tmp -czf "$OUT/text4kh.tgz" --exclude=checkpoint text4kh
+  # the same text run for natsl with issue 23's best MQAR setting
+  # shellcheck disable=SC2086
+  text4k_run text4kh 220 natsl $HEAD_BUDGET
   ;;
 mqar4k)
   # issue 23: MQAR at T = 4096 with the pairs at random positions, 2 layers of the 340M width, natsl (the paper's
