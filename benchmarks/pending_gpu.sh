@@ -33,7 +33,8 @@
 #   mqar4k   issue 23's MQAR at 4k with random pairs, natsl beside the layer hybrid, 1500 steps
 #   mqar4kh  natsl with the budget on each head's mean (issue 23's best setting) at seeds $MQAR_SEEDS (default 1 2),
 #            one after the other, and the router-margin split of each checkpoint
-#   launchhost the host time of one launch: natsl's masked-chunk kernels, an fla kernel, an aten op (issue 19)
+#   launchhost the host time of one launch: natsl's masked-chunk kernels, an fla kernel, an aten op; mamba2's eager
+#            fwd+bwd at 1 x 16k taken apart on the host, function by function (issue 19)
 #   text4k / text4kh issue 23's text run at 4k on the H200 (the four models; natsl with the head-scope budget)
 #   mamba2prof the GPU kernels of mamba2's branch and of plain fla at 8 x 4096 and 1 x 65536
 #   linbranchtests the linear branch's GPU tests (five backends in bf16 against float64, the no-host-sync layer step)
@@ -150,8 +151,10 @@ mamba2host)
     --host --out "$OUT/linear_branch_mamba2_host.md" 2>&1 | grep -v Warning
   ;;
 launchhost)
-  # issue 19: the host issue time of one launch of natsl's masked-chunk kernels against one fla kernel and one aten op
-  timeout 120 python3 benchmarks/bench_launch_host.py --out "$OUT/launch_host.md" 2>&1 | grep -v Warning
+  # issue 19: the host issue time of one launch of natsl's masked-chunk kernels against one fla kernel and one aten op,
+  # then mamba2's eager fwd+bwd at 1 x 16k taken apart on the host (plain fla vs the branch, function by function)
+  timeout 400 python3 benchmarks/bench_launch_host.py --breakdown mamba2:1x16384 --out "$OUT/launch_host.md" 2>&1 \
+    | grep -v Warning
   ;;
 mamba2prof)
   # issue 19's last gap: mamba2's branch kernel by kernel against plain fla where the call is GPU-bound
