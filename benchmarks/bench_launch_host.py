@@ -1,10 +1,10 @@
-"""Host issue time of one launch, on the GPU: natsl's two masked-chunk kernels against one fla kernel and one aten
-op, at tiny shapes (the GPU is idle between launches, so the time is the host's). Answers where the linear
-branch's extra host time at mamba2 1 × 16k comes from (issue 19: 1.25× plain fla by wall time per call there,
-RESULTS "Session 28"): `--interleaved` in `bench_linear_branch.py` times the whole call, this times each launch.
+"""Host issue time of one launch, on the GPU: natsl's two masked-chunk kernels against fla kernels and aten ops,
+at tiny shapes (the GPU is idle between launches, so the time is the host's). Answers where the linear branch's
+extra host time at mamba2 1 × 16k comes from (issue 19: 1.25× plain fla by wall time per call there, RESULTS
+"Session 28"): `--interleaved` in `bench_linear_branch.py` times the whole call, this times each launch.
 With `--breakdown BACKEND:BxT` it also takes one eager fwd+bwd apart on the host at that case: plain fla's call and
 the branch's, each function they call timed by a wrapper (fla's chunk functions, natsl's two kernels), the rest is
-Python, aten and autograd around them; and the branch's issue time with `mask_keys` as PyTorch's product instead.
+Python, aten and autograd around them.
 
     python3 benchmarks/bench_launch_host.py [--calls 2000] [--breakdown mamba2:1x16384] [--out FILE]
 
@@ -27,8 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 from utils import allow_fla_gated_backward_on_hopper, env_line, host_us_per_call, markdown_table  # noqa: E402
 
-from natsl.kernels.masked_write import mask_keys, masked_write_bwd  # noqa: E402
-from natsl.kernels.naive import naive_mask_keys  # noqa: E402
+from natsl.kernels.masked_write import masked_write_bwd, masked_write_fwd  # noqa: E402
 
 PLAIN_LEAVES = {  # backend: (module of plain fla's chunk function, the names it calls)
     "mamba2": ("fla.ops.simple_gla.chunk", ("chunk_local_cumsum", "chunk_fwd_h", "chunk_fwd_o", "chunk_bwd_dh",
@@ -41,7 +40,7 @@ PLAIN_LEAVES = {  # backend: (module of plain fla's chunk function, the names it
 }
 #: natsl's masked pass: (module, names) whose host time is taken apart (fla's functions as the pass reaches them)
 NATSL_LEAVES = (
-    ("natsl.layers.linear.masked", ("mask_keys", "masked_write_bwd")),
+    ("natsl.layers.linear.masked", ("masked_write_fwd", "masked_write_bwd")),
     ("fla.ops.common.chunk_h", ("chunk_fwd_h", "chunk_bwd_dh")),
     ("fla.ops.common.chunk_o", ("chunk_fwd_o", "chunk_bwd_dqkwg", "chunk_bwd_dv_local")),
 )
@@ -97,33 +96,21 @@ def breakdown(backend: str, B: int, T: int, calls: int, rounds: int = 5) -> str:
     fns = {p: bench.setup(backend, shape, T, 0.0 if p == "fla-plain" else 0.125, p, "fwd+bwd")
            for p in ("fla-plain", "natsl-branch")}
 
-    def aten_mask_keys(k, m, block_size, token_block=None):
-        return naive_mask_keys(k, m, block_size, token_block)
-
     def call(p):
         fn, leaves = fns[p]
         for t in leaves:
             t.grad = None
         fn()
 
-    def issue(p, variant=None):
-        if variant == "aten k*m":
-            masked.mask_keys = aten_mask_keys
-        try:
-            return host_us_per_call(lambda: call(p), n=calls, wait_for_gpu=False)
-        finally:
-            masked.mask_keys = mask_keys
-
     for p in fns:
         for _ in range(3):
             call(p)
-    runs = [("fla-plain", None), ("natsl-branch", None), ("natsl-branch", "aten k*m")]
-    times = {r: [] for r in runs}
+    times = {p: [] for p in fns}
     for _ in range(rounds):
-        for r in runs:
-            times[r].append(issue(*r))
-    rows = [{"call": p + (f" ({v})" if v else ""), "host issue us/call (median)": statistics.median(times[(p, v)]),
-             "min": min(times[(p, v)]), "max": max(times[(p, v)])} for p, v in runs]
+        for p in fns:
+            times[p].append(host_us_per_call(lambda p=p: call(p), n=calls, wait_for_gpu=False))
+    rows = [{"call": p, "host issue us/call (median)": statistics.median(t), "min": min(t), "max": max(t)}
+            for p, t in times.items()]
     text = (f"## host issue time of one fwd+bwd, {backend} B={B} T={T} ({calls} calls x {rounds} rounds, "
             f"alternated)\n\n" + markdown_table(rows, ["call", "host issue us/call (median)", "min", "max"]))
     # each function's share: wrapped (a perf counter around each call), one provider at a time
@@ -166,6 +153,7 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     allow_fla_gated_backward_on_hopper()
+    from fla.ops.common.chunk_h import chunk_fwd_h
     from fla.ops.common.chunk_o import chunk_bwd_dv_local
     from fla.ops.utils import chunk_local_cumsum
 
@@ -185,7 +173,8 @@ def main() -> None:
         "aten new_zeros": lambda: m.new_zeros(B, T // C, H, 2),
         "fla chunk_local_cumsum": lambda: chunk_local_cumsum(g, chunk_size=C),
         "fla chunk_bwd_dv_local": lambda: chunk_bwd_dv_local(q=q, k=k, do=do, g=gc, scale=K ** -0.5, chunk_size=C),
-        "natsl mask_keys": lambda: mask_keys(k, m, C),
+        "fla chunk_fwd_h": lambda: chunk_fwd_h(k=k, v=v, g=gc, chunk_size=C),
+        "natsl masked_write_fwd (k*m, gate cumsum)": lambda: masked_write_fwd(k, m, g, chunk_size=C),
         "natsl masked_write_bwd (mamba2's call)": lambda: masked_write_bwd(
             v, k, m.reshape(-1, H), dh, dk, dv=dv, dv_add=True, dg=dg, g=gc, chunk_size=C),
     }

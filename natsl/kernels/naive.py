@@ -70,56 +70,78 @@ def naive_copy_blocks(src: torch.Tensor, dst: torch.Tensor, order: torch.Tensor,
     blocks[b, h, slot] = src.reshape(B, src.shape[1] // C, C, H, src.shape[-1])[b, order, :, h].to(dst.dtype)
 
 
-def naive_mask_keys(k: torch.Tensor, m: torch.Tensor, block_size: int,
-                    token_block: torch.Tensor | None = None) -> torch.Tensor:
-    """`k·m` in `k`'s dtype: the keys `[B, T, H, K]` times their block's `m [B, N, H]` (token `t` in block
-    `t // block_size`, or `token_block[t]` for packed input)."""
-    blk = torch.arange(k.shape[1], device=k.device) // block_size if token_block is None else token_block
-    return (k * m[:, blk.long()][..., None]).to(k.dtype)
-
-
-def naive_masked_write_bwd(x, k, m, dh, dk, *, dv=None, dv_add=False, dg=None, g=None, gk=None, z=None, h=None,
-                           cu_seqlens=None, chunk_size=64, select=False, dm_out=None):
-    """PyTorch twin of `natsl.kernels.masked_write.masked_write_bwd` (same arguments, same in-place updates of `dk`,
-    `dv`, `dg`; returns `dm [B * NT, H]` float32, written into `dm_out` if given), one chunk at a time."""
-    B, T, H, K = k.shape
+def _chunk_spans(B: int, T: int, cu_seqlens, chunk_size: int):
+    """`(b, start, end, block)` of every chunk in fla's order (dense: block `c` of row `b`; packed: the global
+    block, the chunks of every sequence in turn)."""
     bounds = [(b, 0, T) for b in range(B)] if cu_seqlens is None else \
         [(0, int(s), int(e)) for s, e in zip(cu_seqlens[:-1].tolist(), cu_seqlens[1:].tolist())]
-    f = torch.float64 if x.dtype == torch.float64 else torch.float32
-    dm = torch.zeros(m.shape, dtype=torch.float32, device=k.device)
-    i_tg = 0
+    spans, i_tg = [], 0
     for b, bos, eos in bounds:
         for c, s in enumerate(range(bos, eos, chunk_size)):
-            e = min(s + chunk_size, eos)
-            idx = (b, c) if cu_seqlens is None else (0, i_tg)
-            D = dh[idx].to(f)  # [H, K, V]
-            mh = m[i_tg].to(f)  # [H]
-            mc = mh[:, None]
-            xc, kc = x[b, s:e].to(f), k[b, s:e].to(f)  # [C, H, *]
-            if gk is not None:
-                gam = torch.exp2(gk[b, e - 1][None] - gk[b, s:e]).to(f)  # [C, H, K]
-            elif g is not None:
-                gam = torch.exp2(g[b, e - 1][None] - g[b, s:e]).to(f)[..., None]
-            else:
-                gam = torch.ones_like(kc[..., :1])
-            dkw = torch.einsum("chv,hkv->chk", xc, D) * gam
-            kdk = kc * dkw
-            dm[i_tg] = (kdk.sum((0, 2)) * (mh if select else 1)).float()
-            dk[b, s:e] -= ((1 - mc) * dkw).to(dk.dtype)
-            if dv is not None:
-                coef = mc if dv_add else mc - 1
-                dv[b, s:e] += (coef * torch.einsum("chk,hkv->chv", kc * gam, D)).to(dv.dtype)
-            if dg is not None:
-                c_ = (1 - mc) * kdk if gk is not None else (1 - mh) * kdk.sum(-1)
-                corr = c_.cumsum(0) - c_
-                if z is not None:  # the carried decay's term of chunks that do not decay the carried state
-                    hdh = (h[idx].to(f) * D).sum(-1)  # [H, K]
-                    zc = z[i_tg].to(f)[:, None]
-                    last = gk[b, e - 1].to(f) if gk is not None else g[b, e - 1].to(f)[:, None]
-                    lt = (1 - zc) * hdh * torch.exp2(last)  # [H, K]
-                    corr = corr + (lt if gk is not None else lt.sum(-1))
-                dg[b, s:e] -= corr.to(dg.dtype)
+            spans.append((b, s, min(s + chunk_size, eos), c if cu_seqlens is None else i_tg))
             i_tg += 1
+    return spans
+
+
+def naive_masked_write_fwd(k: torch.Tensor, m: torch.Tensor, g: torch.Tensor | None = None, *, chunk_size: int = 64,
+                           scale: float = 1.0, cu_seqlens: torch.Tensor | None = None):
+    """Twin of `masked_write.masked_write_fwd`: `k·m` in `k`'s dtype (`k [B, T, H, K]` times its block's
+    `m [B, N, H]`) and the chunk-local cumulative gate `scale · cumsum(g)` in float32 (float64 for float64 `g`),
+    `None` without `g`."""
+    B, T = k.shape[:2]
+    k_m = torch.empty_like(k)
+    gc = None if g is None else torch.empty(g.shape, dtype=torch.promote_types(g.dtype, torch.float32),
+                                            device=g.device)
+    for b, s, e, blk in _chunk_spans(B, T, cu_seqlens, chunk_size):
+        mc = m[b, blk]  # [H]
+        k_m[b, s:e] = (k[b, s:e] * mc[:, None]).to(k.dtype)
+        if g is not None:
+            gc[b, s:e] = g[b, s:e].to(gc.dtype).cumsum(0) * scale
+    return k_m, gc
+
+
+def naive_masked_write_bwd(x, k, m, dh, dk, *, dv=None, dv_add=False, dg=None, dg2=None, g=None, gk=None, z=None,
+                           h=None, cu_seqlens=None, chunk_size=64, select=False, dm_out=None):
+    """PyTorch twin of `natsl.kernels.masked_write.masked_write_bwd` (same arguments, same in-place updates of `dk`,
+    `dv`, `dg`; returns `dm [B * NT, H]` float32, written into `dm_out` if given), one chunk at a time."""
+    from natsl.kernels.masked_write import _check_gate_grads
+
+    _check_gate_grads(dg, dg2, g, gk, z, h)
+    B, T, H, K = k.shape
+    f = torch.float64 if x.dtype == torch.float64 else torch.float32
+    dm = torch.zeros(m.shape, dtype=torch.float32, device=k.device)
+    for i_tg, (b, s, e, c) in enumerate(_chunk_spans(B, T, cu_seqlens, chunk_size)):
+        idx = (b, c) if cu_seqlens is None else (0, c)
+        D = dh[idx].to(f)  # [H, K, V]
+        mh = m[i_tg].to(f)  # [H]
+        mc = mh[:, None]
+        xc, kc = x[b, s:e].to(f), k[b, s:e].to(f)  # [C, H, *]
+        if gk is not None:
+            gam = torch.exp2(gk[b, e - 1][None] - gk[b, s:e]).to(f)  # [C, H, K]
+        elif g is not None:
+            gam = torch.exp2(g[b, e - 1][None] - g[b, s:e]).to(f)[..., None]
+        else:
+            gam = torch.ones_like(kc[..., :1])
+        dkw = torch.einsum("chv,hkv->chk", xc, D) * gam
+        kdk = kc * dkw
+        dm[i_tg] = (kdk.sum((0, 2)) * (mh if select else 1)).float()
+        dk[b, s:e] -= ((1 - mc) * dkw).to(dk.dtype)
+        if dv is not None:
+            coef = mc if dv_add else mc - 1
+            dv[b, s:e] += (coef * torch.einsum("chk,hkv->chv", kc * gam, D)).to(dv.dtype)
+        if dg is not None:
+            base = dg[b, s:e].to(f)
+            if gk is None:  # scalar gates: fla's raw gradient, reverse cumsum here
+                base = (base + (0 if dg2 is None else dg2[b, s:e].to(f))).flip(0).cumsum(0).flip(0)
+            c_ = (1 - mc) * kdk if gk is not None else (1 - mh) * kdk.sum(-1)
+            corr = c_.cumsum(0) - c_
+            if z is not None:  # the carried decay's term of chunks that do not decay the carried state
+                hdh = (h[idx].to(f) * D).sum(-1)  # [H, K]
+                zc = z[i_tg].to(f)[:, None]
+                last = gk[b, e - 1].to(f) if gk is not None else g[b, e - 1].to(f)[:, None]
+                lt = (1 - zc) * hdh * torch.exp2(last)  # [H, K]
+                corr = corr + (lt if gk is not None else lt.sum(-1))
+            dg[b, s:e] = (base - corr).to(dg.dtype)
     return dm if dm_out is None else dm_out.copy_(dm)
 
 

@@ -1,17 +1,19 @@
-"""natsl's `masked_write_bwd` kernel (the routed share of the state-write gradient, spec §1.7 / §3.2) under the
-Triton interpreter against its PyTorch twin `natsl.kernels.naive.naive_masked_write_bwd`: dense and packed
-layouts (fla's chunk indices), scalar / per-key / no gate, every `dv` / `dg` / `z` combination the kernel takes."""
+"""natsl's masked-write kernels under the Triton interpreter against their PyTorch twins: `masked_write_bwd` (the
+routed share of the state-write gradient, spec §1.7 / §3.2, and the scalar gate gradient's reverse cumsum) against
+`natsl.kernels.naive.naive_masked_write_bwd` for dense and packed layouts (fla's chunk indices), scalar / per-key /
+no gate, every `dv` / `dg` / `dg2` / `z` combination the kernel takes; `masked_write_fwd` (`k·m` and the
+chunk-local gate cumsum) against its twin and fla's `chunk_local_cumsum`."""
 
 from unittest import mock
 
 import pytest
 import torch
-from fla.ops.utils import prepare_chunk_indices
+from fla.ops.utils import chunk_local_cumsum, prepare_chunk_indices
 from helpers import assert_close, gen
 
 import natsl.kernels.masked_write as mw
-from natsl.kernels.masked_write import masked_write_bwd
-from natsl.kernels.naive import naive_masked_write_bwd
+from natsl.kernels.masked_write import masked_write_bwd, masked_write_fwd
+from natsl.kernels.naive import naive_masked_write_bwd, naive_masked_write_fwd
 
 BT = 64
 # dense: B = 2, two full chunks and a partial one each; packed: sequences of 70 (a full and a partial chunk), 1 and
@@ -29,9 +31,10 @@ def chunk_bounds(B, T, cu):
     return out
 
 
-def make_case(seed, layout, gate, *, K=16, V=32, H=2, dv=None, dg=False, z=False):
+def make_case(seed, layout, gate, *, K=16, V=32, H=2, dv=None, dg=False, dg2=False, z=False):
     """Random kernel arguments (float32). `gate`: None, "g" (per head) or "gk" (per key); `dv`: None, "remove"
-    (dv holds the real-k write term) or "add" (`dv_add=True`). `g`/`gk` is a chunk-local cumulative log2 decay."""
+    (dv holds the real-k write term) or "add" (`dv_add=True`). `g`/`gk` is a chunk-local cumulative log2 decay;
+    `dg` the raw per-token gate gradient (scalar gates) or the reverse-summed one (gk); `dg2` a second raw term."""
     gn = gen(seed)
     B, T, cu_list = LAYOUTS[layout]
     cu = None if cu_list is None else torch.tensor(cu_list)
@@ -56,6 +59,8 @@ def make_case(seed, layout, gate, *, K=16, V=32, H=2, dv=None, dg=False, z=False
         kw["dv"], kw["dv_add"] = r(B, T, H, V), dv == "add"
     if dg:
         kw["dg"] = r(B, T, H, *((K,) if gate == "gk" else ()))
+    if dg2:
+        kw["dg2"] = r(B, T, H)
     if z:
         zz = (torch.rand(B * NT, H, generator=gn) < 0.5).float()
         zz[0, 1], zz[1, 1] = 0.0, 1.0
@@ -106,18 +111,22 @@ def _cases():
     for layout in LAYOUTS:
         for gate in (None, "g", "gk"):
             for dv in (None, "remove", "add"):
-                for dg, z in ((False, False), (True, False), (True, True)):
-                    if z and gate is None:  # z needs a gate (the carried decay it switches off)
+                for dg, dg2, z in ((False, False, False), (True, False, False), (True, True, False),
+                                   (True, False, True), (True, True, True)):
+                    if (dg or z) and gate is None:  # dg and z need a gate (z: the carried decay it switches off)
                         continue
-                    name = f"{layout}-{gate or 'nogate'}-dv_{dv or 'none'}-{'dg' if dg else 'nodg'}{'-z' if z else ''}"
+                    if dg2 and gate != "g":  # the delta rule's second gate term: scalar gates only
+                        continue
+                    name = (f"{layout}-{gate or 'nogate'}-dv_{dv or 'none'}-{'dg' if dg else 'nodg'}"
+                            f"{'-dg2' if dg2 else ''}{'-z' if z else ''}")
                     seed += 1
-                    yield pytest.param(seed, layout, gate, dv, dg, z, id=name)
+                    yield pytest.param(seed, layout, gate, dv, dg, dg2, z, id=name)
 
 
-@pytest.mark.parametrize("seed,layout,gate,dv,dg,z", list(_cases()))
-def test_matches_naive(seed, layout, gate, dv, dg, z):
+@pytest.mark.parametrize("seed,layout,gate,dv,dg,dg2,z", list(_cases()))
+def test_matches_naive(seed, layout, gate, dv, dg, dg2, z):
     """dm and the corrected dk / dv / dg equal the PyTorch twin, for every combination of optional inputs."""
-    args, kw = make_case(seed, layout, gate, dv=dv, dg=dg, z=z)
+    args, kw = make_case(seed, layout, gate, dv=dv, dg=dg, dg2=dg2, z=z)
     out, ref = run_both(args, kw)
     check(out, ref)
     assert not torch.equal(out["dk"], args["dk"])  # the masked chunks' write term was removed
@@ -209,44 +218,84 @@ def test_rejects_bad_arguments():
         masked_write_bwd(**dict(args_p, m=torch.zeros(4, 2)), **kw_p)  # the dense chunk count of T = 200
     with pytest.raises(ValueError, match="z .* needs h and dg"):
         masked_write_bwd(**args, **dict(kw, z=torch.ones(6, 2)))
+    args_n, kw_n = make_case(1, "dense", None)
+    with pytest.raises(ValueError, match="dg needs the gate"):
+        masked_write_bwd(**args_n, **dict(kw_n, dg=torch.zeros(2, 130, 2)))
+    args_k, kw_k = make_case(1, "dense", "gk", dg=True)
+    with pytest.raises(ValueError, match="dg2 needs dg and a scalar gate g"):
+        masked_write_bwd(**args_k, **dict(kw_k, dg2=torch.zeros(2, 130, 2)))
+    with pytest.raises(ValueError, match="dg2 needs dg"):
+        masked_write_bwd(**args, **dict(kw, dg=None, dg2=torch.zeros(2, 130, 2)))
     big = dict(args, k=torch.zeros(2, 130, 2, 257))
     with pytest.raises(ValueError, match="key dims up to 256"):
         masked_write_bwd(**big, **kw)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("case", ["dense", "partial", "packed", "block16"])
-def test_mask_keys_matches_naive(case, dtype):
-    """`mask_keys` (the masked keys of the state write) against its twin: dense input of whole and partial blocks,
-    blocks smaller than the program's token tile, packed input through `token_block`, and `m` as a strided view of
-    routing weights `[B, N, H, 2]` (what the layer passes: 0/1 in bf16)."""
-    from natsl.kernels.masked_write import mask_keys
-    from natsl.kernels.naive import naive_mask_keys
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_scalar_dg_is_fla_reverse_cumsum_where_nothing_is_masked(layout):
+    """With every chunk linear (`m = 1`, nothing to correct) the scalar-gate `dg` the kernel writes is fla's own
+    `chunk_local_cumsum(dg + dg2, reverse=True)`: the cumsum the pass no longer launches."""
+    args, kw = make_case(13, layout, "g", dg=True, dg2=True)
+    args["m"] = torch.ones_like(args["m"])
+    want = chunk_local_cumsum(kw["dg"] + kw["dg2"], BT, reverse=True, cu_seqlens=kw["cu_seqlens"],
+                              chunk_indices=kw["chunk_indices"])
+    out, ref = run_both(args, kw)
+    assert_close("dg", want, out["dg"], 1e-5, atol=1e-5)
+    assert_close("dg (twin)", want, ref["dg"], 1e-5, atol=1e-5)
 
+
+FWD_CASES = {  # chunk, B, T, cu_seqlens
+    "dense": (64, 2, 128, None), "partial": (64, 2, 130, None), "block16": (16, 2, 72, None),
+    "block128": (128, 1, 200, None), "packed": (64, 1, 200, [0, 70, 71, 200]),
+}
+
+
+@pytest.mark.parametrize("gate", [None, "g", "gk"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", list(FWD_CASES))
+def test_masked_write_fwd_matches_naive_and_fla(case, dtype, gate):
+    """`masked_write_fwd` (`k·m` and the chunk-local gate cumsum) against its twin and fla's `chunk_local_cumsum`:
+    whole and partial blocks, blocks of 16 and 128, packed input through fla's chunk indices, `m` as a strided view
+    of routing weights `[B, N, H, 2]` (what the layer passes: 0/1 in bf16), scalar and per-key gates."""
     gn = gen(7)
-    C, B, T, tb = {"dense": (64, 2, 128, None), "partial": (64, 2, 130, None), "block16": (16, 2, 72, None),
-                   "packed": (64, 1, 200, torch.tensor([0] * 64 + [1] * 6 + [2] + [3] * 64 + [4] * 64 + [5]))}[case]
-    N = -(-T // C) if tb is None else 6
-    k = torch.randn(B, T, 3, 24, generator=gn).to(dtype)
+    C, B, T, cu_list = FWD_CASES[case]
+    cu = None if cu_list is None else torch.tensor(cu_list)
+    ci = None if cu is None else prepare_chunk_indices(cu, C)
+    N = -(-T // C) if cu is None else len(ci)
+    K = 24
+    k = torch.randn(B, T, 3, K, generator=gn).to(dtype)
     weights = (torch.rand(B, N, 3, 2, generator=gn) < 0.5).to(dtype)
     if dtype == torch.float32:  # not only 0/1: the product itself is checked (bf16 rounding on store differs
         weights[..., 1] = torch.rand(B, N, 3, generator=gn)  # between the interpreter and the GPU; 0/1 is exact)
     m = weights[..., 1]
-    out = mask_keys(k, m, C, tb)
-    assert out.dtype == dtype and out.shape == k.shape
-    assert torch.equal(out, naive_mask_keys(k, m, C, tb))
-    blk = torch.arange(T) // C if tb is None else tb
-    assert torch.equal(out[:, 3], (k[:, 3].float() * m[:, blk[3]][..., None].float()).to(dtype))
+    g = None if gate is None else \
+        (-torch.rand(B, T, 3, *((K,) if gate == "gk" else ()), generator=gn)).to(dtype)
+    k_m, gc = masked_write_fwd(k, m, g, chunk_size=C, scale=1.5, cu_seqlens=cu, chunk_indices=ci)
+    ref_km, ref_gc = naive_masked_write_fwd(k, m, g, chunk_size=C, scale=1.5, cu_seqlens=cu)
+    assert k_m.dtype == dtype and k_m.shape == k.shape
+    assert torch.equal(k_m, ref_km)
+    blk = 3 // C if cu is None else 0  # token 3: in block 0 of row 0 in every case
+    assert torch.equal(k_m[:, 3], (k[:, 3].float() * m[:, blk][..., None].float()).to(dtype))
+    if gate is None:
+        assert gc is None and ref_gc is None
+        return
+    want = chunk_local_cumsum(g, C, scale=1.5, cu_seqlens=cu, chunk_indices=ci, output_dtype=torch.float32)
+    assert gc.dtype == torch.float32 and gc.shape == g.shape
+    assert_close("gc", want, gc, 1e-6, atol=1e-5)
+    assert_close("gc (twin)", want, ref_gc, 1e-6, atol=1e-5)
 
 
-def test_mask_keys_rejects_bad_arguments():
-    from natsl.kernels.masked_write import mask_keys
-
+def test_masked_write_fwd_rejects_bad_arguments():
     k = torch.zeros(2, 64, 3, 8)
-    with pytest.raises(ValueError, match=r"m must have shape \[B=2, N, H=3\]"):
-        mask_keys(k, torch.zeros(2, 1, 2), 64)
+    with pytest.raises(ValueError, match=r"m must have shape \[B=2, N=1, H=3\]"):
+        masked_write_fwd(k, torch.zeros(2, 1, 2))
+    with pytest.raises(ValueError, match=r"m must have shape \[B=2, N=1, H=3\]"):
+        masked_write_fwd(k, torch.zeros(2, 2, 3))
     with pytest.raises(ValueError, match="contiguous"):
-        mask_keys(k.transpose(1, 2), torch.zeros(2, 1, 3), 64)
+        masked_write_fwd(k.transpose(1, 2), torch.zeros(2, 1, 3))
+    with pytest.raises(ValueError, match="g must have shape"):
+        masked_write_fwd(k, torch.zeros(2, 1, 3), torch.zeros(2, 64, 3, 4))
     with pytest.raises(ValueError, match="key dims up to 256"):
-        mask_keys(torch.zeros(1, 4, 1, 300), torch.zeros(1, 1, 1), 64)
-    assert mask_keys(torch.zeros(2, 0, 3, 8), torch.zeros(2, 0, 3), 64).shape == (2, 0, 3, 8)
+        masked_write_fwd(torch.zeros(1, 4, 1, 300), torch.zeros(1, 1, 1))
+    k_m, gc = masked_write_fwd(torch.zeros(2, 0, 3, 8), torch.zeros(2, 0, 3), torch.zeros(2, 0, 3))
+    assert k_m.shape == (2, 0, 3, 8) and gc.shape == (2, 0, 3)

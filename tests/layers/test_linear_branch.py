@@ -290,7 +290,7 @@ FLA_CASES = [
     ("gdn", "whole", True, "selected", 1, 2, True),
     ("mamba2", "whole", False, "both", 2, 1, True),
 ]
-# whole: dense, T = 128 (whole blocks: `k·m` as one broadcast product over [B, N, C, H, K])
+# whole: dense, T = 128 (whole blocks only)
 FLA_LAYOUTS = {"dense": dict(B=2, T=130), "packed": dict(B=1, T=200, lens=[70, 1, 129]), "whole": dict(B=2, T=128)}
 # floor of the float32 tolerance (relative RMSE): 10x above the worst the fla path reaches here (1e-6, dg) and far
 # below what a dropped or wrong term of the masked backward gives (mutating masked_write_bwd's dk / dg / dv / dm / z

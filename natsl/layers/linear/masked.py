@@ -2,9 +2,12 @@
 
 With routing blocks equal to fla's chunks, the branch is fla's chunk pipeline in which only the state write sees
 the keys `k·m` (`m` per (block, head): 1 in linear blocks, 0 in softmax blocks); the WY solve, `v_new` and the
-outputs use the real inputs. The forward calls fla's functions with `k·m` where they write the state; the backward
-calls fla's backward functions likewise and `natsl.kernels.masked_write.masked_write_bwd` removes the write term of
-the masked blocks from the gradients fla computes with the real `k` (and returns the router gradient `dm`).
+outputs use the real inputs. The forward forms `k·m` and fla's chunk-local gate cumsum in one natsl launch
+(`natsl.kernels.masked_write.masked_write_fwd`) and calls fla's functions with `k·m` where they write the state; the
+backward calls fla's backward functions likewise and `masked_write_bwd` removes the write term of the masked blocks
+from the gradients fla computes with the real `k`, applies the scalar gate gradient's reverse cumsum and returns the
+router gradient `dm`. Below ~32k tokens a call is bound by host launches: the pass makes no launch that fla's own call
+does not make beyond these two kernels.
 Maths: `natsl/layers/README.md`, "Linear branch".
 No gather, no data-dependent shape, no host sync (dense input). fla is imported lazily.
 """
@@ -13,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from natsl.kernels.masked_write import mask_keys, masked_write_bwd
+from natsl.kernels.masked_write import masked_write_bwd, masked_write_fwd
 from natsl.layers.routing import LINEAR
 from natsl.utils import to_dtype
 
@@ -42,12 +45,12 @@ def _fla() -> dict:
     from fla.ops.gated_delta_rule.chunk_fwd import chunk_gated_delta_rule_fwd_intra
     from fla.ops.gated_delta_rule.wy_fast import prepare_wy_repr_bwd, recompute_w_u_fwd
     from fla.ops.gla import chunk as gla
-    from fla.ops.utils import chunk_local_cumsum, prepare_chunk_indices
+    from fla.ops.utils import prepare_chunk_indices
     from fla.ops.utils.constant import RCP_LN2
 
     _FLA.update(chunk_h=chunk_h, chunk_o=chunk_o, dhu=chunk_gated_delta_rule_bwd_dhu,
                 fwd_h=chunk_gated_delta_rule_fwd_h, fwd_intra=chunk_gated_delta_rule_fwd_intra,
-                wy_bwd=prepare_wy_repr_bwd, recompute_w_u=recompute_w_u_fwd, gla=gla, cumsum=chunk_local_cumsum,
+                wy_bwd=prepare_wy_repr_bwd, recompute_w_u=recompute_w_u_fwd, gla=gla,
                 chunk_indices=prepare_chunk_indices, RCP_LN2=RCP_LN2)
     return _FLA
 
@@ -86,10 +89,11 @@ class MaskedChunkFunction(torch.autograd.Function):
             ctx.weights_shape, m = m.shape, m[..., LINEAR]
         tb = None if cu_seqlens is None else token_block
         ci = None if cu_seqlens is None else f["chunk_indices"](cu_seqlens, C)
-        # fla's cumsum reads g in its own dtype and accumulates / writes float32 (as fla's own chunk functions call it)
-        gc = None if g is None else f["cumsum"](g.contiguous(), chunk_size=C, scale=f["RCP_LN2"],
-                                                 cu_seqlens=cu_seqlens, chunk_indices=ci, output_dtype=torch.float32)
-        k_m = mask_keys(k, m, C, tb)
+        # k·m and fla's chunk-local cumsum of the gate (log2 units, float32) in one natsl launch
+        k_m, gc = masked_write_fwd(k, m, None if g is None else g.contiguous(), chunk_size=C, scale=f["RCP_LN2"],
+                                   cu_seqlens=cu_seqlens, chunk_indices=ci)
+        if family == DELTA and gc is None:  # deltanet: gdn with g = 0
+            gc = k.new_zeros(k.shape[:3], dtype=torch.float32)
         gs = gc  # the gate of the carried state: decays only in blocks with z = 1 (decay_through_softmax=False)
         if z is not None and gc is not None:
             z_tok = blocks_to_tokens(z, T, C, tb)
@@ -124,7 +128,7 @@ class MaskedChunkFunction(torch.autograd.Function):
         q_s = q if not use_z else q * torch.exp2(gc - gs if family == KEY else (gc - gs)[..., None]).to(q.dtype)
         co = f["chunk_o"]
         common = dict(cu_seqlens=cu, chunk_size=C, chunk_indices=ci)
-        db = dv_fix = None
+        db = dv_fix = dg2 = None
         dv_masked = False  # whether dv holds no write term yet (then the kernel adds m·dv_w, else removes (1-m)·dv_w)
         if family == DELTA:
             w, u = f["recompute_w_u"](k=k, v=v, beta=beta, A=A, g=gc, cu_seqlens=cu, chunk_indices=ci)
@@ -136,7 +140,6 @@ class MaskedChunkFunction(torch.autograd.Function):
             dk2, dv, db, dg2 = f["wy_bwd"](k=k, v=v, beta=beta, A=A, dw=dw, du=dv, g=gc, cu_seqlens=cu,
                                           chunk_indices=ci)
             dk.add_(dk2)
-            dg = f["cumsum"](dg.add_(dg2), chunk_size=C, reverse=True, cu_seqlens=cu, chunk_indices=ci)
             x = v_new
         else:
             h, _, _ = _states(f, family, k_m, v, gs, h0, False, cu, ci, C, fp32=True)
@@ -149,8 +152,6 @@ class MaskedChunkFunction(torch.autograd.Function):
                 # the intra-chunk part only: the write term (k·m) comes from masked_write_bwd, which reads dh anyway
                 dv = co.chunk_bwd_dv_local(q=q, k=k, do=do, g=gc, scale=scale, **common)
                 dv_masked = True
-                if dg is not None:
-                    dg = f["cumsum"](dg, chunk_size=C, reverse=True, cu_seqlens=cu, chunk_indices=ci)
             else:
                 gla = f["gla"]
                 dv = gla.chunk_gla_bwd_dv(k=k, g=gc, A=A, do=do, dh=dh, **common)
@@ -166,7 +167,8 @@ class MaskedChunkFunction(torch.autograd.Function):
             dm_out = dw[..., LINEAR].reshape(-1, m.shape[-1])
         dm = masked_write_bwd(x, k, m.reshape(-1, m.shape[-1]), dh, dk, dv=dv_fix, dv_add=dv_masked, select=ctx.select,
                               dm_out=dm_out,
-                              dg=dg if need_dg else None, g=gc if family != KEY else None,
+                              dg=dg if need_dg else None, dg2=dg2 if need_dg else None,
+                              g=gc if family != KEY else None,
                               gk=gc if family == KEY else None,
                               z=z.reshape(-1, z.shape[-1]) if use_z and need_dg else None,
                               h=h if use_z and need_dg else None, **common)
@@ -206,7 +208,7 @@ def masked_chunk(backend: str, q, k, v, g=None, beta=None, *, block_mask, block_
     """
     family = FAMILY[backend]
     if backend == "deltanet":  # the delta rule is gdn with g = 0 (also in float32, which chunk_delta_rule refuses)
-        g, block_decay = q.new_zeros(q.shape[:3], dtype=torch.float32), None
+        g, block_decay = None, None
     if g is None:
         block_decay = None  # nothing decays
     if beta is not None:
