@@ -7,8 +7,8 @@
 # (the device's .git copy is the session's first commit; parts run in turn, in one call, reusing earlier compiles).
 # Session 26 ran flaconfigs, coldstep, linbranchtests, eager, precompile; session 27 mamba2host, tuningtest, mqar4k,
 # eager, linbranchtests; session 28 mamba2prof, eager, linbranchtests (and the first, side-by-side mqar4kh, which did
-# not finish); session 29 mqar4kh (seeds 0-2); session 30 text4k, text4kh. Next: `launchhost mamba2host eager` in one
-# call (issue 19's host-bound mamba2 at 16k); `TEXT_MODELS="hybrid linear softmax" text4k`; `autotune` (the SwiGLU
+# not finish); session 29 mqar4kh (seeds 0-2); session 30 text4k, text4kh; session 31 launchhost, linbranchtests
+# launchhost, eager (twice). Next: `TEXT_MODELS="hybrid linear softmax" text4k`; `autotune` (the SwiGLU
 # choices exported, then the cold first step without their 58 unchosen candidates; commit $OUT/fla_configs'
 # triton_autotune.json and $OUT/kernels.json).
 #   prefill  the 128k and 32k prefill of the 340M models with the routers forced to 12.5% (issue 22's 5.4x: 5.40x in
