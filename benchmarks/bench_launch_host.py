@@ -92,19 +92,7 @@ def breakdown(backend: str, B: int, T: int, calls: int, rounds: int = 5) -> str:
 
     from natsl.layers.linear import masked
 
-    shape = {**bench.SHAPES["paper-340M"], "B": B}
-    fns = {p: bench.setup(backend, shape, T, 0.0 if p == "fla-plain" else 0.125, p, "fwd+bwd")
-           for p in ("fla-plain", "natsl-branch")}
-
-    def call(p):
-        fn, leaves = fns[p]
-        for t in leaves:
-            t.grad = None
-        fn()
-
-    for p in fns:
-        for _ in range(3):
-            call(p)
+    fns, call = bench.eager_pair(backend, {**bench.SHAPES["paper-340M"], "B": B}, T, 0.125)
     times = {p: [] for p in fns}
     for _ in range(rounds):
         for p in fns:

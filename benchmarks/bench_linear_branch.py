@@ -233,6 +233,24 @@ def op_rows(backend, shape, T, frac) -> list[dict]:
     return rows
 
 
+def eager_pair(backend, shape, T, frac, warm=3):
+    """`(providers, call)`: plain fla (no routing) and the branch with the router gradient (`frac` softmax blocks),
+    fwd+bwd; `call(provider)` resets the leaves' grads and runs one. Each is called `warm` times first (fla tunes
+    at the case itself)."""
+    fns = {p: setup(backend, shape, T, 0.0 if p == "fla-plain" else frac, p, "fwd+bwd")
+           for p in ("fla-plain", "natsl-branch")}
+
+    def call(p):
+        fn, leaves = fns[p]
+        for t in leaves:
+            t.grad = None
+        fn()
+    for p in fns:
+        for _ in range(warm):
+            call(p)
+    return tuple(fns), call
+
+
 def interleaved_rows(backend, shape, cases, frac, reps) -> list[dict]:
     """Eager fwd+bwd of plain fla and of the branch with the router gradient, alternated call by call (`reps` each,
     the order swapped every pair) so that both see the same host and GPU conditions; no L2 flush, no sync between
@@ -241,18 +259,7 @@ def interleaved_rows(backend, shape, cases, frac, reps) -> list[dict]:
     back-to-back calls."""
     rows = []
     for B, T in cases:
-        sh = {**shape, "B": B}
-        fns = {p: setup(backend, sh, T, 0.0 if p == "fla-plain" else frac, p, "fwd+bwd")
-               for p in ("fla-plain", "natsl-branch")}
-
-        def call(p):
-            fn, leaves = fns[p]
-            for t in leaves:
-                t.grad = None
-            fn()
-        for p in fns:
-            for _ in range(3):
-                call(p)
+        fns, call = eager_pair(backend, {**shape, "B": B}, T, frac)
         torch.cuda.synchronize()
         events = {p: [] for p in fns}
         for i in range(reps):
