@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -46,6 +47,7 @@ SHAPES = {"paper-340M": dict(B=1, H=6, Hr=6, K=128, V=256, C=64)}
 CASES = [(1, 16384), (1, 65536), (8, 4096)]
 FRACTIONS = [0.125]
 GATE = dict(T=256, atol=2e-3)
+WALL_BLOCKS = 10  # --interleaved: the wall time per call is the median over this many alternated blocks
 
 
 def make_inputs(backend, shape, T, frac, seed=0, device="cuda", dtype=torch.bfloat16):
@@ -255,8 +257,9 @@ def interleaved_rows(backend, shape, cases, frac, reps) -> list[dict]:
     """Eager fwd+bwd of plain fla and of the branch with the router gradient, alternated call by call (`reps` each,
     the order swapped every pair) so that both see the same host and GPU conditions; no L2 flush, no sync between
     calls. The first calls run at the case itself (fla tunes there). Per provider: the median of the CUDA-event time
-    of each call (when the host cannot keep ahead this is its issue time) and the wall time per call of `reps`
-    back-to-back calls."""
+    of each call (when the host cannot keep ahead this is its issue time) and the wall time per call of back-to-back
+    calls: the median over `WALL_BLOCKS` blocks of `reps // WALL_BLOCKS` calls, the providers' blocks alternated (one
+    long loop per provider drifted by up to ±0.15× between the two loops where the call is host-bound, session 31)."""
     rows = []
     for B, T in cases:
         fns, call = eager_pair(backend, {**shape, "B": B}, T, frac)
@@ -271,7 +274,11 @@ def interleaved_rows(backend, shape, cases, frac, reps) -> list[dict]:
                 events[p].append((start, end))
         torch.cuda.synchronize()
         med = {p: sorted(s.elapsed_time(e) for s, e in ev)[reps // 2] for p, ev in events.items()}
-        wall = {p: host_us_per_call(lambda p=p: call(p), n=reps) / 1e3 for p in fns}
+        blocks = {p: [] for p in fns}
+        for i in range(WALL_BLOCKS):
+            for p in (fns if i % 2 == 0 else fns[::-1]):
+                blocks[p].append(host_us_per_call(lambda p=p: call(p), n=max(1, reps // WALL_BLOCKS)) / 1e3)
+        wall = {p: statistics.median(b) for p, b in blocks.items()}
         rows.append({"B": B, "T": T, "softmax": f"{frac:.1%}", "plain (events)": med["fla-plain"],
                      "train (events)": med["natsl-branch"],
                      "train / plain (events)": med["natsl-branch"] / med["fla-plain"],
