@@ -92,17 +92,17 @@ def breakdown(backend: str, B: int, T: int, calls: int, rounds: int = 5) -> str:
 
     from natsl.layers.linear import masked
 
-    fns, call = bench.eager_pair(backend, {**bench.SHAPES["paper-340M"], "B": B}, T, 0.125)
-    times = {p: [] for p in fns}
+    providers, call = bench.eager_pair(backend, {**bench.SHAPES["paper-340M"], "B": B}, T, 0.125)
+    times = {p: [] for p in providers}
     for _ in range(rounds):
-        for p in fns:
+        for p in providers:
             times[p].append(host_us_per_call(lambda p=p: call(p), n=calls, wait_for_gpu=False))
     rows = [{"call": p, "host issue us/call (median)": statistics.median(t), "min": min(t), "max": max(t)}
             for p, t in times.items()]
     text = (f"## host issue time of one fwd+bwd, {backend} B={B} T={T} ({calls} calls x {rounds} rounds, "
             f"alternated)\n\n" + markdown_table(rows, ["call", "host issue us/call (median)", "min", "max"]))
     # each function's share: wrapped (a perf counter around each call), one provider at a time
-    for p in fns:
+    for p in providers:
         clock = _Clock()
         if p == "fla-plain":
             clock.patch(*PLAIN_LEAVES[backend])

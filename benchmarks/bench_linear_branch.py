@@ -262,9 +262,9 @@ def interleaved_rows(backend, shape, cases, frac, reps) -> list[dict]:
     long loop per provider drifted by up to ±0.15× between the two loops where the call is host-bound, session 31)."""
     rows = []
     for B, T in cases:
-        fns, call = eager_pair(backend, {**shape, "B": B}, T, frac)
+        providers, call = eager_pair(backend, {**shape, "B": B}, T, frac)
         torch.cuda.synchronize()
-        events = {p: [] for p in fns}
+        events = {p: [] for p in providers}
         for i in range(reps):
             for p in (("fla-plain", "natsl-branch") if i % 2 == 0 else ("natsl-branch", "fla-plain")):
                 start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -274,9 +274,9 @@ def interleaved_rows(backend, shape, cases, frac, reps) -> list[dict]:
                 events[p].append((start, end))
         torch.cuda.synchronize()
         med = {p: sorted(s.elapsed_time(e) for s, e in ev)[reps // 2] for p, ev in events.items()}
-        blocks = {p: [] for p in fns}
+        blocks = {p: [] for p in providers}
         for i in range(WALL_BLOCKS):
-            for p in (fns if i % 2 == 0 else fns[::-1]):
+            for p in (providers if i % 2 == 0 else providers[::-1]):
                 blocks[p].append(host_us_per_call(lambda p=p: call(p), n=max(1, reps // WALL_BLOCKS)) / 1e3)
         wall = {p: statistics.median(b) for p, b in blocks.items()}
         rows.append({"B": B, "T": T, "softmax": f"{frac:.1%}", "plain (events)": med["fla-plain"],

@@ -6,8 +6,9 @@ outputs use the real inputs. The forward forms `k·m` and fla's chunk-local gate
 (`natsl.kernels.masked_write.masked_write_fwd`) and calls fla's functions with `k·m` where they write the state; the
 backward calls fla's backward functions likewise and `masked_write_bwd` removes the write term of the masked blocks
 from the gradients fla computes with the real `k`, applies the scalar gate gradient's reverse cumsum and returns the
-router gradient `dm`. Below ~32k tokens a call is bound by host launches: the pass makes no launch that fla's own call
-does not make beyond these two kernels.
+router gradient `dm`. Below ~32k tokens a call is bound by host launches: the pass makes as many Triton launches as
+fla's own call (its two kernels take the place of fla's two cumsums) and one memset more (the routing weights'
+gradient).
 Maths: `natsl/layers/README.md`, "Linear branch".
 No gather, no data-dependent shape, no host sync (dense input). fla is imported lazily.
 """
